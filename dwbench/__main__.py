@@ -1,0 +1,5 @@
+"""Entry point: `python -m dwbench`."""
+
+from dwbench.cli import main
+
+main()

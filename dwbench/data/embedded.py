@@ -1,0 +1,452 @@
+"""A synthetic GSM8K-format task with known label noise, generated from a seed.
+
+It lets the whole pipeline run here without the hub, and it gives selection methods something
+to find: a share of the pool has corrupted answers, and `is_clean` says which. Answers follow
+GSM8K's style (one sentence per step, `<<a*b=c>>` calculator annotations, a final `#### n`), and
+every number stays a small positive integer. The problems depend only on the seed and the sizes;
+`corrupt_share` only decides how many of them are corrupted.
+
+Corruptions, cycled evenly over the corrupted records:
+- wrong_final: the `#### n` number is replaced by a plausible wrong one (an intermediate result
+  or a near miss), never the right one.
+- broken_step: one step's annotation gets a wrong result, and later steps compute from it, as a
+  real slip would; the final number is always wrong.
+- missing_final: the `#### n` line is removed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from dwbench.errors import ConfigError
+
+CORRUPTIONS = ("wrong_final", "broken_step", "missing_final")
+
+_PEOPLE = (
+    ("Maria", "she", "her"),
+    ("James", "he", "his"),
+    ("Aisha", "she", "her"),
+    ("Tom", "he", "his"),
+    ("Priya", "she", "her"),
+    ("Diego", "he", "his"),
+    ("Hannah", "she", "her"),
+    ("Kenji", "he", "his"),
+    ("Lena", "she", "her"),
+    ("Omar", "he", "his"),
+    ("Sofia", "she", "her"),
+    ("Liam", "he", "his"),
+)
+_DELTAS = tuple(d for d in range(-10, 11) if d != 0)
+
+
+class _Calculator:
+    """Does one answer's arithmetic and writes each step as GSM8K does: `3 * 4 = <<3*4=12>>12`.
+
+    With `break_at`, that step's result is off by `delta` and later steps compute from the wrong
+    value. `valid` turns false when a broken value makes a division inexact or a result
+    non-positive, which a generated answer must never show.
+    """
+
+    def __init__(self, break_at: int | None = None, delta: int = 0) -> None:
+        self.break_at = break_at
+        self.delta = delta
+        self.results: list[int] = []
+        self.valid = True
+
+    def __call__(self, a: int, op: str, b: int) -> tuple[str, int]:
+        if op == "+":
+            result = a + b
+        elif op == "-":
+            result = a - b
+        elif op == "*":
+            result = a * b
+        else:  # "/": every divisor is a drawn parameter, never a computed value, so never zero
+            self.valid = self.valid and a % b == 0
+            result = a // b
+        if len(self.results) == self.break_at:
+            result += self.delta
+        self.valid = self.valid and result > 0
+        self.results.append(result)
+        return f"{a} {op} {b} = <<{a}{op}{b}={result}>>{result}", result
+
+
+Solver = Callable[[_Calculator], list[str]]
+Problem = tuple[str, Solver]
+
+
+def _person(rng: random.Random) -> tuple[str, str, str]:
+    return rng.choice(_PEOPLE)
+
+
+def _shopping(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    item1, item2 = rng.sample(["notebooks", "pens", "folders", "markers", "erasers", "rulers"], 2)
+    n1, p1 = rng.randint(2, 8), rng.randint(2, 9)
+    n2, p2 = rng.randint(2, 8), rng.randint(1, 6)
+    bill = next(b for b in (20, 50, 100, 200) if b > n1 * p1 + n2 * p2)
+    question = (
+        f"{name} buys {n1} {item1} for ${p1} each and {n2} {item2} for ${p2} each. "
+        f"{she.capitalize()} pays with a ${bill} bill. How much change does {she} get?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        s1, c1 = calc(n1, "*", p1)
+        s2, c2 = calc(n2, "*", p2)
+        s3, total = calc(c1, "+", c2)
+        s4, _ = calc(bill, "-", total)
+        return [
+            f"The {item1} cost {s1} dollars.",
+            f"The {item2} cost {s2} dollars.",
+            f"Altogether {she} spends {s3} dollars.",
+            f"So {her} change is {s4} dollars.",
+        ]
+
+    return question, solve
+
+
+def _road_trip(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    s1, s2 = rng.randrange(30, 70, 5), rng.randrange(30, 70, 5)
+    h1, h2 = rng.randint(2, 5), rng.randint(2, 5)
+    question = (
+        f"{name} drives at {s1} miles per hour for {h1} hours, stops for lunch, and then drives "
+        f"at {s2} miles per hour for {h2} more hours. How many miles does {she} drive in total?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, d1 = calc(s1, "*", h1)
+        t2, d2 = calc(s2, "*", h2)
+        t3, _ = calc(d1, "+", d2)
+        return [
+            f"Before lunch {she} drives {t1} miles.",
+            f"After lunch {she} drives {t2} miles.",
+            f"So {her} whole trip is {t3} miles.",
+        ]
+
+    return question, solve
+
+
+def _sharing(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    trays, per_tray, friends = rng.randint(2, 5), rng.randint(6, 12), rng.randint(3, 8)
+    rest = (trays * per_tray) % friends
+    kept = rng.choice([e for e in range(rest, trays * per_tray, friends)[:3] if e > 0])
+    question = (
+        f"{name} bakes {trays} trays of cookies with {per_tray} cookies on each tray. "
+        f"{she.capitalize()} keeps {kept} cookies for {her} family and shares the rest equally "
+        f"among {friends} friends. How many cookies does each friend get?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, baked = calc(trays, "*", per_tray)
+        t2, shared = calc(baked, "-", kept)
+        t3, _ = calc(shared, "/", friends)
+        return [
+            f"{name} bakes {t1} cookies.",
+            f"After keeping some, {she} has {t2} cookies to share.",
+            f"Each friend gets {t3} cookies.",
+        ]
+
+    return question, solve
+
+
+def _savings(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    thing = rng.choice(["bike", "guitar", "tablet", "skateboard", "telescope", "camera"])
+    has, weekly, weeks = rng.randint(10, 60), rng.randint(5, 20), rng.randint(3, 10)
+    price = has + weekly * weeks + rng.randint(5, 60)
+    question = (
+        f"{name} wants to buy a {thing} that costs ${price}. {she.capitalize()} already has "
+        f"${has} and saves ${weekly} every week for {weeks} weeks. How much more money does "
+        f"{she} need to buy the {thing}?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, saved = calc(weekly, "*", weeks)
+        t2, total = calc(saved, "+", has)
+        t3, _ = calc(price, "-", total)
+        return [
+            f"In {weeks} weeks {she} saves {t1} dollars.",
+            f"Then {she} has {t2} dollars.",
+            f"{she.capitalize()} still needs {t3} dollars.",
+        ]
+
+    return question, solve
+
+
+def _bakery(rng: random.Random) -> Problem:
+    goods = rng.choice(["muffins", "bagels", "cupcakes", "rolls"])
+    box = rng.choice([4, 6])
+    batches, per_batch, days = rng.randint(2, 6), box * rng.randint(2, 4), rng.randint(2, 7)
+    question = (
+        f"A bakery makes {batches} batches of {goods} every day, with {per_batch} {goods} in "
+        f"each batch. It packs the {goods} in boxes of {box}. How many boxes does it fill in "
+        f"{days} days?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, daily = calc(batches, "*", per_batch)
+        t2, made = calc(daily, "*", days)
+        t3, _ = calc(made, "/", box)
+        return [
+            f"Each day the bakery makes {t1} {goods}.",
+            f"In {days} days it makes {t2} {goods}.",
+            f"That fills {t3} boxes.",
+        ]
+
+    return question, solve
+
+
+def _garden(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    plant, fruit = rng.choice(
+        [("tomato", "tomatoes"), ("pepper", "peppers"), ("strawberry", "strawberries")]
+    )
+    rows, per_row, each = rng.randint(2, 6), rng.randint(3, 8), rng.randint(2, 9)
+    given = rng.randint(5, rows * per_row * each // 2)
+    question = (
+        f"{name} plants {rows} rows of {plant} plants with {per_row} plants in each row. Each "
+        f"plant grows {each} {fruit}. {she.capitalize()} gives {given} {fruit} to {her} "
+        f"neighbours. How many {fruit} does {she} have left?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, plants = calc(rows, "*", per_row)
+        t2, grown = calc(plants, "*", each)
+        t3, _ = calc(grown, "-", given)
+        return [
+            f"{name} has {t1} plants.",
+            f"They grow {t2} {fruit}.",
+            f"After giving some away, {she} has {t3} {fruit} left.",
+        ]
+
+    return question, solve
+
+
+def _wages(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    place = rng.choice(["bookstore", "cafe", "library", "garden centre", "cinema"])
+    wage, hours, days = rng.randint(10, 25), rng.randint(3, 8), rng.randint(2, 6)
+    spent = rng.randint(20, wage * hours * days // 2)
+    question = (
+        f"{name} earns ${wage} an hour at the {place}. This week {she} works {hours} hours a day "
+        f"for {days} days and spends ${spent} of {her} pay on groceries. How much of this week's "
+        f"pay does {she} have left?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, daily = calc(wage, "*", hours)
+        t2, pay = calc(daily, "*", days)
+        t3, _ = calc(pay, "-", spent)
+        return [
+            f"Each day {she} earns {t1} dollars.",
+            f"This week {she} earns {t2} dollars.",
+            f"After groceries {she} has {t3} dollars left.",
+        ]
+
+    return question, solve
+
+
+def _reading(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    first, days, later = rng.randint(10, 30), rng.randint(2, 7), rng.randrange(10, 45, 5)
+    pages = first * days + later * rng.randint(2, 8)
+    question = (
+        f"{name} is reading a {pages}-page book. {she.capitalize()} reads {first} pages a day for "
+        f"{days} days, and after that {she} reads {later} pages a day. How many more days does "
+        f"{she} need to finish the book?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, read = calc(first, "*", days)
+        t2, left = calc(pages, "-", read)
+        t3, _ = calc(left, "/", later)
+        return [
+            f"In the first {days} days {she} reads {t1} pages.",
+            f"That leaves {t2} pages.",
+            f"At {later} pages a day {she} needs {t3} more days.",
+        ]
+
+    return question, solve
+
+
+def _fuel(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    place = rng.choice(["grandmother's house", "cousin's farm", "friend's cabin", "old school"])
+    mpg, price = rng.choice([20, 25, 30, 40]), rng.randint(3, 5)
+    miles = mpg * rng.randint(1, 6)
+    question = (
+        f"{name} drives to {her} {place}, which is {miles} miles away, and back again. "
+        f"{her.capitalize()} car goes {mpg} miles on one gallon of gas, and gas costs ${price} a "
+        f"gallon. How much does {she} spend on gas for the round trip?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, total = calc(miles, "*", 2)
+        t2, gallons = calc(total, "/", mpg)
+        t3, _ = calc(gallons, "*", price)
+        return [
+            f"The round trip is {t1} miles.",
+            f"The car uses {t2} gallons.",
+            f"The gas costs {t3} dollars.",
+        ]
+
+    return question, solve
+
+
+def _field_trip(rng: random.Random) -> Problem:
+    place = rng.choice(["zoo", "science museum", "aquarium", "planetarium"])
+    students, teachers = rng.randint(20, 40), rng.randint(2, 5)
+    student_price = rng.randint(4, 12)
+    teacher_price = student_price + rng.randint(2, 8)
+    bus = rng.randrange(80, 210, 10)
+    question = (
+        f"A school takes {students} students and {teachers} teachers to the {place}. Student "
+        f"tickets cost ${student_price} and teacher tickets cost ${teacher_price}. The school also "
+        f"pays ${bus} for the bus. How much does the trip cost in total?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, s = calc(students, "*", student_price)
+        t2, t = calc(teachers, "*", teacher_price)
+        t3, tickets = calc(s, "+", t)
+        t4, _ = calc(tickets, "+", bus)
+        return [
+            f"Student tickets cost {t1} dollars.",
+            f"Teacher tickets cost {t2} dollars.",
+            f"All the tickets cost {t3} dollars.",
+            f"With the bus, the trip costs {t4} dollars.",
+        ]
+
+    return question, solve
+
+
+def _fruit_bowl(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    first, second, third = rng.sample(["apples", "oranges", "bananas", "pears", "plums"], 3)
+    times, word = rng.choice([(2, "twice"), (3, "three times")])
+    count, fewer = rng.randint(3, 12), rng.randint(1, 5)
+    question = (
+        f"{name} has {count} {first}. {she.capitalize()} has {word} as many {second} as {first} "
+        f"and {fewer} fewer {third} than {second}. How many pieces of fruit does {she} have?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, n2 = calc(count, "*", times)
+        t2, n3 = calc(n2, "-", fewer)
+        t3, both = calc(count, "+", n2)
+        t4, _ = calc(both, "+", n3)
+        return [
+            f"{name} has {t1} {second}.",
+            f"{she.capitalize()} has {t2} {third}.",
+            f"The {first} and {second} make {t3} pieces.",
+            f"Adding the {third} gives {t4} pieces of fruit.",
+        ]
+
+    return question, solve
+
+
+_TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
+    _shopping,
+    _road_trip,
+    _sharing,
+    _savings,
+    _bakery,
+    _garden,
+    _wages,
+    _reading,
+    _fuel,
+    _field_trip,
+    _fruit_bowl,
+)
+
+
+def _answer(lines: list[str], final: int | None) -> str:
+    return "\n".join(lines if final is None else [*lines, f"#### {final}"])
+
+
+def _clean_answer(solve: Solver) -> str:
+    calc = _Calculator()
+    lines = solve(calc)
+    return _answer(lines, calc.results[-1])
+
+
+def _corrupt_answer(solve: Solver, kind: str, rng: random.Random) -> str:
+    calc = _Calculator()
+    lines = solve(calc)
+    right = calc.results[-1]
+    if kind == "missing_final":
+        return _answer(lines, None)
+    if kind == "wrong_final":
+        near = {right + d for d in _DELTAS} | {right * 2, right * 10, right // 2}
+        candidates = sorted(n for n in near | set(calc.results[:-1]) if n > 0 and n != right)
+        return _answer(lines, rng.choice(candidates))
+    slips = [(step, delta) for step in range(len(calc.results)) for delta in _DELTAS]
+    rng.shuffle(slips)
+    for step, delta in slips:
+        broken = _Calculator(break_at=step, delta=delta)
+        lines = solve(broken)
+        if broken.valid and broken.results[-1] != right:
+            return _answer(lines, broken.results[-1])
+    raise AssertionError("a positive slip in the last step always gives a valid wrong answer")
+
+
+def _check_args(pool_size: Any, eval_size: Any, corrupt_share: Any) -> None:
+    for field, value in (("pool_size", pool_size), ("eval_size", eval_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(
+                f"task.generator.{field} must be a positive integer, got {value!r}; "
+                f"set e.g. task.generator.{field}=200."
+            )
+    if (
+        isinstance(corrupt_share, bool)
+        or not isinstance(corrupt_share, int | float)
+        or not 0 <= corrupt_share < 1
+    ):
+        raise ConfigError(
+            f"task.generator.corrupt_share must be a number in [0, 1), got {corrupt_share!r}; "
+            "set e.g. task.generator.corrupt_share=0.3."
+        )
+
+
+def generate_embedded_task(
+    seed: int, pool_size: int, eval_size: int, corrupt_share: float
+) -> tuple[list[dict], list[dict]]:
+    """Pool records (question, answer, is_clean, corruption) and clean eval records.
+
+    Deterministic in its arguments; no question appears twice, so pool and eval never overlap.
+    """
+    _check_args(pool_size, eval_size, corrupt_share)
+    rng = random.Random(seed)
+    wanted = pool_size + eval_size
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(problems) < wanted:
+        if attempts == 100 * wanted:
+            raise ConfigError(
+                f"Could not generate {wanted} distinct problems; lower task.generator.pool_size "
+                "or task.generator.eval_size."
+            )
+        attempts += 1
+        question, solve = rng.choice(_TEMPLATES)(rng)
+        if question not in seen:
+            seen.add(question)
+            problems.append((question, solve))
+
+    corrupted = rng.sample(range(pool_size), round(corrupt_share * pool_size))
+    kinds = {index: CORRUPTIONS[i % len(CORRUPTIONS)] for i, index in enumerate(corrupted)}
+    pool = []
+    for index, (question, solve) in enumerate(problems[:pool_size]):
+        kind = kinds.get(index)
+        answer = _clean_answer(solve) if kind is None else _corrupt_answer(solve, kind, rng)
+        pool.append(
+            {"question": question, "answer": answer, "is_clean": kind is None, "corruption": kind}
+        )
+    eval_records = [
+        {"question": question, "answer": _clean_answer(solve)}
+        for question, solve in problems[pool_size:]
+    ]
+    return pool, eval_records

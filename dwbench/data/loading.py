@@ -1,0 +1,397 @@
+"""Load a task's pool, query and evaluation splits from the hub, a local folder or the generator.
+
+Decisions worth knowing:
+- `task.path` wins over `task.source`: a local folder in the authors' released format holds
+  `train.json` (pool) and `test.json` (eval), plus `validation.json` (queries) when
+  `task.query_source=validation`. Each file may be a JSON array or JSON Lines (`.jsonl` is also
+  found); the format is detected from the first character.
+- From the hub, `hub.eval_split: null` holds out part of `hub.pool_split` with
+  `datasets.Dataset.train_test_split(**hub.holdout)`, which reproduces the paper's splits
+  (GSM8K 6,725/748, BioInstruct 9:1).
+- Records without an id field get `<split>-<index>` ids (`pool-00000`), numbered in file order
+  before shuffling, so an id names the same record whatever the shuffle seed or limit.
+- Eval rows with identical prompts become one example with all their responses as references
+  (DialogSum's test split has three summaries per dialogue).
+- With several prompt fields, an empty later field (BioInstruct's `input`) makes the prompt the
+  first field alone, so no dangling "Input:" section reaches the model.
+- Every split is shuffled with `random.Random(task.shuffle_seed)`, then cut to
+  `task.pool_limit` / `task.eval_limit`: the data order does not depend on the run seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dwbench.data.embedded import generate_embedded_task
+from dwbench.data.records import Example, TaskSplits
+from dwbench.errors import ConfigError, DataError
+
+_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "source": "hub",
+    "path": None,
+    "hub": {
+        "id": None,
+        "config": None,
+        "revision": None,
+        "pool_split": "train",
+        "eval_split": None,
+        "query_split": None,
+        "holdout": {"test_size": 0.1, "seed": 42},
+    },
+    "generator": None,
+    "fields": {"prompt": ["question"], "response": "answer", "id": None},
+    "prompt_template": "{question}",
+    "metric": "exact_match_number",
+    "query_source": "pool_kfold",
+    "pool_limit": None,
+    "eval_limit": None,
+    "shuffle_seed": 0,
+    "lm_eval_task": None,
+}
+_SOURCES = ("hub", "local", "embedded")
+_QUERY_SOURCES = ("pool_kfold", "validation")
+_GENERATOR_KEYS = ("pool_size", "eval_size", "corrupt_share", "seed")
+
+
+@dataclass
+class _Rows:
+    """Raw records of one split and where they came from, for error messages."""
+
+    origin: str
+    rows: list[dict[str, Any]]
+
+
+def load_task(task: Mapping[str, Any]) -> TaskSplits:
+    """The task's splits, shuffled and limited; `task` is the `task` config group (or a dict)."""
+    cfg = _resolve(task)
+    if cfg["path"] is not None:
+        pool, eval_rows, queries = _load_local(Path(cfg["path"]), cfg["query_source"])
+    elif cfg["source"] == "hub":
+        pool, eval_rows, queries = _load_hub(cfg["hub"], cfg["query_source"])
+    else:
+        return _load_embedded(cfg)
+    return _finish(cfg, pool, eval_rows, queries, clean=None)
+
+
+def _resolve(task: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults filled in, unknown keys and bad values rejected before any data is read."""
+    given = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else task
+    cfg = _merge(_DEFAULTS, given, "task.")
+    if cfg["source"] not in _SOURCES:
+        raise ConfigError(
+            f"task.source={cfg['source']!r} is not one of {', '.join(_SOURCES)}; "
+            "set task.path=<folder> to read local files instead."
+        )
+    if cfg["source"] == "local" and cfg["path"] is None:
+        raise ConfigError(
+            "task.source=local needs task.path=<folder holding train.json and test.json>."
+        )
+    if cfg["query_source"] not in _QUERY_SOURCES:
+        raise ConfigError(
+            f"task.query_source={cfg['query_source']!r} is not one of {', '.join(_QUERY_SOURCES)}."
+        )
+    uses_hub = cfg["path"] is None and cfg["source"] == "hub"
+    if cfg["query_source"] == "validation":
+        if cfg["path"] is None and cfg["source"] == "embedded":
+            raise ConfigError(
+                "The embedded task has no validation split; set task.query_source=pool_kfold."
+            )
+        if uses_hub and cfg["hub"]["query_split"] is None:
+            raise ConfigError(
+                "task.query_source=validation needs task.hub.query_split (e.g. validation), "
+                "or set task.query_source=pool_kfold."
+            )
+    if uses_hub and not cfg["hub"]["id"]:
+        raise ConfigError(
+            "task.hub.id is not set; set it to a dataset id (e.g. openai/gsm8k) or set "
+            "task.path=<local folder>."
+        )
+    for key in ("pool_limit", "eval_limit"):
+        value = cfg[key]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise ConfigError(
+                f"task.{key} must be a positive integer or null, got {value!r}; "
+                f"e.g. task.{key}=100, or task.{key}=null to keep every example."
+            )
+    if isinstance(cfg["shuffle_seed"], bool) or not isinstance(cfg["shuffle_seed"], int):
+        raise ConfigError(f"task.shuffle_seed must be an integer, got {cfg['shuffle_seed']!r}.")
+    fields = cfg["fields"]
+    if isinstance(fields["prompt"], str):
+        fields["prompt"] = [fields["prompt"]]
+    if not fields["prompt"] or not all(isinstance(f, str) for f in fields["prompt"]):
+        raise ConfigError(
+            f"task.fields.prompt must be a non-empty list of field names, got {fields['prompt']!r}."
+        )
+    if not isinstance(cfg["prompt_template"], str):
+        raise ConfigError(
+            f"task.prompt_template must be a string such as '{{question}}', "
+            f"got {cfg['prompt_template']!r}."
+        )
+    return cfg
+
+
+def _merge(defaults: Mapping[str, Any], given: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a mapping, got {given!r}.")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key {prefix}{unknown[0]}; valid keys under {prefix.rstrip('.')}: "
+            f"{', '.join(defaults)}."
+        )
+    merged = dict(defaults)
+    for key, value in given.items():
+        if isinstance(defaults[key], dict) and value is not None:
+            merged[key] = _merge(defaults[key], value, f"{prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_local(folder: Path, query_source: str) -> tuple[_Rows, _Rows, _Rows | None]:
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"Task folder {folder.resolve()} does not exist (set by task.path); point task.path "
+            "at a folder holding train.json and test.json."
+        )
+    pool = _read_records(_find_file(folder, "train"))
+    eval_rows = _read_records(_find_file(folder, "test"))
+    queries = (
+        _read_records(_find_file(folder, "validation")) if query_source == "validation" else None
+    )
+    return pool, eval_rows, queries
+
+
+def _find_file(folder: Path, stem: str) -> Path:
+    for suffix in (".json", ".jsonl"):
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    raise DataError(
+        f"Missing data file {(folder / stem).resolve()}.json (or .jsonl). task.path points at "
+        f"{folder}, which must hold train.json and test.json, plus validation.json when "
+        "task.query_source=validation."
+    )
+
+
+def _read_records(path: Path) -> _Rows:
+    """A JSON array (the authors' format) or JSON Lines, detected from the first character."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
+                "Fix the file; it is read as one JSON array because it starts with '['."
+            ) from None
+    else:
+        rows = []
+        # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and similar breaks.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: malformed JSON on line {lineno}, column {exc.colno}: {exc.msg}. "
+                    "Fix the line; the file is read as JSON Lines (one object per line) "
+                    "because it does not start with '['."
+                ) from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: record {index} is a JSON {type(row).__name__}, not an object with "
+                "named fields."
+            )
+    return _Rows(str(path), rows)
+
+
+def _load_hub(hub: Mapping[str, Any], query_source: str) -> tuple[_Rows, _Rows, _Rows | None]:
+    import datasets
+
+    name = hub["id"]
+    try:
+        dataset = datasets.load_dataset(name, hub["config"], revision=hub["revision"])
+    except Exception as exc:  # network, gated repo, missing config: all fixed the same way
+        raise DataError(
+            f"Could not load {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Without network access, or for a gated dataset, download it once and set "
+            "task.path=<local folder> holding train.json and test.json."
+        ) from exc
+
+    def split(key: str) -> datasets.Dataset:
+        if hub[key] not in dataset:
+            raise DataError(
+                f"{name} has no split {hub[key]!r} (task.hub.{key}); it has: {', '.join(dataset)}."
+            )
+        return dataset[hub[key]]
+
+    pool = split("pool_split")
+    if hub["eval_split"] is None:
+        parts = pool.train_test_split(**hub["holdout"])
+        source = f"{hub['pool_split']} split, task.hub.holdout"
+        pool_rows = _Rows(f"{name} ({source}: kept part)", parts["train"].to_list())
+        eval_rows = _Rows(f"{name} ({source}: held-out part)", parts["test"].to_list())
+    else:
+        pool_rows = _Rows(f"{name} ({hub['pool_split']} split)", pool.to_list())
+        eval_rows = _Rows(f"{name} ({hub['eval_split']} split)", split("eval_split").to_list())
+    queries = None
+    if query_source == "validation":
+        queries = _Rows(f"{name} ({hub['query_split']} split)", split("query_split").to_list())
+    return pool_rows, eval_rows, queries
+
+
+def _load_embedded(cfg: dict[str, Any]) -> TaskSplits:
+    generator = cfg["generator"]
+    if not isinstance(generator, Mapping):
+        raise ConfigError(
+            "task.source=embedded needs task.generator: {pool_size, eval_size, corrupt_share, "
+            "seed}."
+        )
+    unknown = sorted(set(generator) - set(_GENERATOR_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key task.generator.{unknown[0]}; valid keys: {', '.join(_GENERATOR_KEYS)}."
+        )
+    for key in _GENERATOR_KEYS:
+        if generator.get(key) is None:
+            raise ConfigError(f"task.generator.{key} is not set; the embedded task needs it.")
+    if isinstance(generator["seed"], bool) or not isinstance(generator["seed"], int):
+        raise ConfigError(f"task.generator.seed must be an integer, got {generator['seed']!r}.")
+    pool, eval_rows = generate_embedded_task(
+        generator["seed"],
+        generator["pool_size"],
+        generator["eval_size"],
+        generator["corrupt_share"],
+    )
+    origin = "the embedded generator (task.generator)"
+    clean = [row["is_clean"] for row in pool]
+    return _finish(cfg, _Rows(origin, pool), _Rows(origin, eval_rows), None, clean=clean)
+
+
+def _finish(
+    cfg: dict[str, Any],
+    pool_rows: _Rows,
+    eval_rows: _Rows,
+    query_rows: _Rows | None,
+    clean: list[bool] | None,
+) -> TaskSplits:
+    """Rows -> examples, eval references grouped, every split shuffled and limited."""
+    pool = _examples(pool_rows, "pool", cfg)
+    eval_examples = _group_references(_examples(eval_rows, "eval", cfg))
+    queries = None if query_rows is None else _examples(query_rows, "queries", cfg)
+    for rows, examples in ((pool_rows, pool), (eval_rows, eval_examples)):
+        if not examples:
+            raise DataError(
+                f"{rows.origin}: no records; a task needs a non-empty pool and eval split."
+            )
+    for rows, examples in ((pool_rows, pool), (eval_rows, eval_examples), (query_rows, queries)):
+        if rows is not None and examples is not None:
+            _check_unique_ids(rows.origin, examples, cfg["fields"]["id"])
+
+    flags = None if clean is None else {ex.id: ok for ex, ok in zip(pool, clean, strict=True)}
+    seed = cfg["shuffle_seed"]
+    pool = _shuffled(pool, seed)[: cfg["pool_limit"]]
+    eval_examples = _shuffled(eval_examples, seed)[: cfg["eval_limit"]]
+    return TaskSplits(
+        pool=pool,
+        queries=None if queries is None else _shuffled(queries, seed),
+        eval=eval_examples,
+        clean_flags=None if flags is None else {ex.id: flags[ex.id] for ex in pool},
+    )
+
+
+def _examples(rows: _Rows, split: str, cfg: dict[str, Any]) -> list[Example]:
+    fields = cfg["fields"]
+    id_field, response_field = fields["id"], fields["response"]
+    needed = [*fields["prompt"], response_field, *([id_field] if id_field else [])]
+    examples = []
+    for index, row in enumerate(rows.rows):
+        for field in needed:
+            if field not in row:
+                raise DataError(
+                    f"{rows.origin}: record {index} has no field {field!r}; it has: "
+                    f"{', '.join(row) or 'no fields'}. Set task.fields to this data's field names."
+                )
+        response = row[response_field]
+        if not isinstance(response, str):
+            raise DataError(
+                f"{rows.origin}: record {index} field {response_field!r} is "
+                f"{type(response).__name__}, expected text (task.fields.response)."
+            )
+        examples.append(
+            Example(
+                id=str(row[id_field]) if id_field else f"{split}-{index:05d}",
+                prompt=_prompt(row, fields["prompt"], cfg["prompt_template"], rows.origin, index),
+                response=response,
+                references=(response,),
+            )
+        )
+    return examples
+
+
+def _prompt(
+    row: dict[str, Any], prompt_fields: list[str], template: str, origin: str, index: int
+) -> str:
+    """`template` filled from the record; the first prompt field alone if a later one is empty."""
+    values = {key: "" if value is None else value for key, value in row.items()}
+    if any(not str(values[field]).strip() for field in prompt_fields[1:]):
+        return str(values[prompt_fields[0]])
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise ConfigError(
+            f"task.prompt_template uses {{{exc.args[0]}}}, but record {index} of {origin} has "
+            f"only: {', '.join(row)}."
+        ) from None
+    except (IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"task.prompt_template {template!r} is not a valid format string ({exc}); use named "
+            "fields such as {question} and write literal braces as {{ }}."
+        ) from None
+
+
+def _group_references(examples: list[Example]) -> list[Example]:
+    """One example per distinct prompt, with every response as a reference, in first-seen order."""
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(ex.prompt, []).append(ex)
+    return [
+        Example(
+            id=group[0].id,
+            prompt=group[0].prompt,
+            response=group[0].response,
+            references=tuple(ex.response for ex in group),
+        )
+        for group in groups.values()
+    ]
+
+
+def _check_unique_ids(origin: str, examples: list[Example], id_field: str | None) -> None:
+    seen: set[str] = set()
+    for ex in examples:
+        if ex.id in seen:
+            raise DataError(
+                f"{origin}: id {ex.id!r} (field {id_field!r}, task.fields.id) appears more than "
+                "once; ids must be unique. Set task.fields.id=null to number the records instead."
+            )
+        seen.add(ex.id)
+
+
+def _shuffled(examples: list[Example], seed: int) -> list[Example]:
+    examples = list(examples)
+    random.Random(seed).shuffle(examples)
+    return examples

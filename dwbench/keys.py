@@ -1,0 +1,47 @@
+"""Content-addressed stage keys.
+
+A key hashes what determines a stage's output: its own config, the keys of the stages it reads,
+and the data fingerprint. Locations (`path`) and knobs that cannot change results (anything under
+a `runtime:` node: batch sizes for inference, worker counts, logging) are left out, so moving a
+results folder or changing a batch size never invalidates finished work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+KEY_LENGTH = 16
+NON_RESULT_FIELDS = frozenset({"path", "runtime"})
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf nodes to plain containers, resolving interpolations."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def result_identity(node: Any) -> Any:
+    """The part of a config node that can change results: drops `path` and `runtime` fields."""
+    plain = to_plain(node)
+    if isinstance(plain, Mapping):
+        return {str(k): result_identity(v) for k, v in plain.items() if k not in NON_RESULT_FIELDS}
+    if isinstance(plain, list | tuple):
+        return [result_identity(v) for v in plain]
+    return plain
+
+
+def stable_hash(payload: Any) -> str:
+    """A short sha256 of canonical JSON: identical across processes and Python hash seeds."""
+    text = json.dumps(to_plain(payload), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:KEY_LENGTH]
+
+
+def stage_key(stage: str, **parts: Any) -> str:
+    """Key of one stage execution from its named inputs (configs are reduced to their identity)."""
+    return stable_hash({"stage": stage, **{k: result_identity(v) for k, v in parts.items()}})

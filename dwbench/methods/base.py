@@ -1,0 +1,57 @@
+"""What a selection method is: score every pool example, then keep k of them.
+
+Methods see the pool (ids, prompts, responses), the task's query examples and the selector
+model; never the embedded task's `is_clean` labels, which only the select stage reads to report
+selection precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from dwbench.data.records import Example
+
+
+@dataclass
+class ScoringContext:
+    """Everything a method may use besides the pool."""
+
+    method_cfg: Mapping[str, Any]
+    task_cfg: Mapping[str, Any]
+    selector_cfg: Mapping[str, Any]
+    queries: list[Example] | None
+    seed: int
+    device: str
+    cache_dir: Path
+    work_dir: Path  # scratch space that survives a kill, for methods that checkpoint
+
+
+class SelectionMethod(Protocol):
+    needs_selector: bool  # whether scoring loads the selector model (checked before work starts)
+
+    def __init__(self, context: ScoringContext) -> None: ...
+
+    def score(self, pool: list[Example]) -> pd.DataFrame:
+        """One row per pool example, in pool order: `id`, `score` (higher = keep), extras."""
+        ...
+
+    def select(self, scores: pd.DataFrame, k: int) -> list[str]:
+        """Ids of the k kept examples."""
+        ...
+
+
+def method_stats(method: SelectionMethod) -> dict[str, float]:
+    """Diagnostics a method exposes after scoring (parse failures, layer used, ...)."""
+    return dict(getattr(method, "stats", {}))
+
+
+def top_k(scores: pd.DataFrame, k: int) -> list[str]:
+    """The k highest scores; ties keep pool order (stable sort), so selections reproduce."""
+    order = np.argsort(-scores["score"].to_numpy(dtype=np.float64), kind="stable")
+    return scores["id"].iloc[order[:k]].tolist()

@@ -1,0 +1,127 @@
+"""One sweep point, top to bottom: prepare -> score -> select -> train -> evaluate -> log.
+
+Each stage is skipped when its output already exists under its key, so a killed job started
+again only does what is left. A stage that is not in `stages` must already be cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from dwbench.artifacts import ArtifactStore
+from dwbench.context import RunContext
+from dwbench.errors import ConfigError
+from dwbench.methods.registry import check_method_name
+from dwbench.models import preflight, resolve_device
+from dwbench.stages import evaluate, log, prepare, score, select, train
+from dwbench.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+STAGES = ("score", "select", "train", "evaluate")
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    """Check the config before any work; returns the stages to run, in pipeline order."""
+    requested = [str(s) for s in cfg.stages]
+    unknown = [s for s in requested if s not in STAGES]
+    if unknown:
+        raise ConfigError(
+            f"stages={requested}: unknown stage(s) {unknown}; choose from {list(STAGES)}, "
+            "e.g. stages=[score,select] to stop after selection."
+        )
+    if not requested:
+        raise ConfigError("stages is empty; give at least one of " + ", ".join(STAGES))
+    check_method_name(str(cfg.method.name))
+    budget = cfg.budget
+    if not isinstance(budget, int | float) or not 0.0 < float(budget) <= 1.0:
+        raise ConfigError(f"budget={budget} is outside (0, 1]; pass a share such as budget=0.1.")
+    ft = cfg.finetune
+    if int(ft.batch_size) % int(ft.runtime.micro_batch_size):
+        raise ConfigError(
+            f"finetune.batch_size={ft.batch_size} is not a multiple of "
+            f"finetune.runtime.micro_batch_size={ft.runtime.micro_batch_size}; make it one."
+        )
+    return [s for s in STAGES if s in requested]
+
+
+def check_models(cfg: DictConfig, stages: list[str], cache_dir: Path) -> None:
+    """Say everything that stops this run (no GPU, no model access) before loading anything."""
+    from dwbench.methods.registry import get_method
+
+    roles = []
+    if "score" in stages and get_method(str(cfg.method.name)).needs_selector:
+        roles.append("selector_model")
+    if "train" in stages or "evaluate" in stages:
+        roles.append("target_model")
+    problems: list[str] = []
+    for role in roles:
+        problems += preflight(cfg[role], role, cache_dir)
+    if problems:
+        raise ConfigError("This run cannot start:\n- " + "\n- ".join(dict.fromkeys(problems)))
+
+
+@dataclass
+class Outcome:
+    """Where the pipeline stopped, and the cell's summary when it went through evaluation."""
+
+    ctx: RunContext
+    last_stage: str
+    last_key: str
+    summary: log.Summary | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return self.ctx.store.stage_dir(self.last_stage, self.last_key)
+
+
+def run(cfg: DictConfig) -> Outcome:
+    stages = validate(cfg)
+    cache_dir = Path(str(cfg.cache_dir)).expanduser()
+    check_models(cfg, stages, cache_dir)
+    results_dir = Path(str(cfg.results_dir))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ctx = RunContext(
+        cfg=cfg,
+        store=ArtifactStore(results_dir / "artifacts"),
+        tracker=Tracker(
+            str(cfg.tracking.uri), str(cfg.tracking.experiment), results_dir / "mlartifacts"
+        ),
+        device=resolve_device(str(cfg.device)),
+        cache_dir=cache_dir,
+    )
+    prepared = prepare.run(cfg.task, ctx.store)
+    logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
+    last = stages[-1]
+    if "select" in stages:
+        select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing
+
+    require(ctx, stages, "score", score.key_for(ctx, prepared))
+    scored = score.run(ctx, prepared)
+    if last == "score":
+        return Outcome(ctx, "score", scored.key)
+    require(ctx, stages, "select", select.key_for(ctx, scored.key))
+    selected = select.run(ctx, prepared, scored)
+    if last == "select":
+        return Outcome(ctx, "select", selected.key)
+    require(ctx, stages, "train", train.key_for(ctx, selected))
+    trained = train.run(ctx, prepared, selected)
+    if last == "train":
+        return Outcome(ctx, "train", trained.key)
+    evaluated = evaluate.run(ctx, prepared, trained)
+    return Outcome(
+        ctx, "evaluate", evaluated.key, log.run(ctx, scored, selected, trained, evaluated)
+    )
+
+
+def require(ctx: RunContext, stages: list[str], stage: str, key: str) -> None:
+    """A stage left out of `stages` may only be passed through when its output is cached."""
+    if stage not in stages and not ctx.store.is_done(stage, key):
+        raise ConfigError(
+            f"stage '{stage}' is not in stages={stages} and has no cached output "
+            f"({stage}/{key}); add it to stages."
+        )

@@ -1,0 +1,100 @@
+"""evaluate: lm-evaluation-harness on the evaluation split, base model + LoRA adapter.
+
+Before a score is trusted, the adapter must change the model's next-token logits: an adapter
+that did not train (lr 0, no steps) or did not load would otherwise report the base model's
+score under the fine-tuned label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dwbench.context import RunContext
+from dwbench.data.records import read_jsonl
+from dwbench.errors import DwbenchError
+from dwbench.keys import stage_key
+from dwbench.memory import PeakMemory
+from dwbench.models import resolve_model_source
+from dwbench.stages.prepare import Prepared
+from dwbench.stages.train import Trained
+
+logger = logging.getLogger(__name__)
+ADAPTER_CHECK_PROMPTS = 4
+
+
+@dataclass
+class Evaluated:
+    key: str
+    marker: dict[str, Any]
+
+
+def key_for(ctx: RunContext, trained: Trained) -> str:
+    return stage_key(
+        "evaluate", train=trained.key, eval=ctx.cfg.eval, task=ctx.cfg.task.lm_eval_task
+    )
+
+
+def run(ctx: RunContext, prepared: Prepared, trained: Trained) -> Evaluated:
+    from dwbench.lm_eval_runner import adapter_output_change, run_lm_eval, write_results_json
+
+    key = key_for(ctx, trained)
+    if ctx.store.is_done("evaluate", key):
+        logger.info("evaluate: cached %s", key)
+        return Evaluated(key, ctx.store.marker("evaluate", key))
+    cfg = ctx.cfg
+    target = cfg.target_model
+    source = resolve_model_source(target, ctx.cache_dir)
+    dtype = "float32" if ctx.device == "cpu" else str(target.dtype)
+    params = {"eval": cfg.eval, "train_key": trained.key}
+    with ctx.tracker.stage_run("evaluate", key, ctx.tags(), params) as mlflow_run:
+        with ctx.store.writing("evaluate", key) as (out, marker):
+            prompts = [ex.prompt for ex in read_jsonl(prepared.eval_path)[:ADAPTER_CHECK_PROMPTS]]
+            change = adapter_output_change(
+                source,
+                trained.adapter_dir,
+                prompts,
+                device=ctx.device,
+                dtype=dtype,
+                trust_remote_code=bool(target.trust_remote_code),
+            )
+            if change < float(cfg.eval.min_adapter_logit_change):
+                raise DwbenchError(
+                    f"the LoRA adapter of train/{trained.key} leaves the model's logits unchanged "
+                    f"(max change {change:.2e} < eval.min_adapter_logit_change); it did not train "
+                    "or did not load, so its score would be the base model's. Check finetune.lr "
+                    "and finetune.max_steps."
+                )
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                result = run_lm_eval(
+                    source,
+                    str(cfg.task.lm_eval_task),
+                    prepared.eval_path,
+                    adapter_dir=trained.adapter_dir,
+                    device=ctx.device,
+                    dtype=dtype,
+                    batch_size=int(cfg.eval.runtime.batch_size),
+                    max_new_tokens=int(cfg.eval.max_new_tokens),
+                    apply_chat_template=bool(cfg.eval.apply_chat_template),
+                    trust_remote_code=bool(target.trust_remote_code),
+                )
+            eval_s = time.perf_counter() - start
+            write_results_json(result, out / "lm_eval_results.json")
+            with (out / "samples.jsonl").open("w") as handle:
+                for sample in result.samples:
+                    handle.write(json.dumps(sample) + "\n")
+            marker.update(
+                score=result.score,
+                metric=result.metric,
+                n_eval=result.n_examples,
+                eval_s=eval_s,
+                adapter_logit_change=change,
+                **memory.as_metrics("eval"),
+            )
+        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+        mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "lm_eval_results.json")
+    return Evaluated(key, ctx.store.marker("evaluate", key))

@@ -1,0 +1,83 @@
+"""log: the cell's summary metrics on its evaluation run (score, times, STR, memory, precision).
+
+Re-run every time, because STR's denominator can improve after the fact: a full-pool fine-tune
+(budget 1.0) finished later replaces the estimate from throughput by a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dwbench.context import RunContext
+from dwbench.stages.evaluate import Evaluated
+from dwbench.stages.score import Scored
+from dwbench.stages.select import Selected
+from dwbench.stages.train import Trained
+
+
+@dataclass
+class Summary:
+    score: float
+    selection_s: float
+    train_s: float
+    eval_s: float
+    full_train_s: float
+    STR: float
+    peak_memory_mb: float
+    selection_precision: float | None
+
+
+def full_pool_train_seconds(ctx: RunContext, trained: Trained) -> tuple[float, str]:
+    """STR's denominator: a measured whole-pool fine-tune of the same recipe, else an estimate."""
+    group = trained.marker["group"]
+    measured = [
+        m["train_s"]
+        for m in ctx.store.markers("train")
+        if m.get("group") == group and m.get("n_examples") == m.get("n_pool")
+    ]
+    if measured:
+        return sum(measured) / len(measured), "measured"
+    marker = trained.marker
+    return marker["n_pool"] * marker["epochs"] / marker["examples_per_s"], "estimated"
+
+
+def summarize(
+    ctx: RunContext, scored: Scored, selected: Selected, trained: Trained, evaluated: Evaluated
+) -> tuple[Summary, str]:
+    full_train_s, source = full_pool_train_seconds(ctx, trained)
+    selection_s = scored.selection_s + selected.select_s
+    peaks = [
+        scored.peak_rss_mb,
+        trained.marker["train_peak_rss_mb"],
+        evaluated.marker["eval_peak_rss_mb"],
+    ]
+    summary = Summary(
+        score=evaluated.marker["score"],
+        selection_s=selection_s,
+        train_s=trained.marker["train_s"],
+        eval_s=evaluated.marker["eval_s"],
+        full_train_s=full_train_s,
+        STR=selection_s / full_train_s,
+        peak_memory_mb=max(peaks),
+        selection_precision=selected.selection_precision,
+    )
+    return summary, source
+
+
+def run(
+    ctx: RunContext, scored: Scored, selected: Selected, trained: Trained, evaluated: Evaluated
+) -> Summary:
+    summary, source = summarize(ctx, scored, selected, trained, evaluated)
+    params = {"eval": ctx.cfg.eval, "train_key": trained.key}
+    with ctx.tracker.stage_run("evaluate", evaluated.key, ctx.tags(), params) as mlflow_run:
+        mlflow_run.log_metrics(asdict(summary))
+        mlflow_run.set_tags(
+            {
+                "full_train_s_source": source,
+                "metric": evaluated.marker["metric"],
+                "score_key": scored.key,
+                "select_key": selected.key,
+                "train_key": trained.key,
+            }
+        )
+    return summary

@@ -1,0 +1,59 @@
+"""prepare: load the task's pool, query and evaluation splits and freeze them as JSONL.
+
+The key hashes the task config and a fingerprint of the data's content, so every later key
+changes when the data does, and never when only its location does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from dwbench.artifacts import ArtifactStore
+from dwbench.data.loading import load_task
+from dwbench.data.records import Example, fingerprint, write_jsonl
+from dwbench.keys import stage_key
+
+
+@dataclass
+class Prepared:
+    key: str
+    dir: Path
+    fingerprint: str
+    pool: list[Example]
+    queries: list[Example] | None
+    eval_path: Path
+    clean_flags: dict[str, bool] | None  # embedded task's ground truth; never given to methods
+
+
+def run(task_cfg: DictConfig, store: ArtifactStore) -> Prepared:
+    splits = load_task(task_cfg)
+    data_fingerprint = fingerprint(splits)
+    key = stage_key("prepare", task=task_cfg, data=data_fingerprint)
+    if not store.is_done("prepare", key):
+        with store.writing("prepare", key) as (out, marker):
+            write_jsonl(out / "pool.jsonl", splits.pool)
+            write_jsonl(out / "eval.jsonl", splits.eval)
+            if splits.queries is not None:
+                write_jsonl(out / "queries.jsonl", splits.queries)
+            if splits.clean_flags is not None:
+                (out / "labels.json").write_text(json.dumps(splits.clean_flags, indent=0))
+            marker.update(
+                fingerprint=data_fingerprint,
+                n_pool=len(splits.pool),
+                n_eval=len(splits.eval),
+                n_queries=None if splits.queries is None else len(splits.queries),
+            )
+    folder = store.stage_dir("prepare", key)
+    return Prepared(
+        key=key,
+        dir=folder,
+        fingerprint=data_fingerprint,
+        pool=splits.pool,
+        queries=splits.queries,
+        eval_path=folder / "eval.jsonl",
+        clean_flags=splits.clean_flags,
+    )

@@ -1,0 +1,102 @@
+"""score: the selection method gives every pool example a score.
+
+Budget- and target-independent: one scoring run serves every budget and, for weak-to-strong,
+every target model. Its wall time and peak memory are STR's numerator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from dwbench.context import RunContext
+from dwbench.errors import DwbenchError
+from dwbench.keys import stage_key
+from dwbench.memory import PeakMemory
+from dwbench.methods.base import ScoringContext, SelectionMethod, method_stats
+from dwbench.methods.registry import get_method
+from dwbench.models import model_identity
+from dwbench.stages.prepare import Prepared
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    key: str
+    scores: pd.DataFrame
+    selection_s: float  # wall time of scoring, as first measured (a cached result keeps it)
+    peak_rss_mb: float
+
+
+def key_for(ctx: RunContext, prepared: Prepared) -> str:
+    cfg = ctx.cfg
+    return stage_key(
+        "score",
+        prepare=prepared.key,
+        method=cfg.method,
+        selector=model_identity(cfg.selector_model),
+        seed=cfg.seed,
+    )
+
+
+def build_method(ctx: RunContext, prepared: Prepared, key: str) -> SelectionMethod:
+    cfg = ctx.cfg
+    scoring = ScoringContext(
+        method_cfg=cfg.method,
+        task_cfg=cfg.task,
+        selector_cfg=cfg.selector_model,
+        queries=prepared.queries,
+        seed=int(cfg.seed),
+        device=ctx.device,
+        cache_dir=ctx.cache_dir,
+        work_dir=ctx.store.scratch_dir("score", key),
+    )
+    return get_method(str(cfg.method.name))(scoring)
+
+
+def load(ctx: RunContext, key: str) -> Scored:
+    marker = ctx.store.marker("score", key)
+    scores = pd.read_csv(ctx.store.stage_dir("score", key) / "scores.csv", dtype={"id": str})
+    return Scored(key, scores, marker["selection_s"], marker["peak_rss_mb"])
+
+
+def run(ctx: RunContext, prepared: Prepared) -> Scored:
+    key = key_for(ctx, prepared)
+    if ctx.store.is_done("score", key):
+        logger.info("score: cached %s", key)
+        return load(ctx, key)
+    method = build_method(ctx, prepared, key)
+    params = {"method": ctx.cfg.method, "selector_model": ctx.cfg.selector_model}
+    with ctx.tracker.stage_run("score", key, ctx.tags(), params) as mlflow_run:
+        with ctx.store.writing("score", key) as (out, marker):
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                scores = method.score(prepared.pool)
+            selection_s = time.perf_counter() - start
+            check_scores(scores, prepared)
+            scores.to_csv(out / "scores.csv", index=False)
+            stats = method_stats(method)
+            marker.update(
+                selection_s=selection_s,
+                peak_rss_mb=memory.peak_rss_mb,
+                n_pool=len(scores),
+                method_stats=stats,
+            )
+        mlflow_run.log_metrics({"selection_s": selection_s, **memory.as_metrics("score"), **stats})
+        mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
+    return Scored(key, scores, selection_s, memory.peak_rss_mb)
+
+
+def check_scores(scores: pd.DataFrame, prepared: Prepared) -> None:
+    """A method must score every pool example, in pool order, with a finite number."""
+    ids = [ex.id for ex in prepared.pool]
+    if list(scores.columns[:2]) != ["id", "score"] or scores["id"].tolist() != ids:
+        raise DwbenchError("selection method returned scores that do not match the pool's ids")
+    bad = [i for i, s in zip(ids, scores["score"], strict=True) if not math.isfinite(float(s))]
+    if bad:
+        raise DwbenchError(f"selection method returned non-finite scores for {bad[:5]}")

@@ -1,0 +1,92 @@
+"""select: turn scores into the kept subset at budget rho (k = floor(rho * N)).
+
+The method's own rule decides (top-k by default; CCS strata and the like override it). On the
+embedded task this is also where selection precision is measured: the share of clean examples
+among those kept, a ground truth that methods never see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from dwbench.context import RunContext
+from dwbench.errors import ConfigError, DwbenchError
+from dwbench.keys import stage_key
+from dwbench.stages import score as score_stage
+from dwbench.stages.prepare import Prepared
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Selected:
+    key: str
+    ids: list[str]
+    select_s: float
+    selection_precision: float | None
+
+
+def subset_size(budget: float, pool_size: int) -> int:
+    """k = floor(budget * N), refusing budgets that keep nothing."""
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError(f"budget={budget} is outside (0, 1]; pass a share such as budget=0.1.")
+    k = math.floor(budget * pool_size + 1e-9)
+    if k == 0:
+        raise ConfigError(
+            f"budget={budget} of a pool of {pool_size} examples selects nothing; "
+            f"use budget>={1 / pool_size:.4g} or a larger pool (task.pool_limit)."
+        )
+    return k
+
+
+def precision(ids: list[str], clean_flags: dict[str, bool] | None) -> float | None:
+    if clean_flags is None:
+        return None
+    return sum(clean_flags[i] for i in ids) / len(ids)
+
+
+def key_for(ctx: RunContext, score_key: str) -> str:
+    return stage_key("select", score=score_key, budget=float(ctx.cfg.budget))
+
+
+def load(ctx: RunContext, key: str) -> Selected:
+    marker = ctx.store.marker("select", key)
+    ids = json.loads((ctx.store.stage_dir("select", key) / "selected_ids.json").read_text())
+    return Selected(key, ids, marker["select_s"], marker["selection_precision"])
+
+
+def run(ctx: RunContext, prepared: Prepared, scored: score_stage.Scored) -> Selected:
+    key = key_for(ctx, scored.key)
+    if ctx.store.is_done("select", key):
+        logger.info("select: cached %s", key)
+        return load(ctx, key)
+    k = subset_size(float(ctx.cfg.budget), len(prepared.pool))
+    method = score_stage.build_method(ctx, prepared, scored.key)
+    params = {"budget": ctx.cfg.budget, "k": k, "score_key": scored.key}
+    with ctx.tracker.stage_run("select", key, ctx.tags(), params) as mlflow_run:
+        with ctx.store.writing("select", key) as (out, marker):
+            start = time.perf_counter()
+            ids = method.select(scored.scores, k)
+            select_s = time.perf_counter() - start
+            if len(ids) != k or len(set(ids)) != k:
+                raise DwbenchError(
+                    f"method {ctx.cfg.method.name} selected {len(ids)} examples "
+                    f"({len(set(ids))} distinct) instead of k={k}"
+                )
+            selection_precision = precision(ids, prepared.clean_flags)
+            (out / "selected_ids.json").write_text(json.dumps(ids))
+            marker.update(
+                k=k,
+                n_pool=len(prepared.pool),
+                select_s=select_s,
+                selection_precision=selection_precision,
+            )
+        mlflow_run.log_metrics(
+            {"select_s": select_s, "k": k, "selection_precision": selection_precision}
+        )
+        mlflow_run.log_artifact(ctx.store.stage_dir("select", key) / "selected_ids.json")
+    return Selected(key, ids, select_s, selection_precision)

@@ -1,0 +1,156 @@
+"""MLflow logging: one run per stage execution, found again by its stage key.
+
+A stage that is re-run after a kill reopens the run of its key instead of creating a second one
+(and instead of failing on params, which MLflow refuses to change), so the store holds exactly
+one run per finished stage output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_MAX_PARAM_CHARS = 6000
+
+
+@cache
+def git_sha() -> str:
+    """Commit of the dwbench checkout, with `-dirty` when it has local changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config to MLflow params: dotted keys, string values."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM_CHARS]
+    return flat
+
+
+class Tracker:
+    """A thin MLflow client for one experiment."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self._experiment_id(experiment, artifact_root)
+
+    def _experiment_id(self, name: str, artifact_root: Path) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            location = (artifact_root / name).resolve().as_uri()
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it between the two calls
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def find_run(self, stage: str, key: str) -> Any | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.stage = '{stage}' and tags.stage_key = '{key}'",
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    @contextmanager
+    def stage_run(
+        self, stage: str, key: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> Iterator[StageRun]:
+        """Open (or reopen) the run of this stage key; it ends FINISHED or FAILED."""
+        existing = self.find_run(stage, key)
+        if existing is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                tags={**tags, "stage": stage, "stage_key": key, "git_sha": git_sha()},
+                run_name=f"{stage}-{key[:8]}",
+            )
+            run_id = run.info.run_id
+            self._log_params(run_id, params)
+        else:
+            run_id = existing.info.run_id
+            logger.debug("Reopening MLflow run %s of %s/%s", run_id, stage, key)
+            self.client.update_run(run_id, status="RUNNING")
+        handle = StageRun(self.client, run_id)
+        try:
+            yield handle
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+
+class StageRun:
+    """Metrics, tags and artifacts of one open run."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float | int | None]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(name, float(value), now, 0)
+            for name, value in metrics.items()
+            if value is not None and math.isfinite(float(value))
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for name, value in tags.items():
+            self.client.set_tag(self.run_id, name, str(value))
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))

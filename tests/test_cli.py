@@ -1,0 +1,226 @@
+"""The real CLI in subprocesses, on a tiny random-weight model built in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(model_dir: Path) -> list[str]:
+    """Point both model roles at the tiny model and shrink everything to seconds."""
+    model = [
+        f"path={model_dir}",
+        "name=tiny_llama",
+        "id=tiny/llama",
+        "embedded=null",
+        "attention_layer=1",
+        "num_layers=2",
+    ]
+    return [
+        *(f"selector_model.{m}" for m in model),
+        *(f"target_model.{m}" for m in model),
+        "task.generator.pool_size=24",
+        "task.generator.eval_size=4",
+        "budget=0.5",
+        "finetune.batch_size=4",
+        "finetune.runtime.micro_batch_size=4",
+        "finetune.max_steps=3",
+        "eval.max_new_tokens=8",
+        "eval.runtime.batch_size=4",
+    ]
+
+
+def run_cli(
+    args: list[str], results: Path, cache_dir: Path, **kwargs
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def runs_of(results: Path) -> list:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results}/mlflow.db")
+    experiment = client.get_experiment_by_name("dwbench")
+    return client.search_runs([experiment.experiment_id])
+
+
+def finished_keys(results: Path, stage: str) -> dict[str, float]:
+    """stage key -> time its marker was written."""
+    return {
+        p.parent.name: p.stat().st_mtime
+        for p in (results / "artifacts" / stage).glob("*/_SUCCESS.json")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_llama_dir, cache_dir):
+    results = tmp_path_factory.mktemp("results")
+    first = run_cli(tiny_overrides(tiny_llama_dir), results, cache_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return results, first
+
+
+def test_end_to_end_writes_artifacts_runs_and_table(finished_run) -> None:
+    results, first = finished_run
+    for stage in ("prepare", "score", "select", "train", "evaluate"):
+        assert len(finished_keys(results, stage)) == 1, stage
+    evaluate_dir = next((results / "artifacts" / "evaluate").glob("*/"))
+    lm_eval = json.loads((evaluate_dir / "lm_eval_results.json").read_text())
+    assert "results" in lm_eval
+    selected = json.loads(
+        next((results / "artifacts/select").glob("*/selected_ids.json")).read_text()
+    )
+    assert len(selected) == 12
+    runs = runs_of(results)
+    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "score", "select", "train"]
+    evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    assert evaluation.info.status == "FINISHED"
+    for tag in ("task", "method", "budget", "selector", "target", "seed", "stage_key", "git_sha"):
+        assert evaluation.data.tags[tag], tag
+    assert evaluation.data.tags["full_train_s_source"] == "estimated"
+    metrics = evaluation.data.metrics
+    assert 0.0 <= metrics["score"] <= 1.0 and 0.0 <= metrics["selection_precision"] <= 1.0
+    assert metrics["STR"] == pytest.approx(metrics["selection_s"] / metrics["full_train_s"])
+    assert metrics["adapter_logit_change"] > 0
+    assert "random" in first.stdout and "selection precision" in first.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+
+
+def test_rerun_skips_finished_stages_and_reuses_runs(
+    finished_run, tiny_llama_dir, cache_dir
+) -> None:
+    results, _ = finished_run
+    before = {s: finished_keys(results, s) for s in ("score", "select", "train", "evaluate")}
+    again = run_cli(tiny_overrides(tiny_llama_dir), results, cache_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {s: finished_keys(results, s) for s in before} == before
+    assert len(runs_of(results)) == 4
+
+
+def test_budget_one_measures_str_denominator(finished_run, tiny_llama_dir, cache_dir) -> None:
+    results, _ = finished_run
+    full = run_cli([*tiny_overrides(tiny_llama_dir), "budget=1.0"], results, cache_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    evaluations = [r for r in runs_of(results) if r.data.tags["stage"] == "evaluate"]
+    full_run = next(r for r in evaluations if r.data.tags["budget"] == "1.0")
+    assert full_run.data.tags["full_train_s_source"] == "measured"
+    assert full_run.data.metrics["full_train_s"] == pytest.approx(full_run.data.metrics["train_s"])
+
+
+def test_stages_list_stops_after_selection(tmp_path, tiny_llama_dir, cache_dir) -> None:
+    done = run_cli([*tiny_overrides(tiny_llama_dir), "stages=[score,select]"], tmp_path, cache_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Stopped after stage 'select'" in done.stdout
+    assert finished_keys(tmp_path, "select") and not (tmp_path / "artifacts" / "train").exists()
+    scores = next((tmp_path / "artifacts/score").glob("*/scores.csv")).read_text().splitlines()
+    assert scores[0] == "id,score" and len(scores) == 25
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("budget=1.5", "budget=1.5 is outside (0, 1]"),
+        ("budget=0.01", "selects nothing"),
+        ("method.name=randon", "Did you mean: random"),
+        ("stages=[score,trian]", "unknown stage"),
+        ("task.generator.corrupt_share=1.5", "task.generator.corrupt_share"),
+    ],
+)
+def test_bad_input_is_one_clear_message(
+    finished_run, tiny_llama_dir, cache_dir, override, message
+) -> None:
+    results, _ = finished_run
+    before = {s: finished_keys(results, s) for s in ("score", "select", "train", "evaluate")}
+    bad = run_cli([*tiny_overrides(tiny_llama_dir), override], results, cache_dir)
+    assert bad.returncode != 0
+    assert message in bad.stderr and "Traceback" not in bad.stderr
+    assert {s: finished_keys(results, s) for s in before} == before
+
+
+def test_missing_local_task_folder_names_the_file(tmp_path, tiny_llama_dir, cache_dir) -> None:
+    bad = run_cli(
+        [*tiny_overrides(tiny_llama_dir), "task=gsm8k", f"task.path={tmp_path}/nope"],
+        tmp_path,
+        cache_dir,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unknown_names_and_keys_are_rejected(tmp_path, cache_dir) -> None:
+    for override, message in [("task=gsm9k", "gsm9k"), ("bugdet=0.1", "bugdet")]:
+        bad = run_cli([override], tmp_path, cache_dir)
+        assert bad.returncode != 0 and message in bad.stderr
+
+
+def test_headline_experiment_fails_fast_without_gpu(tmp_path, cache_dir) -> None:
+    start = time.perf_counter()
+    result = run_cli(["+experiment=gsm8k_10pct"], tmp_path, cache_dir)
+    assert result.returncode == 2
+    assert "GPU" in result.stderr and "Traceback" not in result.stderr
+    assert "Meta-Llama-3-8B-Instruct" in result.stderr
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path, cache_dir) -> None:
+    shown = run_cli(["+experiment=gsm8k_10pct", "--cfg", "job"], tmp_path, cache_dir)
+    assert shown.returncode == 0
+    assert "meta-llama/Meta-Llama-3-8B-Instruct" in shown.stdout and "budget: 0.1" in shown.stdout
+
+
+def test_sigkill_mid_training_resumes_without_redoing_work(
+    tmp_path, tiny_llama_dir, cache_dir
+) -> None:
+    args = [
+        *tiny_overrides(tiny_llama_dir),
+        "finetune.max_steps=40",
+        "finetune.runtime.save_every_steps=2",
+        "task.generator.pool_size=64",
+    ]
+    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dwbench", f"results_dir={tmp_path}", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not list((tmp_path / "artifacts" / "train").glob(".partial-*/checkpoint-*")):
+        assert process.poll() is None, "finished before a checkpoint was seen"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not finished_keys(tmp_path, "train")
+    scored_before = finished_keys(tmp_path, "score")
+    assert scored_before
+
+    resumed = run_cli(args, tmp_path, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert finished_keys(tmp_path, "score") == scored_before
+    train_marker = json.loads(
+        next((tmp_path / "artifacts/train").glob("*/_SUCCESS.json")).read_text()
+    )
+    assert train_marker["resumed"] is True and train_marker["steps"] == 40
+    train_runs = [r for r in runs_of(tmp_path) if r.data.tags["stage"] == "train"]
+    assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
+    assert not list((tmp_path / "artifacts" / "train").glob(".partial-*"))

@@ -1,0 +1,54 @@
+"""Every config composes; unknown keys are errors; the headline experiment is the paper's."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from dwbench.cli import CONF_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = _compose(f"+experiment={experiment}")
+    assert cfg.task.name and cfg.method.name and cfg.target_model.id
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_composes_in_both_roles(model: str) -> None:
+    cfg = _compose(f"model@selector_model={model}", f"model@target_model={model}")
+    assert cfg.selector_model.name == cfg.target_model.name == model
+    assert cfg.target_model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_composes(task: str) -> None:
+    assert _compose(f"task={task}").task.metric in {"exact_match_number", "rouge_l"}
+
+
+def test_headline_experiment_is_the_papers_setting() -> None:
+    cfg = _compose("+experiment=gsm8k_10pct")
+    assert cfg.target_model.id == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert cfg.selector_model.attention_layer == 13
+    assert cfg.task.name == "gsm8k" and cfg.method.name == "data_whisperer"
+    assert cfg.budget == 0.10
+    ft = cfg.finetune
+    assert (ft.batch_size, ft.lr, ft.epochs, ft.scheduler) == (8, 1e-4, 5, "cosine")
+    assert (ft.lora.r, ft.lora.alpha, ft.lora.target_modules) == (8, 16, "all-linear")
+
+
+def test_unknown_key_is_an_error() -> None:
+    with pytest.raises(ConfigCompositionException):
+        _compose("finetune.learning_rate=0.1")
+    with pytest.raises(ConfigCompositionException):
+        _compose("bugdet=0.1")
