@@ -155,11 +155,7 @@ def test_bad_input_is_one_clear_message(
 
 
 def test_missing_local_task_folder_names_the_file(tmp_path, tiny_llama_dir, cache_dir) -> None:
-    bad = run_cli(
-        [*tiny_overrides(tiny_llama_dir), "task=gsm8k", f"task.path={tmp_path}/nope"],
-        tmp_path,
-        cache_dir,
-    )
+    bad = run_cli(["task=gsm8k", f"task.path={tmp_path}/nope"], tmp_path, cache_dir)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -293,14 +293,15 @@ def _finish(
     pool = _examples(pool_rows, "pool", cfg)
     eval_examples = _group_references(_examples(eval_rows, "eval", cfg))
     queries = None if query_rows is None else _examples(query_rows, "queries", cfg)
-    for rows, examples in ((pool_rows, pool), (eval_rows, eval_examples)):
+    loaded = [(pool_rows, pool), (eval_rows, eval_examples)]
+    if query_rows is not None and queries is not None:
+        loaded.append((query_rows, queries))
+    for rows, examples in loaded:
         if not examples:
             raise DataError(
-                f"{rows.origin}: no records; a task needs a non-empty pool and eval split."
+                f"{rows.origin}: no records; the pool, eval and query splits must not be empty."
             )
-    for rows, examples in ((pool_rows, pool), (eval_rows, eval_examples), (query_rows, queries)):
-        if rows is not None and examples is not None:
-            _check_unique_ids(rows.origin, examples, cfg["fields"]["id"])
+        _check_unique_ids(rows.origin, examples, cfg["fields"]["id"])
 
     flags = None if clean is None else {ex.id: ok for ex, ok in zip(pool, clean, strict=True)}
     seed = cfg["shuffle_seed"]
