@@ -6,7 +6,12 @@ from decimal import Decimal
 
 import pytest
 
-from dwbench.data.answers import numbers_equal, parse_final_number, parse_number_token
+from dwbench.data.answers import (
+    numbers_equal,
+    parse_final_number,
+    parse_number_token,
+    parse_predicted_number,
+)
 
 
 @pytest.mark.parametrize(
@@ -59,3 +64,9 @@ def test_numbers_equal() -> None:
     assert not numbers_equal("#### 000", "#### 1,000")
     assert not numbers_equal("no answer", "no answer")  # None never equals None
     assert not numbers_equal("#### 5", "no answer")
+
+
+def test_prediction_is_scored_on_its_first_answer_line() -> None:
+    runaway = "6 * 6 = <<6*6=36>>36.\n#### 36\n#### 36 * 100 = 3600\n#### 3600"
+    assert parse_predicted_number(runaway) == Decimal(36)
+    assert numbers_equal(runaway, "#### 36") and not numbers_equal(runaway, "#### 3600")

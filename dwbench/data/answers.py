@@ -1,4 +1,8 @@
-"""GSM8K final-answer parsing: the number after the last `####`.
+"""GSM8K final-answer parsing: the number after `####`.
+
+A reference has one `####` line. A model's prediction may run on past its answer and print more
+(`#### 36 * 100 = ...`); as in GSM8K's strict match and the paper's own scoring script, the
+prediction's first `####` number is the answer it committed to.
 
 The released code stripped every non-digit before comparing, so "1,000" became "000" and "-47"
 became "47", and it rejected "$18". Here a number keeps its sign (ASCII or Unicode minus), its
@@ -47,7 +51,15 @@ def parse_final_number(text: str) -> Decimal | None:
     return parse_number_token(tail)
 
 
+def parse_predicted_number(text: str) -> Decimal | None:
+    """The number right after the first `####` of a model's answer, or None if there is none."""
+    _, marker, tail = text.partition("####")
+    if not marker:
+        return None
+    return parse_number_token(tail)
+
+
 def numbers_equal(pred: str, ref: str) -> bool:
-    """True when both texts have a final number and the numbers are equal (18.50 == 18.5)."""
-    p, r = parse_final_number(pred), parse_final_number(ref)
+    """True when the prediction's committed number equals the reference's (18.50 == 18.5)."""
+    p, r = parse_predicted_number(pred), parse_final_number(ref)
     return p is not None and r is not None and p == r
