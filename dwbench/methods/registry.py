@@ -14,6 +14,7 @@ from dwbench.methods.base import SelectionMethod
 
 METHODS: dict[str, str] = {
     "random": "dwbench.methods.random_method:RandomSelection",
+    "data_whisperer": "dwbench.methods.data_whisperer:DataWhisperer",
 }
 
 
