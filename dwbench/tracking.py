@@ -3,14 +3,26 @@
 A stage that is re-run after a kill reopens the run of its key instead of creating a second one
 (and instead of failing on params, which MLflow refuses to change), so the store holds exactly
 one run per finished stage output.
+
+Many sweep jobs share one SQLite store, so the default store is made safe for concurrent writers
+(slurm/README.md says why this and not a server or per-job stores):
+- the first use of a new store (MLflow creates its tables then, racing other jobs into "table
+  already exists") happens under a file lock next to the database;
+- the database is switched to write-ahead logging, so readers never block the one writer;
+  not on a network file system, where WAL is unsafe and a tracking server is the answer;
+- every MLflow call that still meets a lock ("database is locked") is retried with backoff, and
+  an experiment created by another job in the meantime is looked up instead.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import sqlite3
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -19,6 +31,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _MAX_PARAM_CHARS = 6000
+_LOCK_MESSAGES = ("database is locked", "database table is locked", "database is busy")
+_RETRY_DEADLINE_S = 600.0
+# File systems where SQLite's WAL mode is unsafe (it needs memory shared by all writers).
+_NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "beegfs", "ceph", "fuse.sshfs")
 
 
 @cache
@@ -57,6 +73,83 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _is_lock_error(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(message in text for message in _LOCK_MESSAGES)
+
+
+def _filesystem_type(path: Path) -> str:
+    """Type of the mount holding `path` (longest mount point that contains it), from /proc."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    resolved, best, kind = str(path.resolve()), "", "unknown"
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and resolved.startswith(fields[1]) and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
+def _initialize_sqlite(db: Path, uri: str) -> None:
+    """Create a new store's schema (racing jobs would each try) with WAL on local disks.
+
+    Holds a file lock beside the database only for as long as it takes to see that the schema
+    exists, so jobs using an initialized store do not wait for each other.
+    """
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    with FileLock(f"{db}.lock"):
+        with sqlite3.connect(db, timeout=60) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        connection.close()
+        if {"experiments", "alembic_version"} <= tables:
+            return
+        fs = _filesystem_type(db.parent)
+        if fs in _NETWORK_FS:
+            logger.warning(
+                "The MLflow store %s is on %s, where SQLite locking is unreliable for concurrent "
+                "jobs; run a tracking server and set tracking=server (slurm/README.md).",
+                db,
+                fs,
+            )
+        else:
+            with sqlite3.connect(db, timeout=60) as connection:
+                connection.execute("PRAGMA journal_mode=WAL")
+            connection.close()
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+class _RetryOnLock:
+    """An MlflowClient whose calls are retried, with jittered backoff, while SQLite is locked."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: _retry_on_lock(attribute, *args, **kwargs)
+
+
+def _retry_on_lock(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, retried while another writer holds the database lock."""
+    deadline = time.monotonic() + _RETRY_DEADLINE_S
+    delay = 0.05
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if not _is_lock_error(error) or time.monotonic() > deadline:
+                raise
+            logger.debug("MLflow store locked; retrying in about %.2f s", delay)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
 class Tracker:
     """A thin MLflow client for one experiment."""
 
@@ -65,10 +158,12 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            db = Path(uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            _initialize_sqlite(db, uri)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _RetryOnLock(MlflowClient(tracking_uri=uri))
         self.experiment_id = self._experiment_id(experiment, artifact_root)
 
     def _experiment_id(self, name: str, artifact_root: Path) -> str:
@@ -135,8 +230,6 @@ class StageRun:
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float | int | None]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
