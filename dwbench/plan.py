@@ -1,0 +1,127 @@
+"""`python -m dwbench.plan [overrides]`: write the cells of a sweep that are not done, one a line.
+
+The overrides are those of `python -m dwbench -m` (`+experiment=table2`, `seed=0,1`, ...). Cells
+that are done, or that SLURM still runs, are left out, so planning again after failures lists
+exactly the failed and missing cells. Also prints what the plan will cost, from the throughput
+earlier runs of the same models logged. `python -m dwbench.submit <plan>` runs it on SLURM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from hydra.errors import HydraException
+from rich.console import Console
+from rich.table import Table
+
+from dwbench.errors import DwbenchError
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def plan(overrides: list[str], name: str | None, console: Console) -> Path:
+    from omegaconf import OmegaConf
+
+    from dwbench.sweep.grid import load_sweep
+    from dwbench.sweep.progress import (
+        FAILED,
+        MISSING,
+        STATES,
+        estimate_seconds,
+        runs_by_store,
+        survey,
+    )
+    from dwbench.sweep.slurm import PlannedCell, write_plan
+
+    sweep = load_sweep(overrides, name)
+    runs = runs_by_store(sweep.cells)
+    progress = survey(sweep.cells, sweep.dir, runs)
+    counts = {s: sum(p.state == s for p in progress) for s in STATES}
+    console.print(
+        f"Sweep [bold]{sweep.name}[/bold]: {len(sweep.cells)} cells, "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+    )
+    scored: set[str] = set()
+    planned = []
+    for cell, state in zip(sweep.cells, progress, strict=True):
+        if state.state not in (FAILED, MISSING):
+            continue
+        models = (cell.cfg.selector_model, cell.cfg.target_model)
+        planned.append(
+            PlannedCell(
+                key=cell.key,
+                overrides=cell.overrides,
+                estimate_s=estimate_seconds(
+                    cell, state.keys, runs[str(cell.cfg.tracking.uri)], scored
+                ),
+                requires_gpu=any(bool(m.requires_gpu) for m in models),
+                gpu_memory_gb=max(int(m.gpu_memory_gb) for m in models),
+            )
+        )
+    meta = {
+        "name": sweep.name,
+        "workdir": os.getcwd(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "overrides": overrides,
+        "slurm": OmegaConf.to_container(sweep.base.slurm, resolve=True),
+    }
+    path = write_plan(sweep.dir, planned, meta)
+    _print_cost(sweep.cells, planned, console)
+    console.print(f"Plan: {path} ({len(planned)} cell{'' if len(planned) == 1 else 's'} to run)")
+    if planned:
+        console.print(f"Submit it: python -m dwbench.submit {path}")
+    return path
+
+
+def _print_cost(cells: list, planned: list, console: Console) -> None:
+    """Cells to run and their estimated time, per target model."""
+    target_of = {c.key: str(c.cfg.target_model.name) for c in cells}
+    table = Table(
+        title="What the plan will cost (from earlier runs' throughput; start-up not counted)"
+    )
+    for column in ("target model", "cells", "estimated", "per cell", "total"):
+        table.add_column(column, justify="left" if column == "target model" else "right")
+    for target in dict.fromkeys(target_of[p.key] for p in planned):
+        mine = [p for p in planned if target_of[p.key] == target]
+        known = [p.estimate_s for p in mine if p.estimate_s is not None]
+        table.add_row(
+            target,
+            str(len(mine)),
+            str(len(known)),
+            _duration(sum(known) / len(known) if known else None),
+            _duration(sum(known) if known else None),
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dwbench.plan",
+        description="Write the cells of a sweep that are not done yet to "
+        "<results_dir>/sweeps/<name>/plan.txt (one `<cell key> <overrides>` a line) and say "
+        "what they will cost.",
+        epilog="Example: python -m dwbench.plan +experiment=embedded_table2 seed=0",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m dwbench -m")
+    parser.add_argument("--name", help="sweep name (default: the +experiment's name)")
+    args = parser.parse_args(argv)
+    try:
+        plan(args.overrides, args.name, Console(width=160))
+    except (DwbenchError, HydraException) as error:
+        print(f"dwbench: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""`python -m dwbench.status [overrides]`: per cell of a sweep, done / running / failed / missing.
+
+Takes the overrides the sweep was planned with. Done comes from the stage cache, running and
+failed from SLURM for submitted cells (and from MLflow's FAILED runs otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hydra.errors import HydraException
+from rich.console import Console
+from rich.table import Table
+
+from dwbench.errors import DwbenchError
+
+STYLE = {"done": "green", "running": "cyan", "failed": "red", "missing": "yellow"}
+
+
+def status(overrides: list[str], name: str | None, console: Console) -> dict[str, int]:
+    """Print the sweep's cells with their state; returns the count of each state."""
+    from dwbench.sweep.grid import load_sweep, varying_overrides
+    from dwbench.sweep.progress import STATES, runs_by_store, survey
+
+    sweep = load_sweep(overrides, name, progress=False)
+    progress = survey(sweep.cells, sweep.dir, runs_by_store(sweep.cells))
+    table = Table(title=f"Sweep {sweep.name}")
+    for column in ("#", "cell", "state", "detail", "overrides"):
+        table.add_column(column, justify="right" if column == "#" else "left")
+    axes = varying_overrides(sweep.cells)
+    for index, (cell, state) in enumerate(zip(sweep.cells, progress, strict=True)):
+        style = STYLE[state.state]
+        table.add_row(
+            str(index),
+            cell.key,
+            f"[{style}]{state.state}[/{style}]",
+            state.detail,
+            " ".join(axes[index]),
+        )
+    console.print(table)
+    counts = {s: sum(p.state == s for p in progress) for s in STATES}
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (of {len(progress)})")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dwbench.status",
+        description="Show every cell of a sweep as done, running, failed or missing.",
+        epilog="Example: python -m dwbench.status +experiment=embedded_table2 seed=0",
+    )
+    parser.add_argument("overrides", nargs="*", help="the overrides the sweep was planned with")
+    parser.add_argument("--name", help="sweep name (default: the +experiment's name)")
+    args = parser.parse_args(argv)
+    try:
+        status(args.overrides, args.name, Console(width=200))
+    except (DwbenchError, HydraException) as error:
+        print(f"dwbench: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

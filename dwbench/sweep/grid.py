@@ -1,0 +1,111 @@
+"""A sweep's cells, expanded exactly as `python -m dwbench -m [overrides]` expands them.
+
+The sweep axes come from the experiment's `hydra.sweeper.params` plus sweep overrides on the
+command line (`budget=0.1,0.2`), combined by Hydra's own BasicSweeper, so the cells a plan lists
+are the jobs a Hydra multirun would launch, with the same override lists: `python -m dwbench
+<a cell's overrides>` runs that cell alone.
+
+A cell's key hashes what decides its result (task, method, both models, recipe, evaluation,
+budget, seed, last stage) but not the data fingerprint, so it is known without loading any data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from dwbench.cli import CONF_DIR
+from dwbench.keys import result_identity, stable_hash
+from dwbench.methods.registry import check_method_name
+from dwbench.models import model_identity
+from dwbench.pipeline import validate
+
+
+@dataclass
+class Cell:
+    """One sweep point: `python -m dwbench <overrides>` runs it."""
+
+    overrides: list[str]
+    cfg: DictConfig
+    key: str
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: DictConfig  # the sweep-level config, with its `hydra` node (launcher, sweeper)
+    cells: list[Cell]
+
+    @property
+    def dir(self) -> Path:
+        """Plans, rendered array scripts, job records and logs of this sweep."""
+        return Path(str(self.base.results_dir)) / "sweeps" / self.name
+
+
+def cell_key(cfg: DictConfig) -> str:
+    """Identity of a cell's result, computable without data (paths and runtime knobs left out)."""
+    return stable_hash(
+        {
+            "task": result_identity(cfg.task),
+            "method": result_identity(cfg.method),
+            "selector": result_identity(model_identity(cfg.selector_model)),
+            "target": result_identity(model_identity(cfg.target_model)),
+            "finetune": result_identity(cfg.finetune),
+            "eval": result_identity(cfg.eval),
+            "budget": float(cfg.budget),
+            "seed": cfg.seed,
+            "last_stage": validate(cfg)[-1],
+        }
+    )
+
+
+def _methods_named(overrides: list[Override]) -> list[str]:
+    """The values the sweep gives the `method` group (a later override replaces an earlier one)."""
+    names: list[str] = []
+    for override in overrides:
+        if override.get_key_element().lstrip("+") != "method":
+            continue
+        if override.is_sweep_override():
+            names = list(override.sweep_string_iterator())
+        else:
+            names = [override.get_value_element_as_str()]
+    return names
+
+
+def load_sweep(overrides: list[str], name: str | None = None, progress: bool = True) -> Sweep:
+    """Compose every cell of the sweep that `python -m dwbench -m <overrides>` would run.
+
+    A method that is not registered stops here with the registry's message, before Hydra would
+    fail on its missing YAML: presets may already name baselines that do not exist yet.
+    """
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="dwbench"):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        given = parser.parse_overrides(overrides)
+        fixed = [o.input_line for o in given if not o.is_sweep_override()]
+        base = compose("config", overrides=fixed, return_hydra_config=True)
+        params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
+        task_overrides = [o.input_line for o in given if not o.is_hydra_override()]
+        combined = parser.parse_overrides(params + task_overrides)
+        for method in dict.fromkeys(_methods_named(combined)):
+            check_method_name(method)
+        jobs = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
+        cells = []
+        for job in tqdm(jobs, desc="composing cells", unit="cell", disable=not progress):
+            cfg = compose("config", overrides=job)
+            cells.append(Cell(job, cfg, cell_key(cfg)))
+    sweep_name = name or base.hydra.runtime.choices.get("experiment") or "sweep"
+    return Sweep(str(sweep_name), base, cells)
+
+
+def varying_overrides(cells: list[Cell]) -> list[list[str]]:
+    """Each cell's overrides that differ between cells: the axes, for compact tables."""
+    common = set.intersection(*(set(c.overrides) for c in cells)) if cells else set()
+    return [[o for o in c.overrides if o not in common] for c in cells]

@@ -1,0 +1,201 @@
+"""Where each cell of a sweep stands, and what the cells still to run will cost.
+
+Done-ness comes from the stage cache, without loading any data: a cell's stage keys start from
+its prepare key, which hashes the task config and the data's fingerprint. Every prepared dataset
+records its fingerprint in its `_SUCCESS.json`, so the prepared datasets of a task config are
+found among those markers by recomputing their keys; from each, the cell's score, select, train
+and evaluate keys follow with the stages' own `key_for`. A cell whose task was never prepared
+cannot be done. (A hub dataset without a pinned `task.hub.revision` could change under a sweep:
+the jobs always fingerprint what they load, but the plan trusts what is on disk, so pin it.)
+
+Running and failed come from SLURM for submitted cells (`squeue --states=all`, which keeps
+finished jobs for the cluster's MinJobAge), and from MLflow otherwise: a cell with a FAILED run
+of one of its stages failed. Estimates use the throughput that earlier runs logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from dwbench.artifacts import ArtifactStore
+from dwbench.keys import stage_key
+from dwbench.pipeline import validate
+from dwbench.stages import evaluate, score, select, train
+from dwbench.sweep.grid import Cell
+
+DONE, RUNNING, FAILED, MISSING = "done", "running", "failed", "missing"
+STATES = (DONE, RUNNING, FAILED, MISSING)
+SLURM_ACTIVE = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+)
+
+
+@dataclass
+class Progress:
+    state: str
+    detail: str = ""
+    keys: dict[str, str] = field(default_factory=dict)  # stage -> key, when data was prepared
+
+
+def store_of(cfg: DictConfig) -> ArtifactStore:
+    return ArtifactStore(Path(str(cfg.results_dir)) / "artifacts")
+
+
+def prepared_keys(cfg: DictConfig) -> list[str]:
+    """Keys of the datasets already prepared for this cell's task config, newest last."""
+    markers = list(store_of(cfg).markers("prepare"))
+    return [
+        m["key"]
+        for m in sorted(markers, key=lambda m: m.get("finished_at", ""))
+        if stage_key("prepare", task=cfg.task, data=m["fingerprint"]) == m["key"]
+    ]
+
+
+def stage_keys(cfg: DictConfig, prepare_key: str) -> dict[str, str]:
+    """The cell's stage keys from its prepare key (each `key_for` reads only cfg and its input)."""
+    ctx = SimpleNamespace(cfg=cfg)
+    keys = {"prepare": prepare_key, "score": score.key_for(ctx, SimpleNamespace(key=prepare_key))}
+    keys["select"] = select.key_for(ctx, keys["score"])
+    keys["train"] = train.key_for(ctx, SimpleNamespace(key=keys["select"]))
+    keys["evaluate"] = evaluate.key_for(ctx, SimpleNamespace(key=keys["train"]))
+    return keys
+
+
+def store_runs(uri: str) -> pd.DataFrame:
+    """Every run in an MLflow store, all experiments (empty when the store does not exist)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return pd.DataFrame()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return pd.DataFrame()
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_ids=ids, output_format="pandas")
+    return runs if "tags.stage_key" in runs else pd.DataFrame()
+
+
+def cell_progress(
+    cell: Cell, runs: pd.DataFrame, slurm_state: tuple[str, str] | None = None
+) -> Progress:
+    """done / running / failed / missing; `slurm_state` is (job id, state) if it was submitted."""
+    last = validate(cell.cfg)[-1]
+    store = store_of(cell.cfg)
+    chains = [stage_keys(cell.cfg, key) for key in prepared_keys(cell.cfg)]
+    for keys in chains:
+        if store.is_done(last, keys[last]):
+            return Progress(DONE, f"{last}/{keys[last]}", keys)
+    keys = chains[-1] if chains else {}
+    if slurm_state is not None:
+        job, state = slurm_state
+        if state in SLURM_ACTIVE:
+            return Progress(RUNNING, f"slurm {job} {state}", keys)
+        return Progress(FAILED, f"slurm {job} {state}", keys)
+    failed = _failed_stage(keys, runs)
+    if failed:
+        return Progress(FAILED, f"mlflow: {failed} run FAILED", keys)
+    return Progress(MISSING, "", keys)
+
+
+def _failed_stage(keys: dict[str, str], runs: pd.DataFrame) -> str | None:
+    """The first stage of the chain whose MLflow run ended FAILED and has no output."""
+    if runs.empty or not keys:
+        return None
+    failed = runs[runs["status"] == "FAILED"]
+    for stage in ("score", "select", "train", "evaluate"):
+        hit = (failed["tags.stage"] == stage) & (failed["tags.stage_key"] == keys[stage])
+        if hit.any():
+            return stage
+    return None
+
+
+def _finished(runs: pd.DataFrame, stage: str, **tags: str) -> pd.DataFrame:
+    if runs.empty:
+        return runs
+    mask = (runs["status"] == "FINISHED") & (runs["tags.stage"] == stage)
+    for tag, value in tags.items():
+        mask &= runs.get(f"tags.{tag}") == value
+    return runs[mask]
+
+
+def _mean(frame: pd.DataFrame, metric: str) -> float | None:
+    column = f"metrics.{metric}"
+    if frame.empty or column not in frame or frame[column].isna().all():
+        return None
+    return float(frame[column].mean())
+
+
+def pool_size(cfg: DictConfig, keys: dict[str, str], runs: pd.DataFrame) -> int | None:
+    """Training pool size: from the prepared data, the generator config, or earlier runs."""
+    if keys:
+        return int(store_of(cfg).marker("prepare", keys["prepare"])["n_pool"])
+    task = cfg.task
+    sizes = [task.pool_limit]
+    if task.generator is not None:
+        sizes.append(task.generator.pool_size)
+    known = [int(s) for s in sizes if s is not None]
+    if known:
+        return min(known)
+    logged = _mean(_finished(runs, "train", task=str(task.name)), "n_pool")
+    return None if logged is None else int(logged)
+
+
+def estimate_seconds(
+    cell: Cell, keys: dict[str, str], runs: pd.DataFrame, scored: set[str]
+) -> float | None:
+    """Seconds this cell should take, from the same models' logged throughput; None if unknown.
+
+    Stages already cached cost nothing, and a scoring run shared with an earlier cell of the
+    plan (`scored` collects their score keys) is counted once.
+    """
+    cfg = cell.cfg
+    store = store_of(cfg)
+    target, selector = str(cfg.target_model.name), str(cfg.selector_model.name)
+    task, method = str(cfg.task.name), str(cfg.method.name)
+    chain = keys or stage_keys(cfg, f"unprepared-{cell.key}")
+    seconds = 0.0
+    if chain["score"] not in scored and not (keys and store.is_done("score", chain["score"])):
+        scored.add(chain["score"])
+        past = _finished(runs, "score", method=method, selector=selector, task=task)
+        seconds += _mean(past, "selection_s") or 0.0
+    if not (keys and store.is_done("train", chain["train"])):
+        trains = _finished(runs, "train", target=target)
+        throughput, n_pool = _mean(trains, "examples_per_s"), pool_size(cfg, keys, runs)
+        if throughput is None or n_pool is None:
+            return None
+        ft = cfg.finetune
+        examples = math.floor(float(cfg.budget) * n_pool + 1e-9) * float(ft.epochs)
+        if ft.max_steps is not None:
+            examples = min(examples, int(ft.max_steps) * int(ft.batch_size))
+        seconds += examples / throughput + (_mean(trains, "load_s") or 0.0)
+    evals = _finished(runs, "evaluate", target=target, task=task)
+    eval_s = _mean(evals, "eval_s")
+    if eval_s is None:
+        return None
+    return seconds + eval_s
+
+
+def runs_by_store(cells: list[Cell]) -> dict[str, pd.DataFrame]:
+    """The runs of every MLflow store the cells log to, by tracking URI."""
+    return {uri: store_runs(uri) for uri in {str(c.cfg.tracking.uri) for c in cells}}
+
+
+def survey(cells: list[Cell], sweep_dir: Path, runs: dict[str, pd.DataFrame]) -> list[Progress]:
+    """Each cell's progress: the stage cache, then SLURM for submitted cells, then MLflow."""
+    from dwbench.sweep.slurm import job_states, submitted_jobs
+
+    jobs = submitted_jobs(sweep_dir)
+    states = job_states() if jobs else {}
+    progress = []
+    for cell in cells:
+        job = jobs.get(cell.key)
+        slurm_state = (job, states[job]) if job in states else None
+        progress.append(cell_progress(cell, runs[str(cell.cfg.tracking.uri)], slurm_state))
+    return progress

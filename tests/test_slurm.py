@@ -1,0 +1,142 @@
+"""A plan run as a real SLURM array (single-node SLURM on localhost, slurm/local_cluster.sh).
+
+The first array runs every cell; in the second, one task is cancelled while it runs, and
+planning again must list exactly that cell, whose resubmission then completes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from rich.console import Console
+from test_cli import REPO
+from test_sweep import sweep_args
+
+from dwbench import plan as plan_command
+from dwbench import status as status_command
+from dwbench.sweep import slurm
+from dwbench.sweep.grid import load_sweep
+from dwbench.sweep.progress import SLURM_ACTIVE, runs_by_store, survey
+
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+TIMEOUT_S = 300
+
+
+def _cluster(action: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(CLUSTER), action], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def local_slurm():
+    """Start the local cluster (stopped again afterwards unless it was already running)."""
+    missing = [b for b in ("slurmctld", "slurmd", "munged") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(
+            f"{', '.join(missing)} not installed: apt-get install -y slurm-wlm munge "
+            "(.ci/run does, where it can)"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("starting munge and slurmd needs root")
+    was_running = _cluster("status").returncode == 0
+    started = _cluster("start")
+    assert started.returncode == 0, started.stderr
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in started.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", exports["SLURM_CONF"])
+        patch.setenv("PATH", exports["PATH"].replace("$PATH", os.environ["PATH"]))
+        yield
+        if not was_running:  # a cluster this test started: nothing of it may outlive the test
+            subprocess.run(["scancel", "--me"], check=False)
+            _cluster("stop")
+
+
+def _wait(job: str, until) -> dict[str, str]:
+    """Poll this job's array tasks until `until(states)` holds."""
+    deadline = time.time() + TIMEOUT_S
+    while True:
+        states = {k: v for k, v in slurm.job_states().items() if k.startswith(f"{job}_")}
+        if until(states):
+            return states
+        assert time.time() < deadline, states
+        time.sleep(1)
+
+
+def _ended(states: dict[str, str]) -> bool:
+    return bool(states) and not any(s in SLURM_ACTIVE for s in states.values())
+
+
+def _progress(args: list[str]):
+    sweep = load_sweep(args, progress=False)
+    return sweep, survey(sweep.cells, sweep.dir, runs_by_store(sweep.cells))
+
+
+def _finished_evaluations(results: Path) -> set[str]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results}/mlflow.db")
+    experiment = client.get_experiment_by_name("embedded_paper")
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.stage = 'evaluate' and attributes.status = 'FINISHED'"
+    )
+    return {r.data.tags["stage_key"] for r in runs}
+
+
+def _submit(args: list[str]) -> tuple[str, list[str]]:
+    path = plan_command.plan(args, None, Console(quiet=True))
+    keys = [line.split(" ", 1)[0] for line in path.read_text().splitlines()]
+    job, _ = slurm.submit(path)
+    return job, keys
+
+
+def test_plan_runs_as_an_array_and_only_a_cancelled_cell_runs_again(
+    local_slurm, tiny_llama_dir, cache_dir, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # sbatch hands the environment to the jobs
+    small = ["slurm.cpus_per_task=1", "slurm.mem_gb=2", "slurm.parallel=2"]
+    base = [*sweep_args(tiny_llama_dir, tmp_path), *small, "budget=0.25,0.5"]
+
+    job, keys = _submit(base)
+    assert len(keys) == 2
+    states = _wait(job, _ended)
+    assert set(states.values()) == {"COMPLETED"}, states
+    sweep, progress = _progress(base)
+    assert [p.state for p in progress] == ["done", "done"]
+    for state in progress:
+        assert (tmp_path / "artifacts" / "evaluate" / state.keys["evaluate"]).is_dir()
+    assert {p.keys["evaluate"] for p in progress} <= _finished_evaluations(tmp_path)
+
+    second = [*base, "seed=1"]
+    job, keys = _submit(second)
+    log = tmp_path / "sweeps" / "embedded_table2" / "submissions"
+    _wait(job, lambda s: s.get(f"{job}_1") == "RUNNING")
+    deadline = time.time() + TIMEOUT_S
+    while not any("dwbench cell" in p.read_text() for p in log.glob(f"*/logs/{job}_1.log")):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    time.sleep(3)  # mid-way: the cell is loading or running its stages
+    subprocess.run(["scancel", f"{job}_1"], check=True)
+    states = _wait(job, _ended)
+    assert (states[f"{job}_0"], states[f"{job}_1"]) == ("COMPLETED", "CANCELLED"), states
+    _, progress = _progress(second)
+    assert [p.state for p in progress] == ["done", "failed"]
+    assert progress[1].detail == f"slurm {job}_1 CANCELLED"
+
+    again, replanned = _submit(second)
+    assert replanned == [keys[1]]
+    states = _wait(again, _ended)
+    assert states == {f"{again}_0": "COMPLETED"}, states
+    out = Console(record=True, width=250)
+    counts = status_command.status(second, None, out)
+    assert counts == {"done": 2, "running": 0, "failed": 0, "missing": 0}, out.export_text()
+    _, progress = _progress(second)
+    assert {p.keys["evaluate"] for p in progress} <= _finished_evaluations(tmp_path)
