@@ -1,4 +1,4 @@
-# dwbench: `make demo` runs the embedded default end to end; `make test` runs the test suite.
+# dwbench: `make demo` runs the embedded default end to end (random vs Data Whisperer); `make test` runs the test suite.
 # Both create .venv inside the repo first. TORCH picks the torch build: the default is the CPU
 # build that CPU-only machines use; on a GPU machine pass e.g. TORCH='torch==2.13.0' with the
 # CUDA wheel index of your cluster, or TORCH= to keep a torch you installed into .venv yourself.
@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The default run: random and Data Whisperer on the embedded default, one budget (a 2-job multirun).
 demo: install
-	$(PY) -m dwbench $(ARGS)
+	$(PY) -m dwbench -m method=random,data_whisperer $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

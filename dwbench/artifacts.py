@@ -49,10 +49,14 @@ class ArtifactStore:
         for marker in sorted((self.root / stage).glob(f"*/{SUCCESS_MARKER}")):
             yield json.loads(marker.read_text())
 
-    def scratch_dir(self, stage: str, key: str) -> Path:
-        """Work in progress that survives a kill (training checkpoints), removed on success."""
+    def scratch_dir(self, stage: str, key: str, create: bool = True) -> Path:
+        """Work in progress that survives a kill (training checkpoints), removed on success.
+
+        `create=False` only names it, for work that may never write there.
+        """
         path = self.root / stage / f".partial-{key}"
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     @contextmanager

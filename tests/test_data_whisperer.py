@@ -197,6 +197,37 @@ def test_hand_made_episodes_give_the_expected_scores() -> None:
     assert table.score.dtype == np.float64
 
 
+def test_episodes_that_all_score_zero_are_reported_as_no_signal() -> None:
+    """A selector that answers nothing gives every example the same score: the stats say so."""
+    records = [
+        {
+            "demo_ids": ["a", "b"],
+            "dropped": 0,
+            "parse_failures": 2,
+            "complete": False,
+            "new_tokens": 9,
+            "seconds": 1.0,
+            "score": 0.0,
+        },
+        {
+            "demo_ids": ["c", "d"],
+            "dropped": 0,
+            "parse_failures": 1,
+            "complete": True,
+            "new_tokens": 5,
+            "seconds": 1.0,
+            "score": 0.0,
+        },
+    ]
+    contributions = [dw.Contribution([0, 1], 0.0, [1.0, 2.0]), dw.Contribution([2, 3], 0.0, [3, 1])]
+    stats = dw._summarise(records, dw.accumulate(4, contributions, weighting=True), 4, 2)
+    assert stats["distinct_scores"] == 1
+    assert stats["parse_failure_rate"] == 0.75 and stats["capped_episodes"] == 1
+    contributions[1] = dw.Contribution([2, 3], 0.5, [3, 1])
+    stats = dw._summarise(records, dw.accumulate(4, contributions, weighting=True), 4, 2)
+    assert stats["distinct_scores"] == 3  # 0 for a and b; 0.75 and 0.25 for c and d
+
+
 def test_answers_are_split_scored_and_failures_counted() -> None:
     queries = [
         Example(f"q{k}", "?", f"so\n#### {n}", (f"so\n#### {n}",))

@@ -50,6 +50,7 @@ _DEFAULTS: dict[str, Any] = {
     "fields": {"prompt": ["question"], "response": "answer", "id": None},
     "prompt_template": "{question}",
     "metric": "exact_match_number",
+    "answer_max_tokens": 256,
     "query_source": "pool_kfold",
     "pool_limit": None,
     "eval_limit": None,

@@ -764,7 +764,8 @@ class DataWhisperer:
     truncated_episodes / dropped_demonstrations / skipped_episodes (context overflow),
     parse_failure_rate, capped_episodes (hit the token cap), generated_tokens_per_episode,
     seconds_per_episode, seconds_per_example (this call, model loading excluded), load_seconds,
-    resumed_episodes, mean_episode_score and unscored_examples (no appearance left).
+    resumed_episodes, mean_episode_score, unscored_examples (no appearance left) and
+    distinct_scores (1 means no signal: every episode scored the same, a warning says so).
     """
 
     needs_selector = True  # scores with the selector model
@@ -867,6 +868,14 @@ class DataWhisperer:
             seconds_per_example=(time.perf_counter() - start - load_s) / len(pool),
         )
         logger.info("Data Whisperer: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
+        if self.stats["distinct_scores"] == 1:
+            logger.warning(
+                "Data Whisperer: every pool example got the same score (%.4g): the selector model "
+                "answered no query correctly (parse_failure_rate=%.2f), so the selection is the "
+                "pool's seeded order, no better than random. Use a stronger selector model.",
+                float(table.score[0]),
+                self.stats["parse_failure_rate"],
+            )
         return pd.DataFrame(
             {
                 "id": [ex.id for ex in pool],
@@ -1064,5 +1073,6 @@ def _summarise(
         "seconds_per_episode": float(np.mean([r["seconds"] for r in ran] or [0])),
         "mean_episode_score": float(np.mean([r["score"] for r in ran] or [0])),
         "unscored_examples": float(np.sum(table.appearances == 0)),
+        "distinct_scores": float(len(np.unique(table.score))),
         "pool_size": float(n_pool),
     }

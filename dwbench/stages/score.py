@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -54,7 +56,7 @@ def build_method(ctx: RunContext, prepared: Prepared, key: str) -> SelectionMeth
         seed=int(cfg.seed),
         device=ctx.device,
         cache_dir=ctx.cache_dir,
-        work_dir=ctx.store.scratch_dir("score", key),
+        work_dir=ctx.store.scratch_dir("score", key, create=False),
     )
     return get_method(str(cfg.method.name))(scoring)
 
@@ -80,6 +82,7 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
             selection_s = time.perf_counter() - start
             check_scores(scores, prepared)
             scores.to_csv(out / "scores.csv", index=False)
+            keep_work_files(ctx.store.scratch_dir("score", key, create=False), out)
             stats = method_stats(method)
             marker.update(
                 selection_s=selection_s,
@@ -90,6 +93,15 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
         mlflow_run.log_metrics({"selection_s": selection_s, **memory.as_metrics("score"), **stats})
         mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
     return Scored(key, scores, selection_s, memory.peak_rss_mb)
+
+
+def keep_work_files(work_dir: Path, out: Path) -> None:
+    """The method's own records (e.g. Data Whisperer's episodes) stay inspectable."""
+    if not work_dir.is_dir():
+        return
+    for path in sorted(work_dir.iterdir()):
+        if path.is_file():
+            shutil.move(str(path), out / path.name)
 
 
 def check_scores(scores: pd.DataFrame, prepared: Prepared) -> None:
