@@ -8,17 +8,15 @@ earlier runs of the same models logged. `python -m dwbench.submit <plan>` runs i
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from hydra.errors import HydraException
 from rich.console import Console
 from rich.table import Table
 
-from dwbench.errors import DwbenchError
+from dwbench.sweep.command import run_sweep_command
 
 
 def _duration(seconds: float | None) -> str:
@@ -105,22 +103,16 @@ def _print_cost(cells: list, planned: list, console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dwbench.plan",
-        description="Write the cells of a sweep that are not done yet to "
+    return run_sweep_command(
+        argv,
+        "python -m dwbench.plan",
+        "Write the cells of a sweep that are not done yet to "
         "<results_dir>/sweeps/<name>/plan.txt (one `<cell key> <overrides>` a line) and say "
         "what they will cost.",
-        epilog="Example: python -m dwbench.plan +experiment=embedded_table2 seed=0",
+        "Hydra overrides, as for python -m dwbench -m",
+        plan,
+        160,
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m dwbench -m")
-    parser.add_argument("--name", help="sweep name (default: the +experiment's name)")
-    args = parser.parse_args(argv)
-    try:
-        plan(args.overrides, args.name, Console(width=160))
-    except (DwbenchError, HydraException) as error:
-        print(f"dwbench: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

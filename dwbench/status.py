@@ -6,14 +6,12 @@ failed from SLURM for submitted cells (and from MLflow's FAILED runs otherwise).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from hydra.errors import HydraException
 from rich.console import Console
 from rich.table import Table
 
-from dwbench.errors import DwbenchError
+from dwbench.sweep.command import run_sweep_command
 
 STYLE = {"done": "green", "running": "cyan", "failed": "red", "missing": "yellow"}
 
@@ -45,20 +43,14 @@ def status(overrides: list[str], name: str | None, console: Console) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dwbench.status",
-        description="Show every cell of a sweep as done, running, failed or missing.",
-        epilog="Example: python -m dwbench.status +experiment=embedded_table2 seed=0",
+    return run_sweep_command(
+        argv,
+        "python -m dwbench.status",
+        "Show every cell of a sweep as done, running, failed or missing.",
+        "the overrides the sweep was planned with",
+        status,
+        200,
     )
-    parser.add_argument("overrides", nargs="*", help="the overrides the sweep was planned with")
-    parser.add_argument("--name", help="sweep name (default: the +experiment's name)")
-    args = parser.parse_args(argv)
-    try:
-        status(args.overrides, args.name, Console(width=200))
-    except (DwbenchError, HydraException) as error:
-        print(f"dwbench: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

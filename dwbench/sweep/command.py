@@ -1,0 +1,39 @@
+"""The shared command line of `dwbench.plan` and `dwbench.status`: sweep overrides in, one
+clear line and exit 2 on a bad sweep."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import HydraException
+from rich.console import Console
+
+from dwbench.errors import DwbenchError
+
+
+def run_sweep_command(
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    overrides_help: str,
+    action: Callable[[list[str], str | None, Console], Any],
+    width: int,
+) -> int:
+    """Parse `[overrides] [--name]`, run `action(overrides, name, console)`; 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"Example: {prog} +experiment=embedded_table2 seed=0",
+    )
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    parser.add_argument("--name", help="sweep name (default: the +experiment's name)")
+    args = parser.parse_args(argv)
+    try:
+        action(args.overrides, args.name, Console(width=width))
+    except (DwbenchError, HydraException) as error:
+        print(f"dwbench: {error}", file=sys.stderr)
+        return 2
+    return 0
