@@ -16,27 +16,41 @@ def require_chat_template(tokenizer: Any, model_name: str) -> None:
         )
 
 
-def prompt_text(tokenizer: Any, prompt: str) -> str:
-    """The user turn followed by the assistant header: what generation continues from."""
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+Turn = tuple[str, str]  # (user prompt, assistant response) of an earlier exchange
 
 
-def conversation_text(tokenizer: Any, prompt: str, response: str) -> str:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+def _messages(prompt: str, history: tuple[Turn, ...]) -> list[dict[str, str]]:
+    messages = []
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def prompt_text(tokenizer: Any, prompt: str, history: tuple[Turn, ...] = ()) -> str:
+    """The user turn (after any earlier turns) and the assistant header: what generation follows."""
+    return tokenizer.apply_chat_template(
+        _messages(prompt, history), tokenize=False, add_generation_prompt=True
+    )
+
+
+def conversation_text(
+    tokenizer: Any, prompt: str, response: str, history: tuple[Turn, ...] = ()
+) -> str:
+    messages = _messages(prompt, history) + [{"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def encode_supervised(
-    tokenizer: Any, prompt: str, response: str, max_len: int
+    tokenizer: Any, prompt: str, response: str, max_len: int, history: tuple[Turn, ...] = ()
 ) -> dict[str, list[int]]:
-    """Token ids of the whole conversation, with labels only on the assistant's tokens.
+    """Token ids of the whole conversation, with labels only on the last assistant reply.
 
     The conversation is tokenised once and split by character offsets, so the mask is exact
-    whatever the tokenizer does at the prompt/response boundary (merges, BOS, no BOS).
+    whatever the tokenizer does at the prompt/response boundary (merges, BOS, no BOS). Earlier
+    turns (`history`, e.g. a one-shot demonstration) are context, never labels.
     """
-    head = prompt_text(tokenizer, prompt)
-    full = conversation_text(tokenizer, prompt, response)
+    head = prompt_text(tokenizer, prompt, history)
+    full = conversation_text(tokenizer, prompt, response, history)
     if not full.startswith(head):
         raise ConfigError(
             "the chat template renders the user turn differently with and without the "

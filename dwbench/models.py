@@ -252,6 +252,8 @@ def load_causal_lm(model_cfg: Mapping[str, Any], cache_dir: Path, device: str) -
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, device_map=device, **_hub_kwargs(model_cfg, source)
     )
+    if model_cfg.get("keep_layers"):
+        keep_first_layers(model, int(model_cfg["keep_layers"]), str(model_cfg["name"]))
     generation = model.generation_config
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         eos = generation.eos_token_id
@@ -262,6 +264,25 @@ def load_causal_lm(model_cfg: Mapping[str, Any], cache_dir: Path, device: str) -
         "Loaded %s from %s (%s, %s) in %.1f s.", model_cfg["name"], source, dtype, device, seconds
     )
     return model
+
+
+def keep_first_layers(model: PreTrainedModel, n: int, name: str) -> None:
+    """Cut a decoder to its first n layers: a cheap same-family proxy (STAFF, S2L) on CPU.
+
+    The embeddings, final norm and output head stay, so the truncated model still maps tokens to
+    next-token logits; fine-tuning then adapts it to the task.
+    """
+    import torch
+
+    layers = model.get_decoder().layers
+    if not 0 < n <= len(layers):
+        raise ConfigError(
+            f"model {name}: keep_layers={n} is outside 1..{len(layers)} (its layer count)."
+        )
+    model.get_decoder().layers = torch.nn.ModuleList(list(layers)[:n])
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[:n]
 
 
 def _hub_offline() -> bool:

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -53,14 +54,20 @@ def check_models(cfg: DictConfig, stages: list[str], cache_dir: Path) -> None:
     """Say everything that stops this run (no GPU, no model access) before loading anything."""
     from dwbench.methods.registry import get_method
 
-    roles = []
-    if "score" in stages and get_method(str(cfg.method.name)).needs_selector:
-        roles.append("selector_model")
-    if "train" in stages or "evaluate" in stages:
-        roles.append("target_model")
+    method = get_method(str(cfg.method.name))
+    models: dict[str, Any] = {}
     problems: list[str] = []
-    for role in roles:
-        problems += preflight(cfg[role], role, cache_dir)
+    if "score" in stages:
+        if method.needs_selector:
+            models["selector_model"] = cfg.selector_model
+        problems += getattr(method, "config_problems", lambda _cfg: [])(cfg.method)
+        for field in getattr(method, "extra_models", ()):  # e.g. STAFF's proxy model
+            if cfg.method.get(field) is not None:
+                models[f"method.{field}"] = cfg.method[field]
+    if "train" in stages or "evaluate" in stages:
+        models["target_model"] = cfg.target_model
+    for role, model_cfg in models.items():
+        problems += preflight(model_cfg, role, cache_dir)
     if problems:
         raise ConfigError("This run cannot start:\n- " + "\n- ".join(dict.fromkeys(problems)))
 

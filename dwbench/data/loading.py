@@ -51,6 +51,7 @@ _DEFAULTS: dict[str, Any] = {
     "prompt_template": "{question}",
     "metric": "exact_match_number",
     "answer_max_tokens": 256,
+    "anchor_examples": 100,
     "query_source": "pool_kfold",
     "pool_limit": None,
     "eval_limit": None,

@@ -7,7 +7,7 @@ selection precision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
+from dwbench.errors import DwbenchError
 
 
 @dataclass
@@ -30,6 +31,17 @@ class ScoringContext:
     device: str
     cache_dir: Path
     work_dir: Path  # scratch space that survives a kill, for methods that checkpoint
+    # LoRA fine-tunes through the train stage's cache: fine_tune(examples, model_cfg=None
+    # (the selector), finetune_overrides=None) -> ScorerFineTune; None where no store exists
+    fine_tune: Callable[..., Any] | None = None
+
+    def require_fine_tune(self, method: str) -> Callable[..., Any]:
+        if self.fine_tune is None:
+            raise DwbenchError(
+                f"method {method} fine-tunes a scorer, which needs the pipeline's artifact "
+                "store; run it through `python -m dwbench method=" + method + "`"
+            )
+        return self.fine_tune
 
 
 class SelectionMethod(Protocol):

@@ -15,6 +15,16 @@ from dwbench.methods.base import SelectionMethod
 METHODS: dict[str, str] = {
     "random": "dwbench.methods.random_method:RandomSelection",
     "data_whisperer": "dwbench.methods.data_whisperer:DataWhisperer",
+    "perplexity_low": "dwbench.methods.perplexity:Perplexity",
+    "perplexity_middle": "dwbench.methods.perplexity:Perplexity",
+    "perplexity_high": "dwbench.methods.perplexity:Perplexity",
+    "el2n": "dwbench.methods.el2n:EL2N",
+    "grand": "dwbench.methods.grand:GraNd",
+    "ccs": "dwbench.methods.ccs:CCS",
+    "nuggets": "dwbench.methods.nuggets:Nuggets",
+    "staff": "dwbench.methods.staff:STAFF",
+    "less": "dwbench.methods.less:LESS",
+    "s2l": "dwbench.methods.s2l:S2L",
 }
 
 

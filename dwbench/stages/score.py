@@ -23,6 +23,7 @@ from dwbench.methods.base import ScoringContext, SelectionMethod, method_stats
 from dwbench.methods.registry import get_method
 from dwbench.models import model_identity
 from dwbench.stages.prepare import Prepared
+from dwbench.stages.train import ScorerTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def key_for(ctx: RunContext, prepared: Prepared) -> str:
     )
 
 
-def build_method(ctx: RunContext, prepared: Prepared, key: str) -> SelectionMethod:
+def build_method(
+    ctx: RunContext, prepared: Prepared, key: str, scorer_trainer: ScorerTrainer | None = None
+) -> SelectionMethod:
     cfg = ctx.cfg
     scoring = ScoringContext(
         method_cfg=cfg.method,
@@ -57,6 +60,7 @@ def build_method(ctx: RunContext, prepared: Prepared, key: str) -> SelectionMeth
         device=ctx.device,
         cache_dir=ctx.cache_dir,
         work_dir=ctx.store.scratch_dir("score", key, create=False),
+        fine_tune=scorer_trainer,
     )
     return get_method(str(cfg.method.name))(scoring)
 
@@ -72,14 +76,17 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
     if ctx.store.is_done("score", key):
         logger.info("score: cached %s", key)
         return load(ctx, key)
-    method = build_method(ctx, prepared, key)
+    scorer_trainer = ScorerTrainer(ctx, prepared)
+    method = build_method(ctx, prepared, key, scorer_trainer)
     params = {"method": ctx.cfg.method, "selector_model": ctx.cfg.selector_model}
     with ctx.tracker.stage_run("score", key, ctx.tags(), params) as mlflow_run:
         with ctx.store.writing("score", key) as (out, marker):
             start = time.perf_counter()
             with PeakMemory() as memory:
                 scores = method.score(prepared.pool)
-            selection_s = time.perf_counter() - start
+            # a scorer fine-tune made earlier (and shared) is still this method's cost (STR)
+            scorer_train_s = sum(run.train_s for run in scorer_trainer.runs)
+            selection_s = time.perf_counter() - start + scorer_trainer.seconds_not_spent_here()
             check_scores(scores, prepared)
             scores.to_csv(out / "scores.csv", index=False)
             keep_work_files(ctx.store.scratch_dir("score", key, create=False), out)
@@ -89,8 +96,17 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
                 peak_rss_mb=memory.peak_rss_mb,
                 n_pool=len(scores),
                 method_stats=stats,
+                scorer_train_s=scorer_train_s,
+                scorer_train_keys=[run.key for run in scorer_trainer.runs],
             )
-        mlflow_run.log_metrics({"selection_s": selection_s, **memory.as_metrics("score"), **stats})
+        mlflow_run.log_metrics(
+            {
+                "selection_s": selection_s,
+                "scorer_train_s": scorer_train_s,
+                **memory.as_metrics("score"),
+                **stats,
+            }
+        )
         mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
     return Scored(key, scores, selection_s, memory.peak_rss_mb)
 

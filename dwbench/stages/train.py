@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dwbench.context import RunContext
 from dwbench.data.records import Example
@@ -20,7 +21,9 @@ from dwbench.keys import result_identity, stable_hash, stage_key
 from dwbench.memory import PeakMemory
 from dwbench.models import model_identity
 from dwbench.stages.prepare import Prepared
-from dwbench.stages.select import Selected
+
+if TYPE_CHECKING:  # select imports score, which hands this stage's ScorerTrainer to methods
+    from dwbench.stages.select import Selected
 
 logger = logging.getLogger(__name__)
 ELAPSED_FILE = "elapsed_s.json"
@@ -33,14 +36,15 @@ class Trained:
     marker: dict[str, Any]
 
 
-def recipe_group(ctx: RunContext, prepared: Prepared) -> str:
-    """Fine-tunes that share data, target and recipe: a budget-1.0 member is STR's denominator."""
-    cfg = ctx.cfg
+def recipe_group(
+    prepare_key: str, model_cfg: Mapping[str, Any], finetune: Mapping[str, Any]
+) -> str:
+    """Fine-tunes that share data, model and recipe: a whole-pool member is STR's denominator."""
     return stable_hash(
         {
-            "prepare": prepared.key,
-            "target": model_identity(cfg.target_model),
-            "finetune": result_identity(cfg.finetune),
+            "prepare": prepare_key,
+            "target": model_identity(model_cfg),
+            "finetune": result_identity(finetune),
         }
     )
 
@@ -73,11 +77,11 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
     with ctx.tracker.stage_run("train", key, ctx.tags(), params) as mlflow_run:
         with ctx.store.writing("train", key) as (out, marker):
             with PeakMemory() as memory:
-                stats = fine_tune(ctx, subset, scratch, out / "adapter")
+                stats = fine_tune(Recipe.of_target(ctx), subset, scratch, out / "adapter")
             (out / "train_log.json").write_text(json.dumps(stats.pop("log_history"), indent=1))
             marker.update(
                 stats,
-                group=recipe_group(ctx, prepared),
+                group=recipe_group(prepared.key, ctx.cfg.target_model, ctx.cfg.finetune),
                 n_pool=len(prepared.pool),
                 budget=float(ctx.cfg.budget),
                 **memory.as_metrics("train"),
@@ -86,8 +90,34 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
     return load(ctx, key)
 
 
-def fine_tune(ctx: RunContext, subset: list[Example], scratch: Path, adapter_dir: Path) -> dict:
-    """Train a LoRA adapter; return timings, throughput and the loss history."""
+@dataclass
+class Recipe:
+    """What one LoRA fine-tune needs besides its data: the model, the recipe, seed and device."""
+
+    model_cfg: Mapping[str, Any]
+    finetune: Mapping[str, Any]
+    seed: int
+    device: str
+    cache_dir: Path
+
+    @classmethod
+    def of_target(cls, ctx: RunContext) -> Recipe:
+        cfg = ctx.cfg
+        return cls(cfg.target_model, cfg.finetune, int(cfg.seed), ctx.device, ctx.cache_dir)
+
+
+def fine_tune(
+    recipe: Recipe,
+    subset: list[Example],
+    scratch: Path,
+    adapter_dir: Path,
+    snapshots_dir: Path | None = None,
+) -> dict:
+    """Train a LoRA adapter; return timings, throughput and the loss history.
+
+    With `snapshots_dir`, the adapter, its Adam moments and the epoch's mean learning rate are
+    also kept after every epoch (scorers that read training checkpoints: EL2N, LESS, S2L).
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -96,11 +126,11 @@ def fine_tune(ctx: RunContext, subset: list[Example], scratch: Path, adapter_dir
     from dwbench.chat import encode_supervised, require_chat_template
     from dwbench.models import load_causal_lm, load_tokenizer
 
-    cfg, ft = ctx.cfg, ctx.cfg.finetune
+    ft, model_cfg, device = recipe.finetune, recipe.model_cfg, recipe.device
     load_start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.target_model, ctx.cache_dir)
-    require_chat_template(tokenizer, str(cfg.target_model.name))
-    model = load_causal_lm(cfg.target_model, ctx.cache_dir, ctx.device)
+    tokenizer = load_tokenizer(model_cfg, recipe.cache_dir)
+    require_chat_template(tokenizer, str(model_cfg["name"]))
+    model = load_causal_lm(model_cfg, recipe.cache_dir, device)
     lora = LoraConfig(
         r=int(ft.lora.r),
         lora_alpha=int(ft.lora.alpha),
@@ -116,7 +146,7 @@ def fine_tune(ctx: RunContext, subset: list[Example], scratch: Path, adapter_dir
         encode_supervised(tokenizer, ex.prompt, ex.response, int(ft.max_seq_len)) for ex in subset
     ]
     micro = int(ft.runtime.micro_batch_size)
-    use_bf16 = bool(ft.runtime.bf16) and ctx.device == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = bool(ft.runtime.bf16) and device == "cuda" and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=str(scratch),
         per_device_train_batch_size=micro,
@@ -132,10 +162,10 @@ def fine_tune(ctx: RunContext, subset: list[Example], scratch: Path, adapter_dir
         save_steps=int(ft.runtime.save_every_steps),
         save_total_limit=1,
         report_to="none",
-        seed=int(cfg.seed),
-        data_seed=int(cfg.seed),
+        seed=recipe.seed,
+        data_seed=recipe.seed,
         bf16=use_bf16,
-        use_cpu=ctx.device == "cpu",
+        use_cpu=device == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=False,
@@ -157,12 +187,15 @@ def fine_tune(ctx: RunContext, subset: list[Example], scratch: Path, adapter_dir
             elapsed[f"checkpoint-{state.global_step}"] = done
             elapsed_file.write_text(json.dumps(elapsed))
 
+    callbacks: list[Any] = [RecordElapsed()]
+    if snapshots_dir is not None:
+        callbacks.append(epoch_snapshots(snapshots_dir))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=records,
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[RecordElapsed()],
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = elapsed_before + time.perf_counter() - attempt_start
@@ -204,3 +237,201 @@ class PadCollator:
             "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(mask),
         }
+
+
+SNAPSHOT_LRS = "step_lrs.json"
+MOMENTS_FILE = "adam_moments.pt"
+
+
+def epoch_snapshots(folder: Path) -> Any:
+    """A callback keeping `folder/epoch-N/` after each epoch: adapter, Adam moments, mean lr.
+
+    The moments are stored by parameter name (`exp_avg`, `exp_avg_sq`, `step`), so a scorer can
+    precondition gradients without rebuilding the trainer's optimizer. Step learning rates are
+    written as they happen, so a resumed run still knows the mean lr of its interrupted epoch.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class EpochSnapshots(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            lrs = _read_json(folder / SNAPSHOT_LRS)
+            lrs[str(state.global_step + 1)] = float(kwargs["lr_scheduler"].get_last_lr()[0])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SNAPSHOT_LRS).write_text(json.dumps(lrs))
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            epoch = round(state.epoch)
+            previous = [_read_json(p / "snapshot.json") for p in folder.glob("epoch-*")]
+            first_step = max((m["last_step"] for m in previous if m["epoch"] < epoch), default=0)
+            lrs = _read_json(folder / SNAPSHOT_LRS)
+            epoch_lrs = [
+                lr for step, lr in lrs.items() if first_step < int(step) <= state.global_step
+            ]
+            target = folder / f"epoch-{epoch}"
+            staging = folder / f".epoch-{epoch}.partial"
+            kwargs["model"].save_pretrained(str(staging / "adapter"))
+            optimizer = getattr(kwargs["optimizer"], "optimizer", kwargs["optimizer"])
+            moments = {
+                name: {
+                    "exp_avg": optimizer.state[param]["exp_avg"].detach().cpu(),
+                    "exp_avg_sq": optimizer.state[param]["exp_avg_sq"].detach().cpu(),
+                    "step": int(optimizer.state[param]["step"]),
+                }
+                for name, param in kwargs["model"].named_parameters()
+                if param.requires_grad and param in optimizer.state
+            }
+            group = optimizer.param_groups[0]
+            torch.save(moments, staging / MOMENTS_FILE)
+            meta = {
+                "epoch": epoch,
+                "last_step": int(state.global_step),
+                "mean_lr": sum(epoch_lrs) / len(epoch_lrs) if epoch_lrs else 0.0,
+                "betas": list(group.get("betas", (0.9, 0.999))),
+                "eps": float(group.get("eps", 1e-8)),
+            }
+            (staging / "snapshot.json").write_text(json.dumps(meta))
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            staging.rename(target)
+
+    return EpochSnapshots()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass
+class Snapshot:
+    """A scorer fine-tune's state after one epoch."""
+
+    epoch: int
+    adapter_dir: Path
+    moments_path: Path
+    mean_lr: float
+    betas: tuple[float, float]
+    eps: float
+
+
+@dataclass
+class ScorerFineTune:
+    """A fine-tune made for scoring (GraNd, EL2N, LESS, ...): where it is and what it cost."""
+
+    key: str
+    adapter_dir: Path
+    snapshots: list[Snapshot]
+    train_s: float
+    cached: bool  # True: made by an earlier run, so its time was not spent in this one
+
+
+class ScorerTrainer:
+    """Fine-tunes that selection methods ask for, through this stage's cache.
+
+    The key hashes the examples, model, recipe and seed, not the method: GraNd, EL2N, CCS and
+    Nuggets share one whole-pool fine-tune, and its marker joins the target's recipe group, so
+    it also measures STR's denominator when the scorer is the target. `runs` records every
+    fine-tune handed out, so the score stage can count its training time as selection time.
+    """
+
+    def __init__(self, ctx: RunContext, prepared: Prepared) -> None:
+        self.ctx = ctx
+        self.prepared = prepared
+        self.runs: list[ScorerFineTune] = []
+
+    def __call__(
+        self,
+        subset: list[Example],
+        model_cfg: Mapping[str, Any] | None = None,
+        finetune_overrides: Mapping[str, Any] | None = None,
+    ) -> ScorerFineTune:
+        from omegaconf import OmegaConf
+
+        cfg = self.ctx.cfg
+        model_cfg = cfg.selector_model if model_cfg is None else model_cfg
+        finetune = OmegaConf.merge(cfg.finetune, dict(finetune_overrides or {}))
+        recipe = Recipe(model_cfg, finetune, int(cfg.seed), self.ctx.device, self.ctx.cache_dir)
+        run = scorer_fine_tune(self.ctx, self.prepared, subset, recipe)
+        self.runs.append(run)
+        return run
+
+    def seconds_not_spent_here(self) -> float:
+        """Training time of cached fine-tunes: selection time that an earlier run paid."""
+        return sum(run.train_s for run in self.runs if run.cached)
+
+
+def scorer_key(prepared: Prepared, subset: list[Example], recipe: Recipe) -> str:
+    return stage_key(
+        "train",
+        role="scorer",
+        prepare=prepared.key,
+        examples=stable_hash(sorted(ex.id for ex in subset)),
+        target=model_identity(recipe.model_cfg),
+        finetune=recipe.finetune,
+        seed=recipe.seed,
+    )
+
+
+def load_scorer(ctx: RunContext, key: str, cached: bool) -> ScorerFineTune:
+    folder = ctx.store.stage_dir("train", key)
+    marker = ctx.store.marker("train", key)
+    snapshots = []
+    for meta_path in sorted(
+        folder.glob("snapshots/epoch-*/snapshot.json"), key=lambda p: int(p.parent.name[6:])
+    ):
+        meta = json.loads(meta_path.read_text())
+        snapshots.append(
+            Snapshot(
+                epoch=meta["epoch"],
+                adapter_dir=meta_path.parent / "adapter",
+                moments_path=meta_path.parent / MOMENTS_FILE,
+                mean_lr=meta["mean_lr"],
+                betas=tuple(meta["betas"]),
+                eps=meta["eps"],
+            )
+        )
+    return ScorerFineTune(key, folder / "adapter", snapshots, marker["train_s"], cached)
+
+
+def scorer_fine_tune(
+    ctx: RunContext, prepared: Prepared, subset: list[Example], recipe: Recipe
+) -> ScorerFineTune:
+    key = scorer_key(prepared, subset, recipe)
+    if ctx.store.is_done("train", key):
+        logger.info("train: cached scorer fine-tune %s", key)
+        return load_scorer(ctx, key, cached=True)
+    logger.info(
+        "train: scorer fine-tune of %s on %d examples (%s)",
+        recipe.model_cfg["name"],
+        len(subset),
+        key,
+    )
+    scratch = ctx.store.scratch_dir("train", key)
+    params = {"finetune": recipe.finetune, "target_model": recipe.model_cfg}
+    tags = {
+        **ctx.tags(),
+        "role": "scorer",
+        "target": str(recipe.model_cfg["name"]),
+        "budget": f"{len(subset) / len(prepared.pool):.4g}",
+    }
+    with ctx.tracker.stage_run("train", key, tags, params) as mlflow_run:
+        with ctx.store.writing("train", key) as (out, marker):
+            with PeakMemory() as memory:
+                stats = fine_tune(
+                    recipe, subset, scratch / "trainer", out / "adapter", scratch / "snapshots"
+                )
+            (scratch / "snapshots" / SNAPSHOT_LRS).unlink(missing_ok=True)
+            (scratch / "snapshots").rename(out / "snapshots")
+            (out / "train_log.json").write_text(json.dumps(stats.pop("log_history"), indent=1))
+            marker.update(
+                stats,
+                role="scorer",
+                group=recipe_group(prepared.key, recipe.model_cfg, recipe.finetune),
+                n_pool=len(prepared.pool),
+                budget=len(subset) / len(prepared.pool),
+                **memory.as_metrics("train"),
+            )
+        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+    return load_scorer(ctx, key, cached=False)

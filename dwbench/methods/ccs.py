@@ -1,0 +1,42 @@
+"""CCS, coverage-centric coreset selection (Zheng et al., ICLR 2023): cover the difficulty range.
+
+Difficulty is EL2N (dwbench/methods/el2n.py, same scorer fine-tune). The beta*N hardest are
+dropped as likely noise, the remaining range is cut into K equal-width strata, and the budget is
+spread over strata from the smallest, each taking min(|B|, floor(budget left / strata left))
+examples at random (dwbench/methods/stratified.py). The paper's likely source used beta = 0.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dwbench.data.records import Example
+from dwbench.errors import ConfigError
+from dwbench.methods.base import ScoringContext
+from dwbench.methods.el2n import el2n_scores
+from dwbench.methods.stratified import ccs_select
+
+
+class CCS:
+    needs_selector = True
+
+    def __init__(self, context: ScoringContext) -> None:
+        cfg = context.method_cfg
+        self.context = context
+        self.beta = float(cfg["beta"])
+        self.n_strata = int(cfg["n_strata"])
+        self.seed = context.seed
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"method.beta={self.beta} must be in [0, 1): the share dropped.")
+        if self.n_strata < 1:
+            raise ConfigError(f"method.n_strata={self.n_strata} must be at least 1.")
+
+    def score(self, pool: list[Example]) -> pd.DataFrame:
+        el2n = el2n_scores(self.context, pool, "ccs")
+        return pd.DataFrame({"id": [ex.id for ex in pool], "score": el2n, "el2n": el2n})
+
+    def select(self, scores: pd.DataFrame, k: int) -> list[str]:
+        positions = ccs_select(
+            scores["el2n"].to_numpy(dtype=float), k, self.beta, self.n_strata, self.seed
+        )
+        return scores["id"].iloc[positions].tolist()

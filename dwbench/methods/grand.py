@@ -1,0 +1,44 @@
+"""GraNd (Paul et al., NeurIPS 2021): the norm of each example's loss gradient, batch size 1,
+with respect to the LoRA parameters of the selector fine-tuned on the pool. Keep the highest.
+
+`method.parameters` chooses the parameters: `all` LoRA matrices, or `last_v_proj_b` (the last
+layer's v_proj LoRA-B only), which is what the code behind the paper's GraNd numbers likely took.
+The choice and the parameter count are recorded in the method's stats.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dwbench.data.records import Example
+from dwbench.methods import lm_signals
+from dwbench.methods.base import ScoringContext, top_k
+from dwbench.methods.scorer_model import pick_snapshots, whole_pool_fine_tune
+
+
+class GraNd:
+    needs_selector = True
+
+    def __init__(self, context: ScoringContext) -> None:
+        self.context = context
+        self.stats: dict[str, float] = {}
+
+    def score(self, pool: list[Example]) -> pd.DataFrame:
+        ctx, cfg = self.context, self.context.method_cfg
+        run = whole_pool_fine_tune(ctx, pool, "grand")
+        (snapshot,) = pick_snapshots(run, None, "method")
+        model, tokenizer = lm_signals.load_model(
+            ctx.selector_cfg, ctx.cache_dir, ctx.device, snapshot.adapter_dir, trainable=True
+        )
+        params = lm_signals.gradient_parameters(model, str(cfg["parameters"]))
+        records = lm_signals.encode(tokenizer, pool, int(cfg["max_seq_len"]))
+        norms = lm_signals.gradient_norms(model, records, params, desc="GraNd")
+        self.stats = {
+            "gradient_parameters": float(sum(p.numel() for _, p in params)),
+            "gradient_tensors": float(len(params)),
+            "checkpoint_epoch": float(snapshot.epoch),
+        }
+        return pd.DataFrame({"id": [ex.id for ex in pool], "score": norms, "grad_norm": norms})
+
+    def select(self, scores: pd.DataFrame, k: int) -> list[str]:
+        return top_k(scores, k)

@@ -1,0 +1,62 @@
+"""Perplexity selection (Marion et al. 2023; Ankner et al. 2024): response-only perplexity under
+the untuned selector model; keep the lowest, the middle or the highest.
+
+The paper observes that Data Whisperer's picks are easy, low-perplexity examples, so the `low`
+variant is the sanity baseline that says whether DW adds anything beyond "pick what the model
+already finds likely".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dwbench.data.records import Example
+from dwbench.errors import ConfigError
+from dwbench.methods import lm_signals
+from dwbench.methods.base import ScoringContext, top_k
+
+VARIANTS = ("low", "middle", "high")
+
+
+def variant_score(perplexity: np.ndarray, variant: str) -> np.ndarray:
+    """Higher = keep: -ppl (low), ppl (high), or closeness to the median rank (middle)."""
+    if variant == "low":
+        return -perplexity
+    if variant == "high":
+        return perplexity.copy()
+    ranks = pd.Series(perplexity).rank(method="first").to_numpy() - 1
+    return -np.abs(ranks - (len(perplexity) - 1) / 2)
+
+
+class Perplexity:
+    needs_selector = True
+
+    def __init__(self, context: ScoringContext) -> None:
+        self.context = context
+        self.variant = str(context.method_cfg["variant"])
+        if self.variant not in VARIANTS:
+            raise ConfigError(
+                f"method.variant={self.variant!r} is not one of {', '.join(VARIANTS)}; "
+                "pick method=perplexity_low, perplexity_middle or perplexity_high."
+            )
+        self.stats: dict[str, float] = {}
+
+    def score(self, pool: list[Example]) -> pd.DataFrame:
+        ctx = self.context
+        model, tokenizer = lm_signals.load_model(ctx.selector_cfg, ctx.cache_dir, ctx.device)
+        records = lm_signals.encode(tokenizer, pool, int(ctx.method_cfg["max_seq_len"]))
+        batch = int(ctx.method_cfg["runtime"]["batch_size"])
+        stats = lm_signals.token_stats(model, records, batch, desc=f"perplexity ({self.variant})")
+        self.stats = {"median_perplexity": float(np.median(stats.perplexity))}
+        return pd.DataFrame(
+            {
+                "id": [ex.id for ex in pool],
+                "score": variant_score(stats.perplexity, self.variant),
+                "perplexity": stats.perplexity,
+                "n_response_tokens": stats.n_tokens.astype(int),
+            }
+        )
+
+    def select(self, scores: pd.DataFrame, k: int) -> list[str]:
+        return top_k(scores, k)

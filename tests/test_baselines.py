@@ -1,0 +1,284 @@
+"""The baseline selection methods on tiny models built in the test.
+
+Signals are checked against direct computations (EL2N and perplexity from full logits, GraNd
+from per-example autograd of the model's own loss); every method runs through the pipeline's
+score and select stages twice with one seed and must select the same examples; the scorer
+fine-tune is shared and its time counted; a method missing its proxy model fails before work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dwbench import pipeline
+from dwbench.cli import CONF_DIR
+from dwbench.data.records import Example
+from dwbench.errors import ConfigError
+from dwbench.methods import lm_signals
+from dwbench.methods.base import ScoringContext
+from dwbench.methods.nuggets import Nuggets, golden_scores
+from dwbench.methods.perplexity import variant_score
+from dwbench.methods.registry import METHODS
+
+def _example(id_: str, prompt: str, response: str) -> Example:
+    return Example(id_, prompt, response, (response,))
+
+
+EXAMPLES = [
+    _example("a", "What is 2 + 3?", "2 + 3 = 5\n#### 5"),
+    _example("b", "Tom has 4 apples and eats 1. How many are left?", "4 - 1 = 3\n#### 3"),
+    _example("c", "Double 21.", "21 * 2 = 42\n#### 42"),
+]
+
+
+def _tiny(folder: Path, tiny_model_cfg: Any, cache_dir: Path) -> tuple[Any, Any]:
+    return lm_signals.load_model(tiny_model_cfg(folder), cache_dir, "cpu")
+
+
+def test_perplexity_and_el2n_match_a_direct_computation_from_logits(
+    tiny_llama_dir: Path, tiny_model_cfg: Any, cache_dir: Path
+) -> None:
+    model, tokenizer = _tiny(tiny_llama_dir, tiny_model_cfg, cache_dir)
+    records = lm_signals.encode(tokenizer, EXAMPLES, 256)
+    stats = lm_signals.token_stats(model, records, batch_size=2)  # padded batches
+    for i, record in enumerate(records):
+        ids = torch.tensor([record["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        labels = torch.tensor(record["labels"][1:])
+        keep = labels != -100
+        probs = torch.softmax(logits[keep], -1)
+        onehot = torch.nn.functional.one_hot(labels[keep], probs.shape[-1]).float()
+        el2n = (probs - onehot).norm(dim=-1).mean()
+        nll = -torch.log(probs.gather(1, labels[keep][:, None])).mean()
+        assert stats.n_tokens[i] == int(keep.sum())
+        assert stats.el2n[i] == pytest.approx(float(el2n), rel=1e-4)
+        assert stats.mean_nll[i] == pytest.approx(float(nll), rel=1e-4)
+        assert stats.perplexity[i] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+
+
+def test_perplexity_variants_rank_low_middle_and_high() -> None:
+    perplexity = np.array([5.0, 1.0, 3.0, 9.0, 2.0])
+    order = {
+        v: list(np.argsort(-variant_score(perplexity, v), kind="stable"))
+        for v in ("low", "middle", "high")
+    }
+    assert order["low"][:2] == [1, 4]
+    assert order["high"][:2] == [3, 0]
+    assert order["middle"][0] == 2  # the median
+
+
+def _lora_with_random_b(model: Any) -> Any:
+    cfg = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+    model = lm_signals.with_fresh_lora(model, cfg, seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # a fresh adapter's B = 0 would zero every A gradient
+    return model
+
+
+def test_grand_equals_per_example_autograd_of_the_model_loss(
+    tiny_llama_dir: Path, tiny_model_cfg: Any, cache_dir: Path
+) -> None:
+    model, tokenizer = _tiny(tiny_llama_dir, tiny_model_cfg, cache_dir)
+    model = _lora_with_random_b(model)
+    records = lm_signals.encode(tokenizer, EXAMPLES, 256)
+    params = lm_signals.gradient_parameters(model, "all")
+    norms = lm_signals.gradient_norms(model, records, params)
+    for i, record in enumerate(records):
+        loss = model(
+            input_ids=torch.tensor([record["input_ids"]]), labels=torch.tensor([record["labels"]])
+        ).loss  # transformers' own shifted, masked mean cross-entropy
+        grads = torch.autograd.grad(loss, [p for _, p in params])
+        expected = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        assert norms[i] == pytest.approx(float(expected), rel=1e-4)
+    assert len(set(np.round(norms, 6))) == len(EXAMPLES)
+
+
+def test_last_v_proj_b_scope_is_the_last_layers_v_proj_lora_b_only(
+    tiny_llama_dir: Path, tiny_model_cfg: Any, cache_dir: Path
+) -> None:
+    model, _ = _tiny(tiny_llama_dir, tiny_model_cfg, cache_dir)
+    model = _lora_with_random_b(model)
+    params = lm_signals.gradient_parameters(model, "last_v_proj_b")
+    assert [name for name, _ in params] == [
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
+    ]
+    with pytest.raises(ConfigError, match="gradient scope"):
+        lm_signals.gradient_parameters(model, "first_layer")
+
+
+def test_golden_score_is_the_share_of_anchors_helped_without_self() -> None:
+    zero = np.array([-3.0, -2.0, -5.0, -1.0])
+    one = np.array([-2.0, -2.5, -4.0, -0.5])
+    assert golden_scores(zero, one, None) == 0.75
+    assert golden_scores(zero, one, self_anchor=0) == pytest.approx(2 / 3)
+
+
+def test_nuggets_ranks_first_the_candidate_that_raises_every_anchor(
+    tmp_path: Path, tiny_llama_dir: Path, tiny_model_cfg: Any, cache_dir: Path, monkeypatch
+) -> None:
+    """A constructed scorer: an answer's log-prob is 1 when the conversation mentions 'zebra'
+    and 0 otherwise, so the zebra candidate provably raises every other anchor and no other
+    candidate raises any."""
+    real_stats = lm_signals.token_stats
+    model, tokenizer = _tiny(tiny_llama_dir, tiny_model_cfg, cache_dir)
+
+    def constructed(model_: Any, records: list, batch_size: int, desc: str = "") -> Any:
+        stats = real_stats(model_, records, batch_size, desc)  # shapes and bookkeeping
+        mentions = ["zebra" in tokenizer.decode(r["input_ids"]) for r in records]
+        stats.sum_logprob = np.array(mentions, dtype=float)
+        return stats
+
+    monkeypatch.setattr(lm_signals, "token_stats", constructed)
+    pool = [
+        _example(f"p{i}", f"Add {i} and {i}.", f"{i} + {i} = {2 * i}\n#### {2 * i}")
+        for i in range(8)
+    ]
+    pool[5] = _example("p5", "Name a striped animal.", "A zebra.\n#### 1")
+    context = ScoringContext(
+        method_cfg={
+            "n_anchors": 3,
+            "scorer": "base",
+            "max_seq_len": 128,
+            "runtime": {"batch_size": 4},
+        },
+        task_cfg={},
+        selector_cfg=tiny_model_cfg(tiny_llama_dir),
+        queries=None,
+        seed=0,
+        device="cpu",
+        cache_dir=cache_dir,
+        work_dir=tmp_path / "work",
+    )
+    method = Nuggets(context)
+    scores = method.score(pool)
+    assert method.select(scores, 1) == ["p5"]
+    assert scores.set_index("id")["score"]["p5"] == 1.0
+    assert scores.drop(index=5)["score"].max() == 0.0  # the anchors' log-probs only fall or tie
+    assert int(scores["is_anchor"].sum()) == 3
+    logged = (tmp_path / "work" / "nuggets_scores.jsonl").read_text().splitlines()
+    assert len(logged) == 1 + len(pool)  # anchors header, then one line per candidate
+
+    resumed = Nuggets(context).score(pool)  # every candidate is in the log: nothing recomputed
+    pd.testing.assert_frame_equal(resumed, scores)
+
+
+# --- every method through the pipeline's score and select stages --------------------------
+
+BASELINES = sorted(set(METHODS) - {"random", "data_whisperer"})
+METHOD_OVERRIDES = {
+    "ccs": ["method.n_strata=4"],
+    "el2n": ["method.checkpoint_epochs=[1,2]"],
+    "less": ["method.n_targets=3", "method.proj_dim=64", "method.warmup_epochs=2"],
+    "nuggets": ["task.anchor_examples=3"],
+    "s2l": ["method.n_clusters=3"],
+    "staff": ["method.n_regions=4", "method.verify_per_region=2"],
+}
+
+
+def _model_overrides(role: str, folder: Path) -> list[str]:
+    return [
+        f"{role}.path={folder}",
+        f"{role}.name=tiny_llama",
+        f"{role}.id=tiny/llama",
+        f"{role}.embedded=null",
+        f"{role}.attention_layer=1",
+        f"{role}.num_layers=2",
+    ]
+
+
+def _config(method: str, results: Path, folder: Path, *extra: str) -> Any:
+    overrides = [
+        f"method={method}",
+        f"results_dir={results}",
+        "stages=[score,select]",
+        "task.generator.pool_size=12",
+        "task.generator.eval_size=2",
+        "budget=0.25",
+        "finetune.epochs=2",
+        "finetune.batch_size=4",
+        "finetune.runtime.micro_batch_size=4",
+        *_model_overrides("selector_model", folder),
+        *_model_overrides("target_model", folder),
+        *METHOD_OVERRIDES.get(method, []),
+        *extra,
+    ]
+    if method in ("staff", "s2l"):  # the tiny model cut to 1 layer is the proxy
+        overrides += [
+            *_model_overrides("method.proxy_model", folder),
+            "method.proxy_model.keep_layers=1",
+            "method.proxy_model.name=tiny_llama_1l",
+        ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _selection(results: Path, outcome: Any) -> tuple[list[str], dict]:
+    folder = outcome.output_dir
+    ids = json.loads((folder / "selected_ids.json").read_text())
+    score_dir = results / "artifacts" / "score"
+    (score_marker,) = [json.loads(p.read_text()) for p in score_dir.glob("*/_SUCCESS.json")]
+    return ids, score_marker
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_selects_the_same_examples_with_the_same_seed(
+    method: str, tmp_path: Path, tiny_llama_dir: Path, cache_dir: Path
+) -> None:
+    selections = []
+    for attempt in ("first", "second"):
+        results = tmp_path / attempt
+        outcome = pipeline.run(_config(method, results, tiny_llama_dir))
+        ids, marker = _selection(results, outcome)
+        assert len(ids) == 3 and len(set(ids)) == 3
+        scores = pd.read_csv(next((results / "artifacts" / "score").glob("*/scores.csv")))
+        assert len(scores) == 12 and np.isfinite(scores["score"]).all()
+        if method.startswith("perplexity"):
+            assert marker["scorer_train_s"] == 0
+        else:  # scorer fine-tunes count as selection time (STR)
+            assert 0 < marker["scorer_train_s"] <= marker["selection_s"]
+        selections.append((ids, scores))
+    assert selections[0][0] == selections[1][0]
+    np.testing.assert_allclose(selections[0][1]["score"], selections[1][1]["score"], rtol=1e-5)
+
+
+def test_one_scorer_fine_tune_serves_every_method_and_counts_each_time(
+    tmp_path: Path, tiny_llama_dir: Path, cache_dir: Path
+) -> None:
+    results = tmp_path / "shared"
+    markers = {}
+    for method in ("el2n", "grand", "ccs"):
+        pipeline.run(_config(method, results, tiny_llama_dir))
+        for path in (results / "artifacts" / "score").glob("*/_SUCCESS.json"):
+            marker = json.loads(path.read_text())
+            markers.setdefault(path.parent.name, marker)
+    trains = list((results / "artifacts" / "train").glob("*/_SUCCESS.json"))
+    assert len(trains) == 1  # one whole-pool fine-tune for all three
+    train = json.loads(trains[0].read_text())
+    assert train["role"] == "scorer" and train["n_examples"] == train["n_pool"] == 12
+    assert len(markers) == 3
+    for marker in markers.values():
+        assert marker["scorer_train_keys"] == [train["key"]]
+        assert marker["scorer_train_s"] == pytest.approx(train["train_s"])
+        assert marker["selection_s"] >= train["train_s"]  # paid earlier, still counted
+
+
+def test_a_proxy_method_without_a_proxy_model_fails_before_any_work(
+    tmp_path: Path, tiny_llama_dir: Path, cache_dir: Path
+) -> None:
+    for method in ("staff", "s2l"):
+        results = tmp_path / method
+        cfg = _config(method, results, tiny_llama_dir, "method.proxy_model=null")
+        with pytest.raises(ConfigError, match="model@method.proxy_model"):
+            pipeline.run(cfg)
+        assert not (results / "artifacts").exists()
