@@ -28,6 +28,7 @@ from dwbench.methods.nuggets import Nuggets, golden_scores
 from dwbench.methods.perplexity import variant_score
 from dwbench.methods.registry import METHODS
 
+
 def _example(id_: str, prompt: str, response: str) -> Example:
     return Example(id_, prompt, response, (response,))
 
@@ -211,14 +212,15 @@ def _config(method: str, results: Path, folder: Path, *extra: str) -> Any:
         *_model_overrides("selector_model", folder),
         *_model_overrides("target_model", folder),
         *METHOD_OVERRIDES.get(method, []),
-        *extra,
     ]
-    if method in ("staff", "s2l"):  # the tiny model cut to 1 layer is the proxy
-        overrides += [
-            *_model_overrides("method.proxy_model", folder),
-            "method.proxy_model.keep_layers=1",
-            "method.proxy_model.name=tiny_llama_1l",
-        ]
+    if method in ("staff", "s2l"):  # the tiny model cut to its first layer is the proxy
+        proxy = (
+            f"{{name:tiny_llama_1l,id:tiny/llama,revision:null,path:'{folder}',embedded:null,"
+            "dtype:float32,attention_layer:0,num_layers:1,keep_layers:1,trust_remote_code:false,"
+            "requires_gpu:false,gpu_memory_gb:1}"
+        )
+        overrides.append(f"method.proxy_model={proxy}")
+    overrides += extra
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 

@@ -18,7 +18,7 @@ from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext
-from dwbench.methods.staff import proxy_problems
+from dwbench.methods.staff import proxy_is_selector, proxy_problems
 from dwbench.methods.stratified import s2l_clusters, s2l_select
 
 
@@ -60,6 +60,7 @@ class S2L:
         self.stats = {
             "trajectory_points": float(losses.shape[1]),
             "clusters": float(len(np.unique(clusters))),
+            "proxy_is_selector": float(proxy_is_selector(self.context, "s2l")),
         }
         frame = pd.DataFrame(
             {"id": [ex.id for ex in pool], "score": -losses.mean(axis=1), "cluster": clusters}

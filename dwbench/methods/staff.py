@@ -13,6 +13,7 @@ region on the large one, so budget flows to the regions the small model underrat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,8 @@ from dwbench.methods.stratified import (
     staff_verification_sample,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def proxy_problems(method_cfg: Mapping[str, Any]) -> list[str]:
     """What stops a proxy-model method before any work (no proxy configured)."""
@@ -39,10 +42,25 @@ def proxy_problems(method_cfg: Mapping[str, Any]) -> list[str]:
         name = method_cfg["name"]
         return [
             f"method {name} needs a small same-family proxy model, and method.proxy_model is "
-            f"null: pass model@method.proxy_model=<conf/model name> (e.g. smollm2_135m_10l on the "
-            "embedded default, a 0.5B-1B sibling of the selector on real models)."
+            "null: pass +model@method.proxy_model=<conf/model name> (a smaller sibling of the "
+            "selector, e.g. qwen2_5_3b_instruct for qwen2_5_7b_instruct), or leave it at its "
+            "default, the selector itself."
         ]
     return []
+
+
+def proxy_is_selector(context: ScoringContext, method: str) -> bool:
+    """Whether the proxy is the selector itself (the default): said in the log and the stats."""
+    from dwbench.models import model_identity
+
+    same = model_identity(context.method_cfg["proxy_model"]) == model_identity(context.selector_cfg)
+    if same:
+        logger.warning(
+            "%s: the proxy model is the selector itself (no smaller sibling given with "
+            "+model@method.proxy_model=...), so small and large efforts come from one model",
+            method,
+        )
+    return same
 
 
 def proxy_efforts(context: ScoringContext, pool: list[Example], method: str) -> np.ndarray:
@@ -89,7 +107,11 @@ class STAFF:
         ratios = staff_verification_ratios(sample, small, target, self.n_regions)
         target_column = np.full(len(pool), np.nan)
         target_column[verified] = norms
-        self.stats = {"verified_examples": float(len(verified)), "regions": float(len(sample))}
+        self.stats = {
+            "verified_examples": float(len(verified)),
+            "regions": float(len(sample)),
+            "proxy_is_selector": float(proxy_is_selector(ctx, "staff")),
+        }
         return pd.DataFrame(
             {
                 "id": [ex.id for ex in pool],

@@ -97,4 +97,5 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained) -> Evaluated:
             )
         mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
         mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "lm_eval_results.json")
+        mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "samples.jsonl")
     return Evaluated(key, ctx.store.marker("evaluate", key))

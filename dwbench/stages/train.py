@@ -120,7 +120,7 @@ def fine_tune(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from dwbench.chat import encode_supervised, require_chat_template
@@ -131,6 +131,7 @@ def fine_tune(
     tokenizer = load_tokenizer(model_cfg, recipe.cache_dir)
     require_chat_template(tokenizer, str(model_cfg["name"]))
     model = load_causal_lm(model_cfg, recipe.cache_dir, device)
+    set_seed(recipe.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
     lora = LoraConfig(
         r=int(ft.lora.r),
         lora_alpha=int(ft.lora.alpha),
