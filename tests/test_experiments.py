@@ -32,11 +32,11 @@ GRIDS = {
     "embedded_table1": 12 * 3 * 3,
     "embedded_table2": 12 * 3 * 3,
     "embedded_table2_reference": 3,
-    "embedded_table3": 2 * 3 * 3,
+    "embedded_table3": 12 * 3 * 3,
     "embedded_table3_reference": 3,
     "embedded_table4": 3 * 3 * 3,
     "embedded_table5": 4 * 3 * 3,
-    "embedded_table6": 2 * 3 * 3,
+    "embedded_table6": 12 * 3 * 3,
     "embedded_fig3": 3 * 3,
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
