@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dwbench-installed
 
-.PHONY: install demo test lint clean-venv
+.PHONY: install demo test lint report clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A paper table and its figures from MLflow: make report EXPERIMENT=embedded_table2 ARGS="seed=0 --allow-missing"
+# (ARGS="--from-snapshot" rebuilds them from results/<experiment>*.csv alone).
+EXPERIMENT ?= embedded_table2
+report: install
+	$(PY) -m dwbench.report $(EXPERIMENT) $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check dwbench tests

@@ -234,6 +234,17 @@ def methods(args: argparse.Namespace) -> None:
         print(f"wrote {args.csv}")
 
 
+def add_override_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra override of the composed config (repeatable)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m dwbench.bench", description=__doc__.split("\n")[0]
@@ -249,14 +260,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sel.add_argument("--method", default="data_whisperer", help="registered method name")
     sel.add_argument("--seed", type=int, default=0, help="run seed (episodes, shuffles)")
-    sel.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Hydra override for the composed config (repeatable)",
-    )
+    add_override_option(sel)
     sel.set_defaults(handler=selection)
     meth = commands.add_parser(
         "methods",
@@ -271,14 +275,7 @@ def parser() -> argparse.ArgumentParser:
         "--no-run", dest="run", action="store_false", help="only tabulate finished cells"
     )
     meth.add_argument("--csv", type=Path, help="also write the table as CSV here")
-    meth.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Hydra override for every cell (repeatable)",
-    )
+    add_override_option(meth)
     meth.set_defaults(handler=methods)
     return top
 

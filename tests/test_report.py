@@ -1,0 +1,316 @@
+"""The report on a synthetic MLflow store: no model runs, only what the pipeline would log.
+
+A small embedded_table2 grid (random and Data Whisperer, 5% and 10%, seeds 0 and 1) is prepared
+for real (the embedded task is generated in pure Python), and each cell gets the evaluate
+output and MLflow evaluation run the pipeline would have written, with per-example scores built
+so the answers are known: at 5% Data Whisperer answers exactly what Random answers, at 10% it
+answers every example correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import DictConfig
+
+from dwbench.artifacts import ArtifactStore
+from dwbench.report import snapshot
+from dwbench.report.__main__ import main
+from dwbench.report.bootstrap import paired_interval
+from dwbench.report.cells import load_report_grid
+from dwbench.report.paper import Paper
+from dwbench.report.tables import Entry, format_entry
+from dwbench.stages import prepare
+from dwbench.sweep.progress import stage_keys
+from dwbench.tracking import Tracker
+
+GRID = ["method=random,data_whisperer", "budget=0.05,0.1", "seed=0,1"]
+N_EVAL = 30
+
+
+def correct(cfg: DictConfig, index: int) -> float:
+    """Random gets 10/30 right with seed 0 and 15/30 with seed 1; Data Whisperer the same at 5%
+    and without attention weighting, and everything when it weights by attention at 10%."""
+    method, budget = str(cfg.method.name), float(cfg.budget)
+    if method == "data_whisperer" and budget > 0.05 and cfg.method.attention_weighting:
+        return 1.0
+    return float(index % 3 == 0) if int(cfg.seed) == 0 else float(index % 2 == 0)
+
+
+def fake_sweep(
+    results: Path,
+    experiment: str = "embedded_table2",
+    grid: tuple[str, ...] = GRID,
+    skip: int | None = None,
+    companions: bool = False,
+) -> list[str]:
+    """Log every grid cell (but the `skip`-th; and the companions if asked) as the pipeline
+    would; returns the overrides."""
+    overrides = [*grid, f"results_dir={results}"]
+    report = load_report_grid(experiment, overrides, progress=False)
+    cells = [cell for role, cell in report.cells() if companions or role == "grid"]
+    cfg = cells[0].cfg
+    store = ArtifactStore(results / "artifacts")
+    prepared = prepare.run(cfg.task, store)
+    ids = [json.loads(line)["id"] for line in prepared.eval_path.read_text().splitlines()]
+    assert len(ids) == N_EVAL
+    tracker = Tracker(str(cfg.tracking.uri), str(cfg.tracking.experiment), results / "mlartifacts")
+    for index, cell in enumerate(cells):
+        if index == skip:
+            continue
+        c = cell.cfg
+        method, seed = str(c.method.name), int(c.seed)
+        key = stage_keys(c, prepared.key)["evaluate"]
+        samples = [{"id": ex, "prediction": "", "score": correct(c, i)} for i, ex in enumerate(ids)]
+        score = float(np.mean([s["score"] for s in samples]))
+        with store.writing("evaluate", key) as (out, marker):
+            (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+            marker.update(score=score)
+        tags = {
+            "task": str(c.task.name),
+            "method": method,
+            "budget": str(c.budget),
+            "selector": str(c.selector_model.name),
+            "target": str(c.target_model.name),
+            "seed": str(seed),
+        }
+        with tracker.stage_run("evaluate", key, tags, {}) as run:
+            run.log_artifact(store.stage_dir("evaluate", key) / "samples.jsonl")
+            selection_s = 0.01 if method == "random" else 60.0 * (1 + seed)
+            run.log_metrics(
+                {
+                    "score": score,
+                    "selection_s": selection_s,
+                    "train_s": 100.0,
+                    "eval_s": 10.0,
+                    "full_train_s": 600.0,
+                    "STR": selection_s / 600.0,
+                    "peak_memory_mb": 1000.0,
+                    "selection_precision": 0.7 if method == "random" else 0.9,
+                }
+            )
+            run.set_tags({"full_train_s_source": "estimated", "metric": "exact_match"})
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The whole grid logged, then reported once (10,000 resamples, the default)."""
+    root = tmp_path_factory.mktemp("report")
+    results, out = root / "results", root / "paper_figures"
+    overrides = fake_sweep(results)
+    # One cell's samples only in MLflow (not in the stage cache): the report must fetch them.
+    first = sorted((results / "artifacts" / "evaluate").glob("*/samples.jsonl"))[0]
+    first.unlink()
+    assert main(["embedded_table2", *overrides, "--out-dir", str(out)]) == 0
+    return {"root": root, "results": results, "out": out / "embedded_table2"}
+
+
+def test_snapshot_holds_every_cell_with_metrics_and_per_example_scores(reported) -> None:
+    runs = pd.read_csv(reported["results"] / "embedded_table2.csv")
+    examples = pd.read_csv(reported["results"] / "embedded_table2_examples.csv")
+    assert list(runs.columns) == snapshot.COLUMNS
+    assert len(runs) == 8 and set(runs["role"]) == {"grid"}
+    assert set(runs["method"]) == {"random", "data_whisperer"}
+    assert sorted(runs["budget"].unique()) == [0.05, 0.1] and set(runs["seed"]) == {0, 1}
+    assert (runs["n_examples"] == N_EVAL).all() and len(examples) == 8 * N_EVAL
+    assert list(examples.columns) == ["cell", "example_id", "score"]
+    dw = runs[(runs["method"] == "data_whisperer") & (runs["budget"] == 0.1)]
+    assert (dw["score"] == 1.0).all() and (dw["attention_layer"] == 15).all()
+    by_cell = examples.groupby("cell")["score"].mean()
+    assert np.allclose(runs.set_index("cell")["score"], by_cell.reindex(runs["cell"]))
+    assert runs["evaluate_key"].str.len().eq(16).all() and runs["run_id"].notna().all()
+
+
+def test_table_cells_read_measured_mean_std_and_the_papers_number(reported) -> None:
+    text = (reported["out"] / "table2.md").read_text()
+    # Random 5%: seeds 0 and 1 score 33.33 and 50.00; the paper's Llama-3 GSM8K Random 5%.
+    assert "| Random | 41.67 ± 11.79 (64.71) | 41.67 ± 11.79 (69.66) |" in text
+    # DW 5% answers what Random answers: no mark; DW 10% is right everywhere: marked.
+    assert "| Data Whisperer | 41.67 ± 11.79 (69.65) | 100.00 ± 0.00† (72.46) |" in text
+    assert "Llama-3-8B-Instruct on GSM8K" in text and "SmolLM2-135M-Instruct" in text
+    assert "4 of 4" not in text and "8 of 8 grid cells measured" in text
+    tex = (reported["out"] / "table2.tex").read_text()
+    assert r"100.00 $\pm$ 0.00$^\dagger$ (72.46)" in tex and r"\begin{tabular}" in tex
+
+
+def test_bootstrap_csv_has_one_interval_per_method_and_budget(reported) -> None:
+    intervals = pd.read_csv(reported["out"] / "bootstrap.csv").set_index("budget")
+    assert list(intervals["method"]) == ["data_whisperer"] * 2
+    same, better = intervals.loc[0.05], intervals.loc[0.1]
+    assert (same["ci_low"], same["ci_high"], same["excludes_zero"]) == (0.0, 0.0, False)
+    assert better["ci_low"] > 0 and better["excludes_zero"]
+    assert better["difference"] == pytest.approx(100 - 125 / 3)  # 100 - mean(33.33, 50)
+    assert (intervals["n_seeds"] == 2).all() and (intervals["n_examples"] == N_EVAL).all()
+
+
+def test_figures_are_written_as_png_and_pdf(reported) -> None:
+    for name in ("score_vs_budget", "str", "selection_precision"):
+        for suffix in ("png", "pdf"):
+            path = reported["out"] / f"{name}.{suffix}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+    assert not (reported["out"] / "ablation.png").exists()  # no ablation in Table 2
+    assert not (reported["out"] / "weak_to_strong.png").exists()  # no weaker selector
+
+
+def test_rebuild_from_snapshot_alone_gives_identical_tables(reported, tmp_path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("embedded_table2.csv", "embedded_table2_examples.csv"):
+        shutil.copy(reported["results"] / name, results / name)  # no MLflow, no stage cache
+    overrides = [*GRID, f"results_dir={results}"]
+    out = tmp_path / "figures"
+    assert main(["embedded_table2", *overrides, "--from-snapshot", "--out-dir", str(out)]) == 0
+    assert not (results / "mlflow.db").exists()
+    for name in ("table2.md", "table2.tex", "bootstrap.csv"):
+        rebuilt = (out / "embedded_table2" / name).read_text()
+        assert rebuilt == (reported["out"] / name).read_text(), name
+
+
+def test_missing_cells_fail_with_their_list_unless_allowed(tmp_path, capsys) -> None:
+    overrides = fake_sweep(tmp_path / "results", skip=3)
+    out = tmp_path / "figures"
+    assert main(["embedded_table2", *overrides, "--out-dir", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert "1 of 8 cells of embedded_table2 are missing" in printed.err
+    assert "--allow-missing" in printed.err and "missing" in printed.out
+    assert "7 of 8 grid cells found" in printed.out
+    assert not (tmp_path / "results" / "embedded_table2.csv").exists()  # nothing frozen
+    assert main(["embedded_table2", *overrides, "--allow-missing", "--out-dir", str(out)]) == 0
+    assert len(pd.read_csv(tmp_path / "results" / "embedded_table2.csv")) == 7
+    table = (out / "embedded_table2" / "table2.md").read_text()
+    assert "7 of 8 grid cells measured" in table
+
+
+def test_a_fresh_freeze_keeps_the_earlier_snapshots_cells_mlflow_lacks(
+    reported, tmp_path, capsys
+) -> None:
+    """Another machine's store lacks one cell the committed snapshot holds: the cell stays."""
+    results = tmp_path / "results"
+    overrides = fake_sweep(results, skip=3)
+    for name in ("embedded_table2.csv", "embedded_table2_examples.csv"):
+        shutil.copy(reported["results"] / name, results / name)
+    assert main(["embedded_table2", *overrides, "--out-dir", str(tmp_path / "out")]) == 0
+    assert "1 cell(s) not in MLflow here kept from the earlier snapshot" in capsys.readouterr().out
+    runs = pd.read_csv(results / "embedded_table2.csv")
+    earlier = pd.read_csv(reported["results"] / "embedded_table2.csv")
+    assert len(runs) == 8 and set(runs["cell"]) == set(earlier["cell"])
+    assert len(pd.read_csv(results / "embedded_table2_examples.csv")) == 8 * N_EVAL
+    table = (tmp_path / "out" / "embedded_table2" / "table2.md").read_text()
+    assert "8 of 8 grid cells measured" in table
+
+
+def test_an_empty_store_is_an_error_even_with_allow_missing(tmp_path, capsys) -> None:
+    args = ["embedded_table2", *GRID, f"results_dir={tmp_path}", "--allow-missing"]
+    assert main([*args, "--out-dir", str(tmp_path / "out")]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+
+
+def test_unknown_experiment_names_the_choices(capsys) -> None:
+    assert main(["table9"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown experiment 'table9'" in err and "embedded_table2" in err
+    assert main(["gsm8k_10pct"]) == 2
+    assert "no paper table or figure" in capsys.readouterr().err
+
+
+def test_ablation_table_has_randoms_column_layer_roles_and_a_heatmap(tmp_path) -> None:
+    """embedded_table5 with Random from embedded_table2 (a companion), 10% only."""
+    grid = ("budget=0.1", "seed=0,1")
+    overrides = fake_sweep(tmp_path / "results", "embedded_table5", grid, companions=True)
+    out = tmp_path / "figures"
+    assert main(["embedded_table5", *overrides, "--out-dir", str(out), "--resamples", "2000"]) == 0
+    text = (out / "embedded_table5" / "table5.md").read_text()
+    header = "| Dataset | Budget | Random | w/o Attn | Layer 5 (shallow) | Layer 15 (intermediate) "
+    assert header + "| Layer 28 (deep) |" in text
+    random, unweighted, weighted = "41.67 ± 11.79", "41.67 ± 11.79", "100.00 ± 0.00†"
+    row = f"| {random} (69.66) | {unweighted} (71.72) | {weighted} (71.25) | {weighted} (72.46) |"
+    assert f"| embedded GSM8K-format | 10% {row} {weighted} (71.79) |" in text
+    assert "Random: cells of a companion preset" in text
+    for suffix in ("png", "pdf"):
+        assert (out / "embedded_table5" / f"ablation.{suffix}").stat().st_size > 1000
+    snapshot_rows = pd.read_csv(tmp_path / "results" / "embedded_table5.csv")
+    assert sorted(snapshot_rows["role"].value_counts().items()) == [("companion", 2), ("grid", 8)]
+
+
+def diffs(values: np.ndarray) -> pd.DataFrame:
+    """A (seed x example) array of differences as the bootstrap's long frame, one group."""
+    seeds, examples = np.indices(values.shape)
+    return pd.DataFrame(
+        {
+            "group": 0.1,
+            "seed": seeds.ravel(),
+            "example_id": [f"e{i}" for i in examples.ravel()],
+            "diff": values.ravel(),
+        }
+    )
+
+
+def test_bootstrap_interval_of_identical_scores_is_zero_and_not_marked() -> None:
+    interval = paired_interval(diffs(np.zeros((3, 50))))
+    assert (interval.difference, interval.low, interval.high) == (0.0, 0.0, 0.0)
+    assert not interval.excludes_zero
+
+
+def test_bootstrap_interval_of_a_method_better_everywhere_excludes_zero() -> None:
+    rng = np.random.default_rng(1)
+    interval = paired_interval(diffs(rng.uniform(1, 5, (3, 50))))
+    assert 0 < interval.low < interval.difference < interval.high and interval.excludes_zero
+
+
+def test_bootstrap_interval_of_noise_covers_zero_and_is_reproducible() -> None:
+    noise = diffs(np.random.default_rng(2).choice([-100.0, 0.0, 100.0], (3, 200)))
+    first, second = paired_interval(noise, resamples=2000), paired_interval(noise, resamples=2000)
+    assert first == second and first.low < 0 < first.high and not first.excludes_zero
+    assert paired_interval(noise, resamples=2000, seed=1) != first
+
+
+def test_mean_std_formatting() -> None:
+    assert format_entry(Entry(41.6667, 11.7851, None)) == "41.67 ± 11.79 (–)"
+    assert format_entry(Entry(50.0, None, None, mark="‡")) == "50.00‡ (–)"
+    assert format_entry(Entry(None, None, None)) == "– (–)"
+    assert format_entry(Entry(0.00031, 0.00002, None, ratio=True)) == "0.00031 ± 2e-05 (–)"
+    assert format_entry(None) == ""
+
+
+def cell(**fields: object) -> pd.Series:
+    base = {
+        "task": "gsm8k",
+        "target": "llama3_8b_instruct",
+        "selector": "llama3_8b_instruct",
+        "method": "data_whisperer",
+        "ablation": "",
+        "budget": 0.01,
+        "n_demos": 10,
+        "n_queries": 5,
+        "attention": "on",
+        "layer_role": "",
+    }
+    return pd.Series({**base, **fields})
+
+
+def test_paper_values_follow_table_setting_and_stand_ins() -> None:
+    table2 = Paper("table2", embedded=False)
+    assert table2.score(cell()).value == 62.57  # Table 2 as printed (an ablation's value)
+    assert table2.score(cell()).caveat  # ... which its note says, so the cell gets a *
+    assert table2.score(cell(budget=1.0, method="random")).value == 71.39  # whole dataset
+    assert table2.score(cell(ablation="nd5_nq3")) is None  # ablated: not Table 2's number
+    table4 = Paper("table4", embedded=False)
+    assert table4.score(cell(ablation="nd5_nq3", n_demos=5, n_queries=3)).value == 62.57
+    assert table4.score(cell(ablation="nd10_nq5")).value == 60.96  # the default config
+    assert table4.score(cell(method="random")).value == 56.95  # from Table 2
+    table5 = Paper("table5", embedded=False)
+    assert table5.score(cell(ablation="layer30", layer_role="deep")).value == 62.30
+    assert table5.score(cell(ablation="no_attention", attention="off")).value == 60.56
+    w2s = cell(selector="qwen2_5_3b_instruct", target="qwen2_5_7b_instruct", budget=0.1)
+    assert Paper("fig3", embedded=False).score(w2s).value == 84.2
+    assert Paper("table6", embedded=False).str_ratio(w2s).value == 0.06
+    embedded = cell(task="embedded_gsm", target="smollm2_135m", selector="smollm2_135m")
+    assert Paper("table2", embedded=True).score(embedded.copy()).value == 62.57
+    assert Paper("table2", embedded=True).score(cell(**{**embedded, "budget": 0.2})) is None
+    assert Paper("table6", embedded=True).average(embedded).value == 64.21  # Qwen stands in
