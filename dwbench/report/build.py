@@ -10,6 +10,7 @@ Tables and figures always come from the snapshot as read back from disk, which i
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def report(options: Options, console: Console) -> list[Path]:
         frozen = snapshot.read(folder, grid.name)
         missing = _not_in_snapshot(grid, frozen.runs)
         without: list[str] = []
+        carried: set[str] = set()
     else:
         from dwbench.report.collect import collect
 
@@ -113,7 +115,10 @@ def _not_in_snapshot(grid: ReportGrid, runs: pd.DataFrame) -> list[Missing]:
 
 
 def _print_cells(
-    grid: ReportGrid, missing: list[Missing], console: Console, carried: set[str] = frozenset()
+    grid: ReportGrid,
+    missing: list[Missing],
+    console: Console,
+    carried: AbstractSet[str] = frozenset(),
 ) -> None:
     """Every cell with found / missing (and why): the grid's first, then its companions."""
     why = {gap.cell.key: gap for gap in missing}
