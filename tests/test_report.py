@@ -23,6 +23,7 @@ from dwbench.report import snapshot
 from dwbench.report.__main__ import main
 from dwbench.report.bootstrap import paired_interval
 from dwbench.report.cells import load_report_grid
+from dwbench.report.frame import WHOLE
 from dwbench.report.paper import Paper
 from dwbench.report.tables import Entry, format_entry
 from dwbench.stages import prepare
@@ -314,3 +315,43 @@ def test_paper_values_follow_table_setting_and_stand_ins() -> None:
     assert Paper("table2", embedded=True).score(embedded.copy()).value == 62.57
     assert Paper("table2", embedded=True).score(cell(**{**embedded, "budget": 0.2})) is None
     assert Paper("table6", embedded=True).average(embedded).value == 64.21  # Qwen stands in
+
+
+def test_the_whole_dataset_line_is_in_view_above_low_budget_scores() -> None:
+    """Budgets all at 0 % and the whole dataset at 20 %: the y range must reach the line."""
+    from dwbench.report import figures
+
+    rows = [("Random", (0, 0), 0.1, 0.0), ("Data Whisperer", (1, 0), 0.1, 0.0)]
+    rows.append((WHOLE, (99, 0), 1.0, 20.0))
+    frame = pd.DataFrame(
+        [
+            {
+                "variant": name,
+                "variant_order": order,
+                "budget": budget,
+                "budget_label": f"{budget * 100:g}%",
+                "score_pct": score,
+                "score": score / 100,
+                "task": "embedded_gsm",
+                "target": "smollm2_135m",
+                "metric": "exact_match_number",
+            }
+            for name, order, budget, score in rows
+        ]
+    )
+    figure = figures.score_vs_budget(figures._labelled(frame), "table2")
+    (ax,) = figure.axes
+    low, high = ax.get_ylim()
+    assert low <= 0.0 and high > 20.0
+    assert any(line.get_linestyle() == "--" for line in ax.get_lines())
+
+
+def test_heatmap_colour_range_stays_in_percent_and_spans_ten_points() -> None:
+    from dwbench.report.figures import _colour_range
+
+    assert _colour_range(pd.DataFrame({"10%": [0.0, 0.0]})) == {"vmin": 0.0, "vmax": 10.0}
+    assert _colour_range(pd.DataFrame({"10%": [98.0, 99.0]})) == {"vmin": 90.0, "vmax": 100.0}
+    assert _colour_range(pd.DataFrame({"5%": [20.0], "10%": [60.0]})) == {
+        "vmin": 20.0,
+        "vmax": 60.0,
+    }

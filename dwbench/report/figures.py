@@ -145,12 +145,12 @@ def score_vs_budget(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     )
     grid.set_titles("{col_name}\n{row_name}")
     grid.set_axis_labels(BUDGET_AXIS, "")
-    _score_axes(grid, data)
     whole = data[data["variant"] == WHOLE].groupby(["target_name", "task_name"])["score_pct"]
     for (target, task), mean in whole.mean().items():
         ax = grid.axes_dict.get((target, task))
         if ax is not None:
-            ax.axhline(mean, **REFERENCE)
+            ax.axhline(mean, **REFERENCE)  # before the y range is set, so the line is in view
+    _score_axes(grid, data)
     if not whole.size().empty:
         _add_reference_to_legend(grid, "whole dataset")
     grid.legend.set_title("method")
@@ -276,6 +276,7 @@ def ablation_heatmaps(data: pd.DataFrame, kind: str) -> plt.Figure | None:
                 annot=True,
                 fmt=".1f",
                 cmap="viridis",
+                **_colour_range(table),
                 ax=ax,
                 cbar_kws={"label": metric_label(panel["metric"].iloc[0])},
             )
@@ -284,6 +285,16 @@ def ablation_heatmaps(data: pd.DataFrame, kind: str) -> plt.Figure | None:
             ax.set_ylabel("setting")
             ax.tick_params(axis="y", labelrotation=0)
     return figure
+
+
+def _colour_range(table: pd.DataFrame) -> dict[str, float]:
+    """A heatmap's colour range within 0..100 % that spans at least 10 points, so equal
+    scores (all zero on a tiny model) do not get a colour bar over -0.1..0.1 %."""
+    low, high = float(table.min().min()), float(table.max().max())
+    if high - low < 10:
+        low = min(max((low + high) / 2 - 5, 0.0), 90.0)
+        high = low + 10
+    return {"vmin": max(low, 0.0), "vmax": min(high, 100.0)}
 
 
 def selection_precision(data: pd.DataFrame, kind: str) -> plt.Figure | None:
