@@ -171,6 +171,9 @@ def test_rebuild_from_snapshot_alone_gives_identical_tables(reported, tmp_path) 
     for name in ("table2.md", "table2.tex", "bootstrap.csv"):
         rebuilt = (out / "embedded_table2" / name).read_text()
         assert rebuilt == (reported["out"] / name).read_text(), name
+    for name in ("score_vs_budget.png", "score_vs_budget.pdf", "str.pdf"):  # no timestamps
+        rebuilt_figure = (out / "embedded_table2" / name).read_bytes()
+        assert rebuilt_figure == (reported["out"] / name).read_bytes(), name
 
 
 def test_missing_cells_fail_with_their_list_unless_allowed(tmp_path, capsys) -> None:
