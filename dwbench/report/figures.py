@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.container import BarContainer
 from matplotlib.lines import Line2D
 
 from dwbench.report.frame import (
@@ -238,6 +239,10 @@ def weak_to_strong(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     grid.set_titles("{col_name}\n{row_name}")
     grid.set_axis_labels(BUDGET_AXIS, "")
     _score_axes(grid, bars)
+    for ax in grid.axes.flat:  # the values on the bars: a 0 % bar is otherwise invisible
+        for container in ax.containers:
+            if isinstance(container, BarContainer):
+                ax.bar_label(container, fmt="%.1f", padding=2, fontsize=8)
     grid.legend.set_title("selection")
     return grid.figure
 
