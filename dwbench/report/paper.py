@@ -135,6 +135,10 @@ class Paper:
             return None
         return self._find(self.kind, row, row["method"], row["budget"], ("str",), None)
 
+    def speedup(self, row: pd.Series, budget: float) -> PaperValue | None:
+        """Tables 1 and 6's "Speedup vs Nuggets" of the Data Whisperer cell `row` describes."""
+        return self._find(self.kind, row, "data_whisperer", budget, ("speedup_vs_nuggets",), None)
+
     def average(self, row: pd.Series) -> PaperValue | None:
         """Tables 1 and 6's "Avg. Score": the mean over the 1/5/10% budgets."""
         if row["ablation"]:
