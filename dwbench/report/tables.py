@@ -397,8 +397,14 @@ def to_markdown(table: Table) -> str:
 
 def to_latex(table: Table) -> str:
     """One table environment (booktabs), a tabular per target model; \\usepackage{booktabs}."""
-    caption = tex_escape(f"{table.title}. " + " ".join(table.caption))
+    # LaTeX numbers the table itself: the caption says which of the paper's it reproduces.
+    source, _, description = table.title.partition(": ")
+    caption = tex_escape(
+        f"{description[:1].upper()}{description[1:]} (the paper's {source}). "
+        + " ".join(table.caption)
+    )
     lines = [r"\begin{table*}[t]", r"\centering", r"\scriptsize", rf"\caption{{{caption}}}"]
+    lines.append(rf"\label{{tab:dwbench-{table.name}}}")
     for block in table.blocks:
         n_labels = len(block.row_header)
         spec = "l" * n_labels + "r" * len(block.columns)
