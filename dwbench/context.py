@@ -24,7 +24,7 @@ class RunContext:
         cfg = self.cfg
         return {
             "task": str(cfg.task.name),
-            "method": str(cfg.method.name),
+            "method": "zero_shot" if float(cfg.budget) == 0.0 else str(cfg.method.name),
             "budget": str(cfg.budget),
             "selector": str(cfg.selector_model.name),
             "target": str(cfg.target_model.name),

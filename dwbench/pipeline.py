@@ -2,6 +2,7 @@
 
 Each stage is skipped when its output already exists under its key, so a killed job started
 again only does what is left. A stage that is not in `stages` must already be cached.
+Budget 0 is the paper's zero-shot reference row: prepare -> evaluate -> log, the untuned target.
 """
 
 from __future__ import annotations
@@ -39,8 +40,18 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ConfigError("stages is empty; give at least one of " + ", ".join(STAGES))
     check_method_name(str(cfg.method.name))
     budget = cfg.budget
-    if not isinstance(budget, int | float) or not 0.0 < float(budget) <= 1.0:
-        raise ConfigError(f"budget={budget} is outside (0, 1]; pass a share such as budget=0.1.")
+    if not isinstance(budget, int | float) or not 0.0 <= float(budget) <= 1.0:
+        raise ConfigError(
+            f"budget={budget} is outside [0, 1]; pass a share such as budget=0.1 "
+            "(budget=0: zero-shot, the target model without fine-tuning)."
+        )
+    if zero_shot(cfg):
+        if "evaluate" not in requested:
+            raise ConfigError(
+                f"budget=0 (zero-shot) only evaluates the untuned target model, but stages="
+                f"{requested} leaves out evaluate; drop the stages override."
+            )
+        return ["evaluate"]
     ft = cfg.finetune
     if int(ft.batch_size) % int(ft.runtime.micro_batch_size):
         raise ConfigError(
@@ -48,6 +59,11 @@ def validate(cfg: DictConfig) -> list[str]:
             f"finetune.runtime.micro_batch_size={ft.runtime.micro_batch_size}; make it one."
         )
     return [s for s in STAGES if s in requested]
+
+
+def zero_shot(cfg: DictConfig) -> bool:
+    """Budget 0: no selection, no fine-tune; the target model as it is (the method is unused)."""
+    return float(cfg.budget) == 0.0
 
 
 def check_models(cfg: DictConfig, stages: list[str], cache_dir: Path) -> None:
@@ -103,6 +119,10 @@ def run(cfg: DictConfig) -> Outcome:
     )
     prepared = prepare.run(cfg.task, ctx.store)
     logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
+    if zero_shot(cfg):
+        logger.info("budget=0: zero-shot evaluation of the untuned target model")
+        evaluated = evaluate.run(ctx, prepared, None)
+        return Outcome(ctx, "evaluate", evaluated.key, log.run_zero_shot(ctx, prepared, evaluated))
     last = stages[-1]
     if "select" in stages:
         select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing

@@ -124,6 +124,34 @@ def test_budget_one_measures_str_denominator(finished_run, tiny_llama_dir, cache
     assert full_run.data.metrics["full_train_s"] == pytest.approx(full_run.data.metrics["train_s"])
 
 
+def test_budget_zero_evaluates_the_untuned_model(finished_run, tiny_llama_dir, cache_dir) -> None:
+    """Zero-shot: one new evaluation of the base model; nothing scored, selected or trained."""
+    results, _ = finished_run
+    before = {s: finished_keys(results, s) for s in ("score", "select", "train", "evaluate")}
+    zero = run_cli([*tiny_overrides(tiny_llama_dir), "budget=0"], results, cache_dir)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    after = {s: finished_keys(results, s) for s in before}
+    assert {s: after[s] for s in ("score", "select", "train")} == {
+        s: before[s] for s in ("score", "select", "train")
+    }
+    (new_key,) = set(after["evaluate"]) - set(before["evaluate"])
+    marker = json.loads((results / "artifacts/evaluate" / new_key / "_SUCCESS.json").read_text())
+    assert "adapter_logit_change" not in marker  # no adapter to check
+    evaluation = next(
+        r
+        for r in runs_of(results)
+        if r.data.tags["stage"] == "evaluate" and r.data.tags["stage_key"] == new_key
+    )
+    assert evaluation.data.tags["method"] == "zero_shot"
+    assert evaluation.data.params["train_key"] == "none (zero-shot)"
+    metrics = evaluation.data.metrics
+    assert metrics["STR"] == 0.0 and metrics["train_s"] == 0.0 and "full_train_s" not in metrics
+    assert metrics["score"] == marker["score"] and metrics["eval_s"] > 0
+    assert "zero_shot" in zero.stdout
+    again = run_cli([*tiny_overrides(tiny_llama_dir), "budget=0"], results, cache_dir)
+    assert again.returncode == 0 and finished_keys(results, "evaluate") == after["evaluate"]
+
+
 def test_stages_list_stops_after_selection(tmp_path, tiny_llama_dir, cache_dir) -> None:
     done = run_cli([*tiny_overrides(tiny_llama_dir), "stages=[score,select]"], tmp_path, cache_dir)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -136,8 +164,9 @@ def test_stages_list_stops_after_selection(tmp_path, tiny_llama_dir, cache_dir) 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("budget=1.5", "budget=1.5 is outside (0, 1]"),
+        ("budget=1.5", "budget=1.5 is outside [0, 1]"),
         ("budget=0.01", "selects nothing"),
+        ("budget=0", "leaves out evaluate"),  # with stages=[score,select] below
         ("method.name=randon", "Did you mean: random"),
         ("stages=[score,trian]", "unknown stage"),
         ("task.generator.corrupt_share=1.5", "task.generator.corrupt_share"),
@@ -148,7 +177,8 @@ def test_bad_input_is_one_clear_message(
 ) -> None:
     results, _ = finished_run
     before = {s: finished_keys(results, s) for s in ("score", "select", "train", "evaluate")}
-    bad = run_cli([*tiny_overrides(tiny_llama_dir), override], results, cache_dir)
+    extra = ["stages=[score,select]"] if override == "budget=0" else []
+    bad = run_cli([*tiny_overrides(tiny_llama_dir), override, *extra], results, cache_dir)
     assert bad.returncode != 0
     assert message in bad.stderr and "Traceback" not in bad.stderr
     assert {s: finished_keys(results, s) for s in before} == before

@@ -24,7 +24,7 @@ from dwbench.report import snapshot
 from dwbench.report.__main__ import main
 from dwbench.report.bootstrap import paired_interval
 from dwbench.report.cells import load_report_grid
-from dwbench.report.frame import WHOLE
+from dwbench.report.frame import WHOLE, ZERO_SHOT
 from dwbench.report.paper import Paper
 from dwbench.report.tables import Entry, format_entry
 from dwbench.stages import prepare
@@ -37,8 +37,11 @@ N_EVAL = 30
 
 def correct(cfg: DictConfig, index: int) -> float:
     """Random gets 10/30 right with seed 0 and 15/30 with seed 1; Data Whisperer the same at 5%
-    and without attention weighting, and everything when it weights by attention at 10%."""
+    and without attention weighting, and everything when it weights by attention at 10%. The
+    untuned model (budget 0) gets 6/30 right."""
     method, budget = str(cfg.method.name), float(cfg.budget)
+    if budget == 0.0:
+        return float(index % 5 == 0)
     if method == "data_whisperer" and budget > 0.05 and cfg.method.attention_weighting:
         return 1.0
     return float(index % 3 == 0) if int(cfg.seed) == 0 else float(index % 2 == 0)
@@ -67,6 +70,7 @@ def fake_sweep(
             continue
         c = cell.cfg
         method, seed = str(c.method.name), int(c.seed)
+        method = "zero_shot" if float(c.budget) == 0.0 else method
         key = stage_keys(c, prepared.key)["evaluate"]
         samples = [{"id": ex, "prediction": "", "score": correct(c, i)} for i, ex in enumerate(ids)]
         score = float(np.mean([s["score"] for s in samples]))
@@ -85,6 +89,7 @@ def fake_sweep(
             run.log_artifact(store.stage_dir("evaluate", key) / "samples.jsonl")
             selection_s = 0.01 if method == "random" else 60.0 * (1 + seed)
             selection_s *= 5 if method == "nuggets" else 1
+            selection_s *= 0 if method == "zero_shot" else 1  # nothing selected
             run.log_metrics(
                 {
                     "score": score,
@@ -322,12 +327,32 @@ def test_paper_values_follow_table_setting_and_stand_ins() -> None:
     assert Paper("table6", embedded=True).average(embedded).value == 64.21  # Qwen stands in
 
 
+def test_table2_shows_the_zero_shot_and_whole_dataset_rows_of_its_companions(tmp_path) -> None:
+    """Companion cells of table2_zero_shot (budget 0) and table2_reference (budget 1) become the
+    paper's reference rows, beside its Llama-3 GSM8K numbers; neither gets a bootstrap interval."""
+    grid = ("method=random,data_whisperer", "budget=0.1", "seed=0")
+    overrides = fake_sweep(tmp_path / "results", "embedded_table2", grid, companions=True)
+    out = tmp_path / "figures"
+    assert main(["embedded_table2", *overrides, "--out-dir", str(out)]) == 0
+    runs = pd.read_csv(tmp_path / "results" / "embedded_table2.csv")
+    companions = runs[runs["role"] == "companion"].set_index("budget")
+    assert sorted(companions.index) == [0.0, 1.0]
+    assert companions.loc[0.0, "method"] == "zero_shot" and companions.loc[0.0, "STR"] == 0.0
+    rows = (out / "embedded_table2" / "table2.md").read_text().splitlines()
+    table = [line for line in rows if line.startswith("| ") and "Method" not in line][1:]
+    assert table[0] == "| Zero-shot | 20.00 (57.49) |"  # 6/30; the paper's Llama-3 zero-shot
+    assert table[-1] == "| Whole dataset | 33.33 (71.39) |"
+    intervals = pd.read_csv(out / "embedded_table2" / "bootstrap.csv")
+    assert list(intervals["budget"]) == [0.1] and list(intervals["method"]) == ["data_whisperer"]
+
+
 def test_the_whole_dataset_line_is_in_view_above_low_budget_scores() -> None:
     """Budgets all at 0 % and the whole dataset at 20 %: the y range must reach the line."""
     from dwbench.report import figures
 
     rows = [("Random", (0, 0), 0.1, 0.0), ("Data Whisperer", (1, 0), 0.1, 0.0)]
     rows.append((WHOLE, (99, 0), 1.0, 20.0))
+    rows.append((ZERO_SHOT, (-1, 0), 0.0, 5.0))
     frame = pd.DataFrame(
         [
             {
@@ -348,7 +373,13 @@ def test_the_whole_dataset_line_is_in_view_above_low_budget_scores() -> None:
     (ax,) = figure.axes
     low, high = ax.get_ylim()
     assert low <= 0.0 and high > 20.0
-    assert any(line.get_linestyle() == "--" for line in ax.get_lines())
+    styles = {line.get_linestyle(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert styles["--"] == [20.0, 20.0] and styles[":"] == [5.0, 5.0]  # whole data, zero-shot
+    assert [t.get_text() for t in figure.legends[0].texts][-2:] == [
+        "whole dataset",
+        "zero-shot (untuned)",
+    ]
+    assert "0%" not in [t.get_text() for t in ax.get_xticklabels()]  # zero-shot is no budget
 
 
 def test_heatmap_colour_range_stays_in_percent_and_spans_ten_points() -> None:

@@ -28,7 +28,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "experiment",
-        help="a conf/experiment preset: table1..table6, fig3, their embedded_* twins, *_reference",
+        help=(
+            "a conf/experiment preset: table1..table6, fig3, their embedded_* twins, "
+            "*_reference, *_zero_shot"
+        ),
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m dwbench -m")
     parser.add_argument(

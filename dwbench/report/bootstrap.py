@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dwbench.report.frame import selected_budget
+
 CELL = ["task", "target", "selector", "method", "ablation"]
 COLUMNS = [
     *CELL,
@@ -95,7 +97,7 @@ def compare_to_random(
 ) -> pd.DataFrame:
     """One interval per (cell setting, budget) against Random; with `averages`, also one over
     all budgets (budget empty), for tables that print a mean over budgets."""
-    found = frame[frame["score"].notna() & (frame["budget"] < 1.0)]
+    found = frame[frame["score"].notna() & selected_budget(frame["budget"])]
     scores = examples.merge(found[["cell", *CELL, "budget", "seed"]], on="cell")
     scores["score"] *= 100
     random = _random_scores(scores)

@@ -4,8 +4,9 @@ The grid is exactly the sweep `python -m dwbench -m +experiment=<name> [override
 (`dwbench.sweep.grid.load_sweep`), so the report checks the cells that plan and status list, by
 the same cell keys. Some paper tables also show cells another preset runs: the ablation tables'
 Random column and Figure 3's GraNd and same-model bars are Table 2's cells, Table 2's
-whole-dataset row is table2_reference's, Table 6's weak-to-strong rows are Figure 3's. Those
-are companions: shown, and used as the bootstrap's Random, when they exist; never required.
+whole-dataset and zero-shot rows are table2_reference's and table2_zero_shot's, Table 6's
+weak-to-strong rows are Figure 3's. Those are companions: shown, and used as the bootstrap's
+Random, when they exist; never required.
 
 A cell's description (task, models, method, its ablation setting, budget, seed) comes from its
 composed config, so it is known without any run and is the same whether the report reads MLflow
@@ -57,7 +58,10 @@ class Companion:
 
 _RANDOM = Companion("table2", ("task", "models", "budget", "seed"), {"method": "random"})
 COMPANIONS: dict[str, list[Companion]] = {
-    "table2": [Companion("table2_reference", ("task", "models", "seed"))],
+    "table2": [
+        Companion("table2_reference", ("task", "models", "seed")),
+        Companion("table2_zero_shot", ("task", "models")),  # greedy decoding: one seed
+    ],
     "table3": [Companion("table3_reference", ("task", "models", "seed"))],
     "table4": [_RANDOM],
     "table5": [_RANDOM],
@@ -123,7 +127,8 @@ def experiment_kind(experiment: str) -> str:
             f"Unknown experiment '{experiment}': there is no conf/experiment/{experiment}.yaml. "
             f"Available: {', '.join(presets)}."
         )
-    kind = experiment.removeprefix("embedded_").removesuffix("_reference")
+    kind = experiment.removeprefix("embedded_")
+    kind = kind.removesuffix("_reference").removesuffix("_zero_shot")
     if kind not in KINDS:
         reportable = [p for p in presets if p.removeprefix("embedded_") in KINDS]
         raise ConfigError(
@@ -150,7 +155,7 @@ def load_report_grid(
     name = name or experiment
     grid = load_sweep([f"+experiment={experiment}", *overrides], name, progress=progress)
     companions = []
-    if not experiment.endswith("_reference"):
+    if not experiment.endswith(("_reference", "_zero_shot")):
         prefix = "embedded_" if experiment.startswith("embedded_") else ""
         for companion in COMPANIONS.get(kind, []):
             sweep = _companion_sweep(companion, prefix, grid, overrides)
@@ -210,7 +215,7 @@ def describe(cell: Cell, role: str) -> dict[str, Any]:
         "metric": str(cfg.task.metric),
         "target": str(cfg.target_model.name),
         "selector": str(cfg.selector_model.name),
-        "method": str(method.name),
+        "method": "zero_shot" if float(cfg.budget) == 0.0 else str(method.name),
         "ablation": ablation[-1] if ablation else "",
         "n_demos": int(method.n_demos) if dw else None,
         "n_queries": int(method.n_queries) if dw else None,

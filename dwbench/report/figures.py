@@ -26,7 +26,9 @@ from dwbench.report.frame import (
     MODEL_ORDER,
     TASK_ORDER,
     WHOLE,
+    ZERO_SHOT,
     metric_label,
+    selected_budget,
     sort_values,
     variants,
 )
@@ -35,6 +37,7 @@ from dwbench.report.paper import model_label, task_label
 BUDGET_AXIS = "budget (% of the training pool)"
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "p", "h", "8", "d", "H"] * 3
 REFERENCE = {"color": "0.35", "linestyle": "--", "linewidth": 1}  # reference lines' style
+ZERO_SHOT_LINE = {"color": "0.35", "linestyle": ":", "linewidth": 1.2}  # the untuned model
 
 
 def draw_all(frame: pd.DataFrame, kind: str, folder: Path) -> list[Path]:
@@ -109,19 +112,20 @@ def _score_axes(grid: sns.FacetGrid, data: pd.DataFrame) -> None:
         ax.set_ylim(low, high)
 
 
-def _add_reference_to_legend(grid: sns.FacetGrid, label: str) -> None:
-    """Name the dashed reference line in the legend, outside the panels, not over the data."""
+def _add_reference_to_legend(grid: sns.FacetGrid, label: str, style: dict | None = None) -> None:
+    """Name a reference line in the legend, outside the panels, not over the data."""
     legend = grid.legend
     entries = dict(zip((t.get_text() for t in legend.texts), legend.legend_handles, strict=True))
-    entries[label] = Line2D([], [], **REFERENCE)
+    entries[label] = Line2D([], [], **(style or REFERENCE))
     title = legend.get_title().get_text()
     legend.remove()
     grid.add_legend(legend_data=entries, title=title, label_order=list(entries))
 
 
 def score_vs_budget(data: pd.DataFrame, kind: str) -> plt.Figure | None:
-    """Mean score (± std over seeds) per method at each budget; whole dataset as a dashed line."""
-    budgets = data[data["budget"] < 1.0]
+    """Mean score (± std over seeds) per method at each budget; the whole dataset as a dashed
+    line, the untuned model (zero-shot) as a dotted one."""
+    budgets = data[selected_budget(data["budget"])]
     if budgets.empty:
         return None
     hue_order = variants(budgets)
@@ -147,21 +151,30 @@ def score_vs_budget(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     )
     grid.set_titles("{col_name}\n{row_name}")
     grid.set_axis_labels(BUDGET_AXIS, "")
-    whole = data[data["variant"] == WHOLE].groupby(["target_name", "task_name"])["score_pct"]
-    for (target, task), mean in whole.mean().items():
-        ax = grid.axes_dict.get((target, task))
-        if ax is not None:
-            ax.axhline(mean, **REFERENCE)  # before the y range is set, so the line is in view
+    drawn = []
+    for variant, label, style in [
+        (WHOLE, "whole dataset", REFERENCE),
+        (ZERO_SHOT, "zero-shot (untuned)", ZERO_SHOT_LINE),
+    ]:
+        rows = data[(data["variant"] == variant) & data["score_pct"].notna()]
+        for (target, task), mean in (
+            rows.groupby(["target_name", "task_name"])["score_pct"].mean().items()
+        ):
+            ax = grid.axes_dict.get((target, task))
+            if ax is not None:
+                ax.axhline(mean, **style)  # before the y range is set, so the line is in view
+        if not rows.empty:
+            drawn.append((label, style))
     _score_axes(grid, data)
-    if not whole.size().empty:
-        _add_reference_to_legend(grid, "whole dataset")
+    for label, style in drawn:
+        _add_reference_to_legend(grid, label, style)
     grid.legend.set_title("method")
     return grid.figure
 
 
 def str_per_method(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     """STR per method and budget, log scale, with the line where selection costs a fine-tune."""
-    ratios = data[(data["budget"] < 1.0) & (data["STR"] > 0)]
+    ratios = data[selected_budget(data["budget"]) & (data["STR"] > 0)]
     if ratios.empty:
         return None
     order = variants(ratios)
@@ -198,7 +211,7 @@ def weak_to_strong(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     bars = data[
         data["method"].isin(["grand", "data_whisperer"])
         & (data["ablation"] == "")
-        & (data["budget"] < 1.0)
+        & selected_budget(data["budget"])
     ]
     weaker = (bars["selector"] != bars["target"]) & (bars["method"] == "data_whisperer")
     if bars.empty or not (kind == "fig3" or weaker.any()):
@@ -251,7 +264,7 @@ def ablation_heatmaps(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     """Score (mean over seeds) per setting and budget, a heatmap per task x target model."""
     if kind not in ("table4", "table5"):
         return None
-    cells = data[data["budget"] < 1.0]
+    cells = data[selected_budget(data["budget"])]
     if cells.empty:
         return None
     facets = _facets(cells)
@@ -305,7 +318,7 @@ def _colour_range(table: pd.DataFrame) -> dict[str, float]:
 
 def selection_precision(data: pd.DataFrame, kind: str) -> plt.Figure | None:
     """Share of clean examples among the selected, per method; the pool's share for reference."""
-    cells = data[data["precision_pct"].notna() & (data["budget"] < 1.0)]
+    cells = data[data["precision_pct"].notna() & selected_budget(data["budget"])]
     if cells.empty:
         return None
     order = variants(cells)

@@ -27,6 +27,7 @@ TASK_ORDER = ["gsm8k", "dialogsum", "bioinstruct", "dialogsum_synthetic", "embed
 MODEL_ORDER = ["llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral_nemo_instruct"]
 LAYER_ROLES = ("shallow", "intermediate", "deep")
 WHOLE = "Whole dataset"
+ZERO_SHOT = "Zero-shot"
 METRIC_LABELS = {"exact_match_number": "exact match (%)", "rouge_l": "ROUGE-L (%)"}
 
 
@@ -44,6 +45,11 @@ def build(cells: pd.DataFrame, measured: pd.DataFrame, kind: str) -> pd.DataFram
     labels = frame.apply(lambda row: variant(row, kind), axis=1, result_type="expand")
     frame["variant"], frame["variant_order"] = labels[0], labels[1]
     return frame
+
+
+def selected_budget(budgets: pd.Series) -> pd.Series:
+    """Cells that select a subset: not the zero-shot (0) or whole-dataset (1) reference rows."""
+    return (budgets > 0.0) & (budgets < 1.0)
 
 
 def budget_label(budget: float) -> str:
@@ -69,6 +75,8 @@ def variant(row: pd.Series, kind: str) -> tuple[str, tuple]:
     numeric setting, textual setting, weak-to-strong)."""
     if row["budget"] >= 1.0:
         return WHOLE, (len(METHOD_ORDER) + 1, 0, 0, "", 0)
+    if row["budget"] <= 0.0:
+        return ZERO_SHOT, (-1, 0, 0, "", 0)
     method = row["method"]
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     label = METHOD_LABELS.get(method, method)

@@ -116,7 +116,7 @@ class Paper:
 
     def score(self, row: pd.Series) -> PaperValue | None:
         """The paper's score for the cell `row` describes (method, setting, budget)."""
-        method = "full" if row["budget"] >= 1.0 else row["method"]
+        method = {1.0: "full", 0.0: "zero_shot"}.get(float(row["budget"]), row["method"])
         tables = [self.kind]
         if not row["ablation"] and self.kind != "table2":
             tables.append("table2")

@@ -21,8 +21,10 @@ from dwbench.report.frame import (
     MODEL_ORDER,
     TASK_ORDER,
     WHOLE,
+    ZERO_SHOT,
     budget_label,
     metric_label,
+    selected_budget,
     sort_values,
     variants,
 )
@@ -152,9 +154,11 @@ def _at(cells: pd.DataFrame, task: str, budget: float) -> pd.DataFrame:
 
 
 def _methods_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
-    """Methods x (task, budget); the whole-dataset row under each task's first budget."""
+    """Methods x (task, budget); the zero-shot and whole-dataset rows under each task's first
+    budget (the paper's layout)."""
     tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
-    budgets = sorted(b for b in sub["budget"].unique() if b < 1.0) or [1.0]
+    budgets = sorted(b for b in sub["budget"].unique() if 0.0 < b < 1.0) or [1.0]
+    references = {WHOLE: 1.0, ZERO_SHOT: 0.0}
     block = Block(
         title,
         ["Method"],
@@ -166,12 +170,12 @@ def _methods_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Interva
         entries: list[Entry | None] = []
         for task in tasks:
             for budget in budgets:
-                cells = _at(own, task, 1.0 if name == WHOLE else budget)
-                if cells.empty or (name == WHOLE and budget != budgets[0]):
+                cells = _at(own, task, references.get(name, budget))
+                if cells.empty or (name in references and budget != budgets[0]):
                     entries.append(None)
                     continue
                 row = cells.iloc[0]
-                marked = lookup.mark(row, budget) if name != WHOLE else ""
+                marked = lookup.mark(row, budget) if name not in references else ""
                 entries.append(_entry(cells, "score_pct", paper.score(row), mark=marked))
         block.rows.append(([name], entries))
     return block
@@ -179,7 +183,7 @@ def _methods_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Interva
 
 def _str_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
     """Methods x (task: STR at each budget, then the average score over budgets)."""
-    sub = sub[sub["budget"] < 1.0]
+    sub = sub[selected_budget(sub["budget"])]
     tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
     budgets = sorted(sub["budget"].unique())
     per_task = [*(f"STR {budget_label(b)}" for b in budgets), "Avg"]
@@ -256,7 +260,7 @@ def _seed_averages(cells: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
 
 def _ablation_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
     """(task, budget) x setting, Random first: how the paper prints its ablations."""
-    sub = sub[sub["budget"] < 1.0]
+    sub = sub[selected_budget(sub["budget"])]
     tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
     budgets = sorted(sub["budget"].unique())
     names = variants(sub)
@@ -280,7 +284,7 @@ def _ablation_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Interv
 def _layout_notes(kind: str, frame: pd.DataFrame, layout: str) -> list[str]:
     notes = []
     if layout == "str":
-        budgets = ", ".join(budget_label(b) for b in sorted(frame["budget"].unique()) if b < 1)
+        budgets = ", ".join(budget_label(b) for b in sorted(frame["budget"].unique()) if 0 < b < 1)
         notes.append(
             "STR: selection seconds / seconds to fine-tune on the whole pool (measured when a "
             "budget-1.0 run exists, else estimated from throughput: full_train_s_source in the "

@@ -2,7 +2,8 @@
 
 Before a score is trusted, the adapter must change the model's next-token logits: an adapter
 that did not train (lr 0, no steps) or did not load would otherwise report the base model's
-score under the fine-tuned label.
+score under the fine-tuned label. Without a fine-tune (zero-shot, budget 0) the base model is
+evaluated as it is, under a key of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dwbench.data.records import read_jsonl
 from dwbench.errors import DwbenchError
 from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
-from dwbench.models import resolve_model_source
+from dwbench.models import model_identity, resolve_model_source
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.train import Trained
 
@@ -38,45 +39,44 @@ def key_for(ctx: RunContext, trained: Trained) -> str:
     )
 
 
-def run(ctx: RunContext, prepared: Prepared, trained: Trained) -> Evaluated:
-    from dwbench.lm_eval_runner import adapter_output_change, run_lm_eval, write_results_json
+def zero_shot_key_for(ctx: RunContext, prepared: Prepared) -> str:
+    """The untuned target on the prepared evaluation split: no train key to inherit those from."""
+    cfg = ctx.cfg
+    return stage_key(
+        "evaluate",
+        zero_shot=True,
+        prepare=prepared.key,
+        target=model_identity(cfg.target_model),
+        eval=cfg.eval,
+        task=cfg.task.lm_eval_task,
+    )
 
-    key = key_for(ctx, trained)
+
+def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluated:
+    """Evaluate base + `trained`'s adapter, or the base model alone when `trained` is None."""
+    from dwbench.lm_eval_runner import run_lm_eval, write_results_json
+
+    key = key_for(ctx, trained) if trained is not None else zero_shot_key_for(ctx, prepared)
     if ctx.store.is_done("evaluate", key):
         logger.info("evaluate: cached %s", key)
         return Evaluated(key, ctx.store.marker("evaluate", key))
     cfg = ctx.cfg
     target = cfg.target_model
     source = resolve_model_source(target, ctx.cache_dir)
-    dtype = "float32" if ctx.device == "cpu" else str(target.dtype)
-    params = {"eval": cfg.eval, "train_key": trained.key}
+    params = {"eval": cfg.eval, "train_key": trained.key if trained else "none (zero-shot)"}
     with ctx.tracker.stage_run("evaluate", key, ctx.tags(), params) as mlflow_run:
         with ctx.store.writing("evaluate", key) as (out, marker):
-            prompts = [ex.prompt for ex in read_jsonl(prepared.eval_path)[:ADAPTER_CHECK_PROMPTS]]
-            change = adapter_output_change(
-                source,
-                trained.adapter_dir,
-                prompts,
-                device=ctx.device,
-                dtype=dtype,
-                trust_remote_code=bool(target.trust_remote_code),
-            )
-            if change < float(cfg.eval.min_adapter_logit_change):
-                raise DwbenchError(
-                    f"the LoRA adapter of train/{trained.key} leaves the model's logits unchanged "
-                    f"(max change {change:.2e} < eval.min_adapter_logit_change); it did not train "
-                    "or did not load, so its score would be the base model's. Check finetune.lr "
-                    "and finetune.max_steps."
-                )
+            if trained is not None:
+                marker["adapter_logit_change"] = check_adapter(ctx, prepared, trained, source)
             start = time.perf_counter()
             with PeakMemory() as memory:
                 result = run_lm_eval(
                     source,
                     str(cfg.task.lm_eval_task),
                     prepared.eval_path,
-                    adapter_dir=trained.adapter_dir,
+                    adapter_dir=trained.adapter_dir if trained is not None else None,
                     device=ctx.device,
-                    dtype=dtype,
+                    dtype=model_dtype(ctx),
                     batch_size=int(cfg.eval.runtime.batch_size),
                     max_new_tokens=int(cfg.eval.max_new_tokens),
                     apply_chat_template=bool(cfg.eval.apply_chat_template),
@@ -92,10 +92,38 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained) -> Evaluated:
                 metric=result.metric,
                 n_eval=result.n_examples,
                 eval_s=eval_s,
-                adapter_logit_change=change,
                 **memory.as_metrics("eval"),
             )
         mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
         mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "lm_eval_results.json")
         mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "samples.jsonl")
     return Evaluated(key, ctx.store.marker("evaluate", key))
+
+
+def check_adapter(ctx: RunContext, prepared: Prepared, trained: Trained, source: str) -> float:
+    """The adapter's largest next-token logit change; an error when it changes nothing."""
+    from dwbench.lm_eval_runner import adapter_output_change
+
+    target = ctx.cfg.target_model
+    prompts = [ex.prompt for ex in read_jsonl(prepared.eval_path)[:ADAPTER_CHECK_PROMPTS]]
+    change = adapter_output_change(
+        source,
+        trained.adapter_dir,
+        prompts,
+        device=ctx.device,
+        dtype=model_dtype(ctx),
+        trust_remote_code=bool(target.trust_remote_code),
+    )
+    if change < float(ctx.cfg.eval.min_adapter_logit_change):
+        raise DwbenchError(
+            f"the LoRA adapter of train/{trained.key} leaves the model's logits unchanged "
+            f"(max change {change:.2e} < eval.min_adapter_logit_change); it did not train "
+            "or did not load, so its score would be the base model's. Check finetune.lr "
+            "and finetune.max_steps."
+        )
+    return change
+
+
+def model_dtype(ctx: RunContext) -> str:
+    """The target's dtype, float32 on CPU (half precision there is slow or unsupported)."""
+    return "float32" if ctx.device == "cpu" else str(ctx.cfg.target_model.dtype)

@@ -1,7 +1,8 @@
 """log: the cell's summary metrics on its evaluation run (score, times, STR, memory, precision).
 
 Re-run every time, because STR's denominator can improve after the fact: a full-pool fine-tune
-(budget 1.0) finished later replaces the estimate from throughput by a measurement.
+(budget 1.0) finished later replaces the estimate from throughput by a measurement. A zero-shot
+cell (budget 0) selects and trains nothing: its STR is 0 and it has no STR denominator.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from dwbench.context import RunContext
 from dwbench.stages.evaluate import Evaluated
+from dwbench.stages.prepare import Prepared
 from dwbench.stages.score import Scored
 from dwbench.stages.select import Selected
 from dwbench.stages.train import Trained
@@ -21,7 +23,7 @@ class Summary:
     selection_s: float
     train_s: float
     eval_s: float
-    full_train_s: float
+    full_train_s: float | None
     STR: float
     peak_memory_mb: float
     selection_precision: float | None
@@ -78,6 +80,31 @@ def run(
                 "score_key": scored.key,
                 "select_key": selected.key,
                 "train_key": trained.key,
+            }
+        )
+    return summary
+
+
+def run_zero_shot(ctx: RunContext, prepared: Prepared, evaluated: Evaluated) -> Summary:
+    """The untuned target's summary: nothing selected, nothing trained, so nothing spent on it."""
+    summary = Summary(
+        score=evaluated.marker["score"],
+        selection_s=0.0,
+        train_s=0.0,
+        eval_s=evaluated.marker["eval_s"],
+        full_train_s=None,
+        STR=0.0,
+        peak_memory_mb=evaluated.marker["eval_peak_rss_mb"],
+        selection_precision=None,
+    )
+    params = {"eval": ctx.cfg.eval, "train_key": "none (zero-shot)"}
+    with ctx.tracker.stage_run("evaluate", evaluated.key, ctx.tags(), params) as mlflow_run:
+        mlflow_run.log_metrics(asdict(summary))
+        mlflow_run.set_tags(
+            {
+                "full_train_s_source": "none (zero-shot)",
+                "metric": evaluated.marker["metric"],
+                "prepare_key": prepared.key,
             }
         )
     return summary

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
 from dwbench.keys import stage_key
-from dwbench.pipeline import validate
+from dwbench.pipeline import validate, zero_shot
 from dwbench.stages import evaluate, score, select, train
 from dwbench.sweep.grid import Cell
 
@@ -58,9 +58,13 @@ def prepared_keys(cfg: DictConfig) -> list[str]:
 
 
 def stage_keys(cfg: DictConfig, prepare_key: str) -> dict[str, str]:
-    """The cell's stage keys from its prepare key (each `key_for` reads only cfg and its input)."""
+    """The cell's stage keys from its prepare key (each `key_for` reads only cfg and its input);
+    a zero-shot cell has only prepare and evaluate."""
     ctx = SimpleNamespace(cfg=cfg)
-    keys = {"prepare": prepare_key, "score": score.key_for(ctx, SimpleNamespace(key=prepare_key))}
+    prepared = SimpleNamespace(key=prepare_key)
+    if zero_shot(cfg):
+        return {"prepare": prepare_key, "evaluate": evaluate.zero_shot_key_for(ctx, prepared)}
+    keys = {"prepare": prepare_key, "score": score.key_for(ctx, prepared)}
     keys["select"] = select.key_for(ctx, keys["score"])
     keys["train"] = train.key_for(ctx, SimpleNamespace(key=keys["select"]))
     keys["evaluate"] = evaluate.key_for(ctx, SimpleNamespace(key=keys["train"]))
@@ -110,6 +114,8 @@ def _failed_stage(keys: dict[str, str], runs: pd.DataFrame) -> str | None:
         return None
     failed = runs[runs["status"] == "FAILED"]
     for stage in ("score", "select", "train", "evaluate"):
+        if stage not in keys:
+            continue  # a zero-shot cell only evaluates
         hit = (failed["tags.stage"] == stage) & (failed["tags.stage_key"] == keys[stage])
         if hit.any():
             return stage
@@ -161,11 +167,17 @@ def estimate_seconds(
     task, method = str(cfg.task.name), str(cfg.method.name)
     chain = keys or stage_keys(cfg, f"unprepared-{cell.key}")
     seconds = 0.0
-    if chain["score"] not in scored and not (keys and store.is_done("score", chain["score"])):
+    if zero_shot(cfg):
+        chain = {}  # nothing to score or train: evaluation only
+    if (
+        "score" in chain
+        and chain["score"] not in scored
+        and not (keys and store.is_done("score", chain["score"]))
+    ):
         scored.add(chain["score"])
         past = _finished(runs, "score", method=method, selector=selector, task=task)
         seconds += _mean(past, "selection_s") or 0.0
-    if not (keys and store.is_done("train", chain["train"])):
+    if "train" in chain and not (keys and store.is_done("train", chain["train"])):
         trains = _finished(runs, "train", target=target)
         throughput, n_pool = _mean(trains, "examples_per_s"), pool_size(cfg, keys, runs)
         if throughput is None or n_pool is None:
