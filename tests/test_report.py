@@ -249,6 +249,19 @@ def test_ablation_table_has_randoms_column_layer_roles_and_a_heatmap(tmp_path) -
     assert sorted(snapshot_rows["role"].value_counts().items()) == [("companion", 2), ("grid", 8)]
 
 
+def test_table4_has_the_zero_shot_row_under_every_setting(tmp_path) -> None:
+    """embedded_table4 with Random and the untuned model (6/30 right) as companions."""
+    grid = ("budget=0.1", "seed=0")
+    overrides = fake_sweep(tmp_path / "results", "embedded_table4", grid, companions=True)
+    out = tmp_path / "figures"
+    assert main(["embedded_table4", *overrides, "--out-dir", str(out), "--resamples", "2000"]) == 0
+    text = (out / "embedded_table4" / "table4.md").read_text()
+    assert "| Random | n_d=5, n_q=3 | n_d=10, n_q=5 | n_d=15, n_q=10 |" in text
+    zero = "20.00 (57.49)"  # the paper's 0% row for Llama-3 GSM8K
+    assert f"| embedded GSM8K-format | 0% (zero-shot) | {zero} | {zero} | {zero} | {zero} |" in text
+    assert text.index("0% (zero-shot)") < text.index("| embedded GSM8K-format | 10% |")
+
+
 def diffs(values: np.ndarray) -> pd.DataFrame:
     """A (seed x example) array of differences as the bootstrap's long frame, one group."""
     seeds, examples = np.indices(values.shape)

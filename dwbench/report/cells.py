@@ -4,9 +4,9 @@ The grid is exactly the sweep `python -m dwbench -m +experiment=<name> [override
 (`dwbench.sweep.grid.load_sweep`), so the report checks the cells that plan and status list, by
 the same cell keys. Some paper tables also show cells another preset runs: the ablation tables'
 Random column and Figure 3's GraNd and same-model bars are Table 2's cells, Table 2's
-whole-dataset and zero-shot rows are table2_reference's and table2_zero_shot's, Table 6's
-weak-to-strong rows are Figure 3's. Those are companions: shown, and used as the bootstrap's
-Random, when they exist; never required.
+whole-dataset and zero-shot rows (Table 4's 0% row too) are table2_reference's and
+table2_zero_shot's, Table 6's weak-to-strong rows are Figure 3's. Those are companions: shown,
+and used as the bootstrap's Random, when they exist; never required.
 
 A cell's description (task, models, method, its ablation setting, budget, seed) comes from its
 composed config, so it is known without any run and is the same whether the report reads MLflow
@@ -57,13 +57,14 @@ class Companion:
 
 
 _RANDOM = Companion("table2", ("task", "models", "budget", "seed"), {"method": "random"})
+_ZERO_SHOT = Companion("table2_zero_shot", ("task", "models"))  # greedy decoding: one seed
 COMPANIONS: dict[str, list[Companion]] = {
     "table2": [
         Companion("table2_reference", ("task", "models", "seed")),
-        Companion("table2_zero_shot", ("task", "models")),  # greedy decoding: one seed
+        _ZERO_SHOT,
     ],
     "table3": [Companion("table3_reference", ("task", "models", "seed"))],
-    "table4": [_RANDOM],
+    "table4": [_RANDOM, _ZERO_SHOT],
     "table5": [_RANDOM],
     "fig3": [
         Companion(

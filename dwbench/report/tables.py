@@ -259,13 +259,19 @@ def _seed_averages(cells: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
 
 
 def _ablation_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
-    """(task, budget) x setting, Random first: how the paper prints its ablations."""
+    """(task, budget) x setting, Random first: how the paper prints its ablations. Table 4's 0%
+    row is the untuned model: one cell, the same under every setting, as the paper prints it."""
+    untuned = sub[sub["variant"] == ZERO_SHOT]
     sub = sub[selected_budget(sub["budget"])]
     tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
     budgets = sorted(sub["budget"].unique())
     names = variants(sub)
     block = Block(title, ["Dataset", "Budget"], [""] * len(names), names)
     for task in tasks:
+        cells = _at(untuned, task, 0.0)
+        if not cells.empty:
+            entry = _entry(cells, "score_pct", paper.score(cells.iloc[0]))
+            block.rows.append(([task_label(task), "0% (zero-shot)"], [entry] * len(names)))
         for budget in budgets:
             entries: list[Entry | None] = []
             for name in names:
