@@ -106,6 +106,17 @@ def fake_sweep(
     return overrides
 
 
+def report_of(
+    tmp_path: Path, experiment: str, grid: tuple[str, ...], companions: bool = True
+) -> Path:
+    """Log `grid` (and its companions) as the pipeline would, report it (2,000 resamples) and
+    return the folder the report wrote."""
+    overrides = fake_sweep(tmp_path / "results", experiment, grid, companions=companions)
+    out = tmp_path / "figures"
+    assert main([experiment, *overrides, "--out-dir", str(out), "--resamples", "2000"]) == 0
+    return out / experiment
+
+
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The whole grid logged, then reported once (10,000 resamples, the default)."""
@@ -232,11 +243,8 @@ def test_unknown_experiment_names_the_choices(capsys) -> None:
 
 def test_ablation_table_has_randoms_column_layer_roles_and_a_heatmap(tmp_path) -> None:
     """embedded_table5 with Random from embedded_table2 (a companion), 10% only."""
-    grid = ("budget=0.1", "seed=0,1")
-    overrides = fake_sweep(tmp_path / "results", "embedded_table5", grid, companions=True)
-    out = tmp_path / "figures"
-    assert main(["embedded_table5", *overrides, "--out-dir", str(out), "--resamples", "2000"]) == 0
-    text = (out / "embedded_table5" / "table5.md").read_text()
+    out = report_of(tmp_path, "embedded_table5", ("budget=0.1", "seed=0,1"))
+    text = (out / "table5.md").read_text()
     header = "| Dataset | Budget | Random | w/o Attn | Layer 5 (shallow) | Layer 15 (intermediate) "
     assert header + "| Layer 28 (deep) |" in text
     random, unweighted, weighted = "41.67 ± 11.79", "41.67 ± 11.79", "100.00 ± 0.00†"
@@ -244,18 +252,15 @@ def test_ablation_table_has_randoms_column_layer_roles_and_a_heatmap(tmp_path) -
     assert f"| embedded GSM8K-format | 10% {row} {weighted} (71.79) |" in text
     assert "Random: cells of a companion preset" in text
     for suffix in ("png", "pdf"):
-        assert (out / "embedded_table5" / f"ablation.{suffix}").stat().st_size > 1000
+        assert (out / f"ablation.{suffix}").stat().st_size > 1000
     snapshot_rows = pd.read_csv(tmp_path / "results" / "embedded_table5.csv")
     assert sorted(snapshot_rows["role"].value_counts().items()) == [("companion", 2), ("grid", 8)]
 
 
 def test_table4_has_the_zero_shot_row_under_every_setting(tmp_path) -> None:
     """embedded_table4 with Random and the untuned model (6/30 right) as companions."""
-    grid = ("budget=0.1", "seed=0")
-    overrides = fake_sweep(tmp_path / "results", "embedded_table4", grid, companions=True)
-    out = tmp_path / "figures"
-    assert main(["embedded_table4", *overrides, "--out-dir", str(out), "--resamples", "2000"]) == 0
-    text = (out / "embedded_table4" / "table4.md").read_text()
+    out = report_of(tmp_path, "embedded_table4", ("budget=0.1", "seed=0"))
+    text = (out / "table4.md").read_text()
     assert "| Random | n_d=5, n_q=3 | n_d=10, n_q=5 | n_d=15, n_q=10 |" in text
     zero = "20.00 (57.49)"  # the paper's 0% row for Llama-3 GSM8K
     assert f"| embedded GSM8K-format | 0% (zero-shot) | {zero} | {zero} | {zero} | {zero} |" in text
@@ -344,18 +349,16 @@ def test_table2_shows_the_zero_shot_and_whole_dataset_rows_of_its_companions(tmp
     """Companion cells of table2_zero_shot (budget 0) and table2_reference (budget 1) become the
     paper's reference rows, beside its Llama-3 GSM8K numbers; neither gets a bootstrap interval."""
     grid = ("method=random,data_whisperer", "budget=0.1", "seed=0")
-    overrides = fake_sweep(tmp_path / "results", "embedded_table2", grid, companions=True)
-    out = tmp_path / "figures"
-    assert main(["embedded_table2", *overrides, "--out-dir", str(out)]) == 0
+    out = report_of(tmp_path, "embedded_table2", grid)
     runs = pd.read_csv(tmp_path / "results" / "embedded_table2.csv")
     companions = runs[runs["role"] == "companion"].set_index("budget")
     assert sorted(companions.index) == [0.0, 1.0]
     assert companions.loc[0.0, "method"] == "zero_shot" and companions.loc[0.0, "STR"] == 0.0
-    rows = (out / "embedded_table2" / "table2.md").read_text().splitlines()
+    rows = (out / "table2.md").read_text().splitlines()
     table = [line for line in rows if line.startswith("| ") and "Method" not in line][1:]
     assert table[0] == "| Zero-shot | 20.00 (57.49) |"  # 6/30; the paper's Llama-3 zero-shot
     assert table[-1] == "| Whole dataset | 33.33 (71.39) |"
-    intervals = pd.read_csv(out / "embedded_table2" / "bootstrap.csv")
+    intervals = pd.read_csv(out / "bootstrap.csv")
     assert list(intervals["budget"]) == [0.1] and list(intervals["method"]) == ["data_whisperer"]
 
 
@@ -410,14 +413,12 @@ def test_str_table_has_the_speedup_over_nuggets_per_seed(tmp_path) -> None:
     """Nuggets takes 5x Data Whisperer's selection time under each seed: speedup 5.00 ± 0.00,
     beside the paper's Table 1 speedup for Llama-3-8B on GSM8K at 10% (7.41)."""
     grid = ("method=random,nuggets,data_whisperer", "budget=0.1", "seed=0,1")
-    overrides = fake_sweep(tmp_path / "results", "embedded_table1", grid)
-    out = tmp_path / "figures"
-    assert main(["embedded_table1", *overrides, "--out-dir", str(out)]) == 0
-    text = (out / "embedded_table1" / "table1.md").read_text()
+    out = report_of(tmp_path, "embedded_table1", grid, companions=False)
+    text = (out / "table1.md").read_text()
     assert "| Nuggets | 0.75 ± 0.35 (1.26) | 41.67 ± 11.79 (66.07) |" in text  # 300, 600 s / 600 s
     assert "| Data Whisperer | 0.15 ± 0.07 (0.17) | 100.00 ± 0.00† (68.14*) |" in text
     assert "| Speedup: Nuggets / Data Whisperer | 5.00 ± 0.00 (7.41) |  |" in text
-    tex = (out / "embedded_table1" / "table1.tex").read_text()
+    tex = (out / "table1.tex").read_text()
     assert r"Speedup: Nuggets / Data Whisperer & 5.00 $\pm$ 0.00 (7.41) &  \\" in tex
 
 
