@@ -10,6 +10,18 @@ from omegaconf import DictConfig
 from dwbench.artifacts import ArtifactStore
 from dwbench.tracking import Tracker
 
+ZERO_SHOT_METHOD = "zero_shot"  # what a budget-0 cell is called in tags, snapshots, paper rows
+
+
+def zero_shot(cfg: DictConfig) -> bool:
+    """Budget 0: no selection, no fine-tune; the target model as it is (the method is unused)."""
+    return float(cfg.budget) == 0.0
+
+
+def method_name(cfg: DictConfig) -> str:
+    """The cell's method, or `zero_shot` for a budget-0 cell (its configured method is unused)."""
+    return ZERO_SHOT_METHOD if zero_shot(cfg) else str(cfg.method.name)
+
 
 @dataclass
 class RunContext:
@@ -24,7 +36,7 @@ class RunContext:
         cfg = self.cfg
         return {
             "task": str(cfg.task.name),
-            "method": "zero_shot" if float(cfg.budget) == 0.0 else str(cfg.method.name),
+            "method": method_name(cfg),
             "budget": str(cfg.budget),
             "selector": str(cfg.selector_model.name),
             "target": str(cfg.target_model.name),

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
-from dwbench.context import RunContext
+from dwbench.context import RunContext, zero_shot
 from dwbench.errors import ConfigError
 from dwbench.methods.registry import check_method_name
 from dwbench.models import preflight, resolve_device
@@ -59,11 +59,6 @@ def validate(cfg: DictConfig) -> list[str]:
             f"finetune.runtime.micro_batch_size={ft.runtime.micro_batch_size}; make it one."
         )
     return [s for s in STAGES if s in requested]
-
-
-def zero_shot(cfg: DictConfig) -> bool:
-    """Budget 0: no selection, no fine-tune; the target model as it is (the method is unused)."""
-    return float(cfg.budget) == 0.0
 
 
 def check_models(cfg: DictConfig, stages: list[str], cache_dir: Path) -> None:

@@ -22,10 +22,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from dwbench.cli import CONF_DIR
+from dwbench.context import method_name
 from dwbench.errors import ConfigError
 from dwbench.sweep.grid import Cell, Sweep, load_sweep
 
 KINDS = ("table1", "table2", "table3", "table4", "table5", "table6", "fig3")
+REFERENCE_SUFFIXES = ("_reference", "_zero_shot")  # presets of a table's reference rows
 GRID, COMPANION = "grid", "companion"
 DESCRIPTORS = [
     "cell",
@@ -129,7 +131,8 @@ def experiment_kind(experiment: str) -> str:
             f"Available: {', '.join(presets)}."
         )
     kind = experiment.removeprefix("embedded_")
-    kind = kind.removesuffix("_reference").removesuffix("_zero_shot")
+    for suffix in REFERENCE_SUFFIXES:
+        kind = kind.removesuffix(suffix)
     if kind not in KINDS:
         reportable = [p for p in presets if p.removeprefix("embedded_") in KINDS]
         raise ConfigError(
@@ -156,7 +159,7 @@ def load_report_grid(
     name = name or experiment
     grid = load_sweep([f"+experiment={experiment}", *overrides], name, progress=progress)
     companions = []
-    if not experiment.endswith(("_reference", "_zero_shot")):
+    if not experiment.endswith(REFERENCE_SUFFIXES):
         prefix = "embedded_" if experiment.startswith("embedded_") else ""
         for companion in COMPANIONS.get(kind, []):
             sweep = _companion_sweep(companion, prefix, grid, overrides)
@@ -216,7 +219,7 @@ def describe(cell: Cell, role: str) -> dict[str, Any]:
         "metric": str(cfg.task.metric),
         "target": str(cfg.target_model.name),
         "selector": str(cfg.selector_model.name),
-        "method": "zero_shot" if float(cfg.budget) == 0.0 else str(method.name),
+        "method": method_name(cfg),
         "ablation": ablation[-1] if ablation else "",
         "n_demos": int(method.n_demos) if dw else None,
         "n_queries": int(method.n_queries) if dw else None,

@@ -157,7 +157,7 @@ def _methods_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Interva
     """Methods x (task, budget); the zero-shot and whole-dataset rows under each task's first
     budget (the paper's layout)."""
     tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
-    budgets = sorted(b for b in sub["budget"].unique() if 0.0 < b < 1.0) or [1.0]
+    budgets = sorted(sub.loc[selected_budget(sub["budget"]), "budget"].unique()) or [1.0]
     references = {WHOLE: 1.0, ZERO_SHOT: 0.0}
     block = Block(
         title,
@@ -290,7 +290,8 @@ def _ablation_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Interv
 def _layout_notes(kind: str, frame: pd.DataFrame, layout: str) -> list[str]:
     notes = []
     if layout == "str":
-        budgets = ", ".join(budget_label(b) for b in sorted(frame["budget"].unique()) if 0 < b < 1)
+        selected = frame.loc[selected_budget(frame["budget"]), "budget"]
+        budgets = ", ".join(budget_label(b) for b in sorted(selected.unique()))
         notes.append(
             "STR: selection seconds / seconds to fine-tune on the whole pool (measured when a "
             "budget-1.0 run exists, else estimated from throughput: full_train_s_source in the "

@@ -25,6 +25,7 @@ from dwbench.stages.train import Trained
 
 logger = logging.getLogger(__name__)
 ADAPTER_CHECK_PROMPTS = 4
+NO_TRAIN = "none (zero-shot)"  # the train key of an evaluation without a fine-tune
 
 
 @dataclass
@@ -63,7 +64,7 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
     cfg = ctx.cfg
     target = cfg.target_model
     source = resolve_model_source(target, ctx.cache_dir)
-    params = {"eval": cfg.eval, "train_key": trained.key if trained else "none (zero-shot)"}
+    params = {"eval": cfg.eval, "train_key": trained.key if trained is not None else NO_TRAIN}
     with ctx.tracker.stage_run("evaluate", key, ctx.tags(), params) as mlflow_run:
         with ctx.store.writing("evaluate", key) as (out, marker):
             if trained is not None:

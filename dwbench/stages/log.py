@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dwbench.context import RunContext
-from dwbench.stages.evaluate import Evaluated
+from dwbench.stages.evaluate import NO_TRAIN, Evaluated
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.score import Scored
 from dwbench.stages.select import Selected
@@ -70,18 +70,8 @@ def run(
     ctx: RunContext, scored: Scored, selected: Selected, trained: Trained, evaluated: Evaluated
 ) -> Summary:
     summary, source = summarize(ctx, scored, selected, trained, evaluated)
-    params = {"eval": ctx.cfg.eval, "train_key": trained.key}
-    with ctx.tracker.stage_run("evaluate", evaluated.key, ctx.tags(), params) as mlflow_run:
-        mlflow_run.log_metrics(asdict(summary))
-        mlflow_run.set_tags(
-            {
-                "full_train_s_source": source,
-                "metric": evaluated.marker["metric"],
-                "score_key": scored.key,
-                "select_key": selected.key,
-                "train_key": trained.key,
-            }
-        )
+    tags = {"score_key": scored.key, "select_key": selected.key, "train_key": trained.key}
+    record(ctx, evaluated, trained.key, summary, {"full_train_s_source": source, **tags})
     return summary
 
 
@@ -97,14 +87,16 @@ def run_zero_shot(ctx: RunContext, prepared: Prepared, evaluated: Evaluated) -> 
         peak_memory_mb=evaluated.marker["eval_peak_rss_mb"],
         selection_precision=None,
     )
-    params = {"eval": ctx.cfg.eval, "train_key": "none (zero-shot)"}
+    tags = {"full_train_s_source": NO_TRAIN, "prepare_key": prepared.key}
+    record(ctx, evaluated, NO_TRAIN, summary, tags)
+    return summary
+
+
+def record(
+    ctx: RunContext, evaluated: Evaluated, train_key: str, summary: Summary, tags: dict[str, str]
+) -> None:
+    """The summary's metrics and `tags` (plus the metric's name) on the cell's evaluation run."""
+    params = {"eval": ctx.cfg.eval, "train_key": train_key}
     with ctx.tracker.stage_run("evaluate", evaluated.key, ctx.tags(), params) as mlflow_run:
         mlflow_run.log_metrics(asdict(summary))
-        mlflow_run.set_tags(
-            {
-                "full_train_s_source": "none (zero-shot)",
-                "metric": evaluated.marker["metric"],
-                "prepare_key": prepared.key,
-            }
-        )
-    return summary
+        mlflow_run.set_tags({**tags, "metric": evaluated.marker["metric"]})

@@ -24,8 +24,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
+from dwbench.context import zero_shot
 from dwbench.keys import stage_key
-from dwbench.pipeline import validate, zero_shot
+from dwbench.pipeline import validate
 from dwbench.stages import evaluate, score, select, train
 from dwbench.sweep.grid import Cell
 
@@ -167,9 +168,7 @@ def estimate_seconds(
     task, method = str(cfg.task.name), str(cfg.method.name)
     chain = keys or stage_keys(cfg, f"unprepared-{cell.key}")
     seconds = 0.0
-    if zero_shot(cfg):
-        chain = {}  # nothing to score or train: evaluation only
-    if (
+    if (  # a zero-shot chain has no score or train key: evaluation only
         "score" in chain
         and chain["score"] not in scored
         and not (keys and store.is_done("score", chain["score"]))
