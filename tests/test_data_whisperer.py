@@ -17,24 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dwbench.cli import CONF_DIR
 from dwbench.data.embedded import generate_embedded_task
 from dwbench.data.metrics import exact_match_number
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError, DataError
-from dwbench.methods import data_whisperer as dw
-from dwbench.methods.base import ScoringContext
+from dwbench.methods.base import ScoringContext, top_k
+from dwbench.methods.data_whisperer import episodes as ep
+from dwbench.methods.data_whisperer import method as dw
+from dwbench.methods.data_whisperer import prompts as pr
+from dwbench.methods.data_whisperer import runner as rn
+from dwbench.methods.data_whisperer.attention import use_capture_attention
 
 TASK = {"name": "embedded_gsm", "metric": "exact_match_number", "query_source": "pool_kfold"}
 
@@ -86,52 +85,87 @@ def _sharp_model(folder: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def _episodes(
+    tokenizer: Any, layout: str, scoring: str, instruction: str | None = "Solve them."
+) -> list[pr.EncodedEpisode]:
+    """Two episodes of different lengths (one call pads them), 3 queries each."""
+    pool = _pool(12)
+    build = pr.build_separate_prompt if layout == "separate" else pr.build_joint_prompt
+    return [
+        pr.encode_episode(
+            tokenizer, build(tokenizer, demos, queries, instruction, scoring == "likelihood")
+        )
+        for demos, queries in [(pool[0:4], pool[8:11]), (pool[4:6], pool[9:12])]
+    ]
+
+
 def _reference_weights(
-    model: torch.nn.Module, prompt: dw.EncodedPrompt, layer: int, span: str, shift: int = 0
+    model: torch.nn.Module, episode: pr.EncodedEpisode, layer: int, span: str, shift: int = 0
 ) -> np.ndarray:
-    """Brute force: every layer's attention from one eager forward pass, read at `layer`."""
-    with torch.no_grad():
-        output = model(torch.tensor([prompt.input_ids]), output_attentions=True)
-    attention = output.attentions[layer][0].sum(dim=0).double().numpy()  # heads summed
-    n = len(prompt.input_ids)
-    rows = slice(*prompt.query_tokens) if span == "query_block" else slice(n - 1, n)
-    block = attention[rows]
-    a = np.array(
-        [
-            block[:, s + shift : e + shift].sum() / ((e - s) * len(block))
-            for s, e in prompt.demo_tokens
-        ]
-    )
+    """Brute force: each row run whole through an eager forward with every layer's attention."""
+    n_prefix = len(episode.prefix_ids)
+    mass, n_rows = np.zeros(len(episode.demo_tokens)), 0
+    for row in episode.rows:
+        ids = episode.prefix_ids + row.suffix_ids
+        with torch.no_grad():
+            output = model(torch.tensor([ids]), output_attentions=True)
+        attention = output.attentions[layer][0].sum(dim=0).double().numpy()  # heads summed
+        start, end = (n_prefix + t for t in row.query_tokens)
+        block = attention[slice(start, end) if span == "query_block" else slice(end - 1, end)]
+        n_rows += len(block)
+        mass += [block[:, s + shift : e + shift].sum() / (e - s) for s, e in episode.demo_tokens]
+    a = mass / n_rows
     return a / a.sum()
 
 
-@pytest.mark.parametrize("span", dw.ATTENTION_SPANS)
+def _run(
+    runner: rn.EpisodeRunner, episodes: list[pr.EncodedEpisode], scoring: str, max_new: int = 2
+) -> list[rn.EpisodeOutput]:
+    if scoring == "likelihood":
+        return runner.likelihood(episodes)
+    outputs: dict[int, rn.EpisodeOutput] = {}
+    runner.generate(
+        episodes, lambda: pr.SeparateStop(True), max_new, lambda b, o: outputs.setdefault(b, o)
+    )
+    return [outputs[b] for b in range(len(episodes))]
+
+
+@pytest.mark.parametrize("span", rn.ATTENTION_SPANS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    ("layout", "scoring"),
+    [
+        ("joint", "generate"),
+        ("separate", "generate"),
+        ("separate", "likelihood"),
+        ("joint", "likelihood"),
+    ],
+)
 def test_weights_equal_a_full_forward_with_output_attentions(
-    arch: str, span: str, tiny_llama_dir: Path, tiny_qwen2_dir: Path
+    layout: str, scoring: str, arch: str, span: str, tiny_llama_dir: Path, tiny_qwen2_dir: Path
 ) -> None:
     folder = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}[arch]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = _sharp_model(folder)
-    pool = _pool(12)
-    # Two prompts of different lengths in one call: the shorter one is left-padded.
-    prompts = [
-        dw.encode_prompt(tokenizer, dw.build_prompt(tokenizer, demos, queries, "Solve them."))
-        for demos, queries in [(pool[0:4], pool[8:11]), (pool[4:6], pool[9:12])]
-    ]
-    assert len(prompts[0].input_ids) != len(prompts[1].input_ids)
-    references = [_reference_weights(model, p, 1, span) for p in prompts]
-    off_by_one = [_reference_weights(model, p, 1, span, shift=1) for p in prompts]
+    episodes = _episodes(tokenizer, layout, scoring)
+    assert episodes[0].longest_row() != episodes[1].longest_row()
+    references = [_reference_weights(model, e, 1, span) for e in episodes]
+    off_by_one = [_reference_weights(model, e, 1, span, shift=1) for e in episodes]
 
-    dw.use_capture_attention(model)
-    runner = dw.EpisodeRunner(model, tokenizer, 1, span, 3, True, max_new_tokens=2)
+    use_capture_attention(model)
+    runner = rn.EpisodeRunner(model, tokenizer, 1, span, {tokenizer.eos_token_id})
     try:
-        generations = runner.run(prompts)
+        outputs = _run(runner, episodes, scoring)
+        if scoring == "likelihood":  # the query rows come before the answers: same weights
+            unforced = _run(runner, _episodes(tokenizer, layout, "generate"), "generate")
     finally:
         runner.close()
-    for generation, reference in zip(generations, references, strict=True):
-        weights = np.asarray(generation.attention) / sum(generation.attention)
+    for output, reference in zip(outputs, references, strict=True):
+        weights = np.asarray(output.attention) / sum(output.attention)
         np.testing.assert_allclose(weights, reference, rtol=0, atol=1e-5)
+    if scoring == "likelihood":
+        for forced, free in zip(outputs, unforced, strict=True):
+            np.testing.assert_allclose(forced.attention, free.attention, rtol=1e-4, atol=1e-7)
     # The comparison can see a span that is one token off.
     assert max(np.abs(s - r).max() for s, r in zip(off_by_one, references, strict=True)) > 1e-4
 
@@ -148,53 +182,75 @@ TRICKY = [
 ]
 
 
+@pytest.mark.parametrize("layout", pr.QUERY_LAYOUTS)
 @pytest.mark.parametrize("which", ["smollm2", "gpt2_bpe"])
-def test_demonstration_spans_decode_to_exactly_the_demonstration(
-    which: str, smollm2_dir: Path, tiny_qwen2_dir: Path
+def test_token_spans_decode_to_exactly_their_text(
+    which: str, layout: str, smollm2_dir: Path, tiny_qwen2_dir: Path
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(
         {"smollm2": smollm2_dir, "gpt2_bpe": tiny_qwen2_dir}[which]
     )
-    demos = TRICKY + _pool(4)
-    prompt = dw.build_prompt(tokenizer, demos, _pool(6)[4:6], dw.NUMERIC_INSTRUCTION)
-    encoded = dw.encode_prompt(tokenizer, prompt)
-    assert encoded.input_ids == tuple(tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
-    for (start, end), demo in zip(encoded.demo_tokens, demos, strict=True):
-        assert tokenizer.decode(encoded.input_ids[start:end]) == dw.demonstration_text(demo)
-    query_block = tokenizer.decode(encoded.input_ids[slice(*encoded.query_tokens)])
-    assert query_block.startswith(dw.NUMERIC_INSTRUCTION)
-    assert query_block.endswith(dw.ANSWER_PREFILL)
+    demos, queries = TRICKY + _pool(4), [*_pool(6)[4:6], TRICKY[2]]
+    build = pr.build_separate_prompt if layout == "separate" else pr.build_joint_prompt
+    prompt = build(tokenizer, demos, queries, pr.NUMERIC_INSTRUCTION, gold=True)
+    encoded = pr.encode_episode(tokenizer, prompt)
+
+    def decode(ids: tuple[int, ...]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    for row, enc in zip(prompt.rows, encoded.rows, strict=True):
+        ids = encoded.prefix_ids + enc.suffix_ids
+        assert ids == tuple(tokenizer(row.text, add_special_tokens=False)["input_ids"])
+        for (start, end), chars in zip(encoded.demo_tokens, prompt.demo_chars, strict=True):
+            assert decode(ids[start:end]) == row.text[slice(*chars)]
+        for (start, end), chars in zip(enc.answer_tokens, row.answer_chars, strict=True):
+            assert decode(enc.suffix_ids[start:end]) == row.text[slice(*chars)]
+        block = decode(enc.suffix_ids[slice(*enc.query_tokens)])
+        if layout == "joint":
+            assert block.startswith(pr.NUMERIC_INSTRUCTION) and block.endswith(pr.ANSWER_PREFILL)
+            assert len(enc.answer_tokens) == len(queries)
+        else:
+            assert block.startswith(row.text[slice(*row.query_chars)][:20])
+            assert len(encoded.rows) == len(queries)
+    if layout == "joint":
+        for (start, end), demo in zip(encoded.demo_tokens, demos, strict=True):
+            assert decode(encoded.prefix_ids[start:end]) == pr.demonstration_text(demo)
+    else:  # each row's answer is its query's gold answer; its final number is located exactly
+        for enc, query in zip(encoded.rows, queries, strict=True):
+            assert decode(enc.suffix_ids[slice(*enc.answer_tokens[0])]) == query.response.strip()
+            if "####" in query.response:
+                number = decode(enc.suffix_ids[slice(*enc.number_tokens[0])])
+                assert number.strip() == query.response.rsplit("####", 1)[1].strip()
+            else:
+                assert enc.number_tokens == (None,)
 
 
-@pytest.mark.parametrize("order", dw.EPISODE_ORDERS)
+@pytest.mark.parametrize("order", ep.EPISODE_ORDERS)
 def test_every_example_is_a_demonstration_once_per_pass(order: str) -> None:
-    settings = dw.Settings.from_config(
-        _method_cfg(n_demos=4, n_queries=3, episode_order=order, passes=1 + (order == "random"))
-    )
-    plan = dw.plan_episodes(23, None, settings, seed=3)
-    assert (
-        plan
-        == dw.plan_episodes(23, None, settings, seed=3)
-        != dw.plan_episodes(23, None, settings, 4)
-    )
-    demos = [i for episode in plan for i in episode.demos]
-    assert sorted(demos) == sorted(list(range(23)) * settings.passes)
-    for episode in plan:  # queries come from the other fold, so never from the episode's demos
+    passes = 1 + (order == "random")
+
+    def plan(seed: int) -> list[ep.Episode]:
+        return ep.plan_episodes(23, None, 4, 3, order, passes, seed)
+
+    assert plan(3) == plan(3) != plan(4)
+    demos = [i for episode in plan(3) for i in episode.demos]
+    assert sorted(demos) == sorted(list(range(23)) * passes)
+    for episode in plan(3):  # queries come from the other fold, so never from the episode's demos
         assert len(set(episode.queries)) == 3 and not set(episode.queries) & set(episode.demos)
 
 
 def test_hand_made_episodes_give_the_expected_scores() -> None:
     contributions = [
-        dw.Contribution(demos=[0, 1], score=0.6, attention=[3.0, 1.0]),  # w = 1.5, 0.5
-        dw.Contribution(demos=[1, 2], score=0.2, attention=[0.01, 0.01]),  # w = 1, 1
-        dw.Contribution(demos=[2, 0, 4], score=1.0, attention=[1.0, 1.0, 2.0]),  # .75 .75 1.5
+        ep.Contribution(demos=[0, 1], score=0.6, attention=[3.0, 1.0]),  # w = 1.5, 0.5
+        ep.Contribution(demos=[1, 2], score=0.2, attention=[0.01, 0.01]),  # w = 1, 1
+        ep.Contribution(demos=[2, 0, 4], score=1.0, attention=[1.0, 1.0, 2.0]),  # .75 .75 1.5
     ]
-    table = dw.accumulate(5, contributions, weighting=True)
+    table = ep.accumulate(5, contributions, weighting=True)
     np.testing.assert_allclose(table.score, [(0.9 + 0.75) / 2, 0.25, (0.2 + 0.75) / 2, 0, 1.5])
     np.testing.assert_array_equal(table.appearances, [2, 2, 2, 0, 1])
     np.testing.assert_allclose(table.mean_weight, [1.125, 0.75, 0.875, 0, 1.5])
     np.testing.assert_allclose(table.mean_episode_score, [0.8, 0.4, 0.6, 0, 1.0])
-    unweighted = dw.accumulate(5, contributions, weighting=False)
+    unweighted = ep.accumulate(5, contributions, weighting=False)
     np.testing.assert_allclose(unweighted.score, table.mean_episode_score)
     assert table.score.dtype == np.float64
 
@@ -210,6 +266,7 @@ def test_episodes_that_all_score_zero_are_reported_as_no_signal() -> None:
             "new_tokens": 9,
             "seconds": 1.0,
             "score": 0.0,
+            "correct": [False, False],
         },
         {
             "demo_ids": ["c", "d"],
@@ -219,15 +276,26 @@ def test_episodes_that_all_score_zero_are_reported_as_no_signal() -> None:
             "new_tokens": 5,
             "seconds": 1.0,
             "score": 0.0,
+            "correct": [False, False],
         },
     ]
-    contributions = [dw.Contribution([0, 1], 0.0, [1.0, 2.0]), dw.Contribution([2, 3], 0.0, [3, 1])]
-    stats = dw._summarise(records, dw.accumulate(4, contributions, weighting=True), 4, 2)
+    contributions = [ep.Contribution([0, 1], 0.0, [1.0, 2.0]), ep.Contribution([2, 3], 0.0, [3, 1])]
+    stats = dw._summarise(records, ep.accumulate(4, contributions, weighting=True), 4, 2)
     assert stats["distinct_scores"] == 1
     assert stats["parse_failure_rate"] == 0.75 and stats["capped_episodes"] == 1
-    contributions[1] = dw.Contribution([2, 3], 0.5, [3, 1])
-    stats = dw._summarise(records, dw.accumulate(4, contributions, weighting=True), 4, 2)
+    contributions[1] = ep.Contribution([2, 3], 0.5, [3, 1])
+    stats = dw._summarise(records, ep.accumulate(4, contributions, weighting=True), 4, 2)
     assert stats["distinct_scores"] == 3  # 0 for a and b; 0.75 and 0.25 for c and d
+
+
+def _read(text: str, queries: list[Example]) -> tuple[list[float], int]:
+    """A joint completion's per-query exact match and its parse failures, as scoring reads it."""
+    scores, failures = [], 0
+    for answer, query in zip(pr.split_answers(text, len(queries), True), queries, strict=True):
+        failed = pr.answer_failed(answer, numeric=True)
+        failures += failed
+        scores.append(0.0 if failed else exact_match_number(answer, query.references))
+    return scores, failures
 
 
 def test_answers_are_split_scored_and_failures_counted() -> None:
@@ -241,54 +309,179 @@ def test_answers_are_split_scored_and_failures_counted() -> None:
         "Answer 3: I am not sure.\n"
         "Answer 4: $5 each\n#### $5.00\n"
     )
-    scores, failures = dw.score_answers(text, queries, exact_match_number, numeric=True)
-    assert scores == [1.0, 1.0, 0.0, 1.0] and failures == 1
-    assert dw.answers_complete(text, 4, numeric=True)
-    assert not dw.answers_complete(text.removesuffix("\n"), 4, numeric=True)  # "5.00" may go on
-    missing = dw.score_answers("Answer 1:\n#### 1000\n", queries, exact_match_number, True)
-    assert missing == ([1.0, 0.0, 0.0, 0.0], 3)
-    # Markers dropped after the first answer: the `####` blocks are read in order.
+    assert _read(text, queries) == ([1.0, 1.0, 0.0, 1.0], 1)
+    assert pr.answers_complete(text, 4, numeric=True)
+    assert not pr.answers_complete(text.removesuffix("\n"), 4, numeric=True)  # "5.00" may go on
+    assert _read("Answer 1:\n#### 1000\n", queries) == ([1.0, 0.0, 0.0, 0.0], 3)
+    # Markers dropped after the first answer: the `####` blocks are read in order, and only the
+    # cap ends such a completion (an unmarked block may restate the previous answer).
     unmarked = "Answer 1: 1000\n#### 1000\n\nIt falls.\n#### -47\n\n18\n#### 18"
-    assert dw.score_answers(unmarked, queries, exact_match_number, True) == ([1, 1, 1, 0], 1)
-    assert dw.answers_complete(unmarked + "\n", 3, numeric=True)
-    assert not dw.answers_complete(unmarked, 3, numeric=True)
-    assert dw.answers_complete("Answer 1: a\nAnswer 2: summary.\n\n", 2, numeric=False)
-    assert not dw.answers_complete("Answer 1: a\nAnswer 2: summary.", 2, numeric=False)
+    assert _read(unmarked, queries) == ([1, 1, 1, 0], 1)
+    assert not pr.answers_complete(unmarked + "\n", 3, numeric=True)
+    assert pr.answers_complete("Answer 1: a\nAnswer 2: summary.\n\n", 2, numeric=False)
+    assert not pr.answers_complete("Answer 1: a\nAnswer 2: summary.", 2, numeric=False)
 
 
-class _Script(LogitsProcessor):
-    """Forces a scripted completion, then endless filler: only a stopping criterion ends it."""
-
-    def __init__(self, script: list[int], filler: int, prompt_length: int) -> None:
-        self.script, self.filler, self.prompt_length = script, filler, prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_length
-        token = self.script[step] if step < len(self.script) else self.filler
-        forced = torch.full_like(scores, -torch.inf)
-        forced[:, token] = 0.0
-        return forced
-
-
-def test_generation_stops_once_every_answer_is_complete(tiny_llama_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    completion = " 2 + 2 = 4\n#### 4\nAnswer 2: 3 * 3 = 9\n#### 9\n"
-    script = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    filler = tokenizer(" more", add_special_tokens=False)["input_ids"][0]
-    prompt = torch.tensor([tokenizer("Q", add_special_tokens=False)["input_ids"]])
-    stop_ids = {tokenizer.eos_token_id}
-    criterion = dw.AnswersComplete(tokenizer, prompt.shape[1], 2, True, stop_ids)
-    output = model.generate(
-        input_ids=prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=200,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([_Script(script, filler, prompt.shape[1])]),
-        stopping_criteria=StoppingCriteriaList([criterion]),
-        pad_token_id=tokenizer.pad_token_id,
+def test_a_second_final_line_stays_in_its_answer() -> None:
+    """ "#### 5\nSo the final answer is\n#### 5" must not shift later answers by one."""
+    queries = [Example(f"q{k}", "?", f"#### {n}", (f"#### {n}",)) for k, n in enumerate([5, 9])]
+    text = (
+        "Answer 1: 2 + 3 = 5\n#### 5\nSo the final answer is\n#### 5\nAnswer 2: 4 + 5 = 9\n#### 9"
     )
-    assert output.shape[1] - prompt.shape[1] == len(script) == criterion.lengths[0]
+    assert _read(text, queries) == ([1.0, 1.0], 0)
+    head = text[: text.index("Answer 2")]
+    assert not pr.answers_complete(head, 2, numeric=True)  # the second answer is still to come
+    assert not pr.answers_complete(text, 2, numeric=True)  # "#### 9" may still grow
+    assert pr.answers_complete(text + "\n", 2, numeric=True)
+
+
+def test_a_separate_row_stops_at_its_final_line_or_a_new_question() -> None:
+    def fed(pieces: list[str], numeric: bool = True) -> int | None:
+        stop = pr.SeparateStop(numeric)
+        return next((i for i, piece in enumerate(pieces) if stop.feed(piece)), None)
+
+    assert fed(["2 + 3", " = 5\n", "####", " 5", "\n", "more"]) == 4
+    assert fed(["#### 1", "2", " apples", "\n"]) == 3  # the line is read once it ends
+    assert fed(["It is 5.\n", "\n", "Question", ": how"]) == 2
+    assert fed(["A summary.", "\n**Quest", "ion 2**"], numeric=False) == 2
+    assert fed(["The question is hard.\n", "#### 4"]) is None
+    assert pr.separate_answer("5 apples\n#### 5\n\nQuestion: next?") == "5 apples\n#### 5\n"
+
+
+def test_ties_are_broken_by_the_run_seed() -> None:
+    """All-equal scores: each seed selects its own subset, the same one every time."""
+    tied = pd.DataFrame({"id": [f"x{i}" for i in range(40)], "score": 0.0})
+    picks = [top_k(tied, 8, seed) for seed in (0, 1, 2)]
+    assert len({tuple(sorted(p)) for p in picks}) == 3
+    assert top_k(tied, 8, 1) == picks[1]
+    ranked = pd.DataFrame({"id": ["a", "b", "c", "d"], "score": [0.1, 0.9, 0.5, 0.9]})
+    assert {tuple(top_k(ranked, 3, seed)[2:]) for seed in range(5)} == {("c",)}
+    assert {tuple(sorted(top_k(ranked, 2, seed))) for seed in range(5)} == {("b", "d")}
+
+
+def _sampling_folder(source: Path, target: Path) -> Path:
+    """The model folder re-saved with a generation_config.json that asks for sampling."""
+    shutil.copytree(source, target)
+    (target / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_p": 0.9,
+                "top_k": 5,
+                "transformers_version": "5.0.0",
+            }
+        )
+    )
+    return target
+
+
+class _StopAfter:
+    """A stop that fires after a set number of pieces (different for each row)."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.n, self.seen = lengths.pop(0), 0
+
+    def feed(self, piece: str) -> bool:
+        self.seen += 1
+        return self.seen >= self.n
+
+
+def test_shared_prefix_rows_decode_greedily_as_rows_run_from_scratch(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """Prefix cache shared, rows padded in the middle, finished rows leaving the batch: the
+    completions are each row's own greedy argmax, even when the model folder asks to sample."""
+    folder = _sampling_folder(tiny_llama_dir, tmp_path / "sampling")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.generation_config.do_sample  # the trap: model.generate would sample
+    episodes = _episodes(tokenizer, "separate", "generate")
+    max_new, lengths = 6, [2, 6, 4, 3, 6, 1]  # per row, in batch order
+    use_capture_attention(model)
+    runner = rn.EpisodeRunner(model, tokenizer, 1, "query_block", {tokenizer.eos_token_id})
+    batch_sizes: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    done: dict[tuple[int, int], rn.EpisodeOutput] = {}
+    try:
+        for seed in (0, 1):  # sampling would differ between seeds
+            torch.manual_seed(seed)
+            stop_lengths = list(lengths)
+            runner.generate(
+                episodes,
+                lambda stop_lengths=stop_lengths: _StopAfter(stop_lengths),
+                max_new,
+                lambda b, o, seed=seed: done.__setitem__((seed, b), o),
+            )
+    finally:
+        runner.close()
+        hook.remove()
+    rows = [(e, row) for e in episodes for row in e.rows]
+    outputs = [out for b in range(2) for out in done[(0, b)].rows]
+    assert [o.text for o in outputs] == [o.text for b in range(2) for o in done[(1, b)].rows]
+    for (episode, row), out, length in zip(rows, outputs, lengths, strict=True):
+        ids = list(episode.prefix_ids + row.suffix_ids)
+        for _ in range(length):
+            with torch.no_grad():
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+        scratch = ids[len(episode.prefix_ids + row.suffix_ids) :]
+        assert out.new_tokens == len(scratch)
+        assert out.text == tokenizer.decode(scratch, skip_special_tokens=True)
+    # One call: prefill (2 episodes), suffixes (6 rows), then a shrinking batch of steps.
+    first_call = batch_sizes[: len(batch_sizes) // 2]
+    assert first_call[:2] == [2, 6]
+    assert first_call[2:] == sorted(first_call[2:], reverse=True) and first_call[-1] == 2
+
+
+def test_likelihood_scores_equal_a_hand_computation(
+    tmp_path: Path, tiny_qwen2_dir: Path, tiny_model_cfg: Callable[..., dict[str, Any]]
+) -> None:
+    """Each query's score is the mean probability of its gold answer's tokens, teacher-forced."""
+    method = _method(
+        tmp_path,
+        tiny_model_cfg(tiny_qwen2_dir, "qwen2"),
+        n_demos=3,
+        n_queries=2,
+        query_layout="separate",
+        query_scoring="likelihood",
+    )
+    pool = _pool(12)
+    method.score(pool)
+    assert method.stats["generated_tokens_per_episode"] == 0
+    lines = (tmp_path / ep.CHECKPOINT_FILE).read_text().splitlines()[1:]
+    record = json.loads(lines[0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
+    by_id = {ex.id: ex for ex in pool}
+    history = []
+    for demo in (by_id[i] for i in record["demo_ids"]):
+        history += [
+            {"role": "user", "content": demo.prompt.strip()},
+            {"role": "assistant", "content": demo.response.strip()},
+        ]
+    for query_id, score, correct in zip(
+        record["query_ids"], record["query_scores"], record["correct"], strict=True
+    ):
+        query = by_id[query_id]
+        question = tokenizer.apply_chat_template(
+            [*history, {"role": "user", "content": query.prompt.strip()}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        head = tokenizer(question, add_special_tokens=False)["input_ids"]
+        full = tokenizer(question + query.response.strip(), add_special_tokens=False)["input_ids"]
+        assert full[: len(head)] == head
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
+        gold = [float(probs[t - 1, full[t]]) for t in range(len(head), len(full))]
+        assert score == pytest.approx(np.mean(gold), rel=1e-4)
+        assert (correct is None) == ("####" not in query.response)
 
 
 def test_prompt_longer_than_the_context_drops_demonstrations(
@@ -324,7 +517,7 @@ def test_a_killed_run_resumes_from_its_finished_episodes(
     }
     first = _method(tmp_path, selector, **settings)
     full = first.score(_pool(12))
-    log = tmp_path / dw.CHECKPOINT_FILE
+    log = tmp_path / ep.CHECKPOINT_FILE
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # two episodes and a torn line
     again = _method(tmp_path, selector, **settings)
@@ -340,14 +533,15 @@ _TWIN = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_data_whisperer import _method, _pool
     from tiny_models import tiny_model_cfg
-    from dwbench.methods import data_whisperer as dw
+    from dwbench.methods.data_whisperer import method as dw
 
     # Random tiny models never answer correctly; score a completion by a hash of its text, so
     # scores depend on what was generated as well as on the attention.
-    def by_text(text, queries, metric, numeric):
-        return [zlib.crc32(text.encode()) % 97 / 96] * len(queries), 0
+    def by_text(self, out, queries):
+        text = out.rows[0].text
+        return [zlib.crc32(text.encode()) % 97 / 96] * len(queries), 0, [], [text]
 
-    dw.score_answers = by_text
+    dw.DataWhisperer._query_scores = by_text
     method = _method(Path(sys.argv[1]), tiny_model_cfg(Path({model!r})), n_demos=3, n_queries=2,
                      max_new_tokens_per_answer=3, runtime={{"prompts_per_call": 2}})
     scores = method.score(_pool(14))
@@ -394,6 +588,7 @@ def _without_chat_template(source: Path, target: Path) -> Path:
         "task_without_metric",
         "validation_without_queries",
         "bad_option",
+        "bad_layout",
     ],
 )
 def test_bad_input_fails_clearly_before_any_work(
@@ -431,9 +626,11 @@ def test_bad_input_fails_clearly_before_any_work(
     elif case == "validation_without_queries":
         overrides = {"query_source": "validation", "n_demos": 3, "n_queries": 2}
         expected = (ConfigError, "no query split")
+    elif case == "bad_layout":
+        overrides, expected = {"query_layout": "rows"}, (ConfigError, "method.query_layout")
     else:
         overrides, expected = {"attention_span": "last_token"}, (ConfigError, "attention_span")
     with pytest.raises(expected[0], match=expected[1]):
         _method(tmp_path, selector, task, **overrides).score(pool)
-    log = tmp_path / dw.CHECKPOINT_FILE
+    log = tmp_path / ep.CHECKPOINT_FILE
     assert not log.exists() or len(log.read_text().splitlines()) == 1  # no episode ran

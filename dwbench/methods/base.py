@@ -63,7 +63,21 @@ def method_stats(method: SelectionMethod) -> dict[str, float]:
     return dict(getattr(method, "stats", {}))
 
 
-def top_k(scores: pd.DataFrame, k: int) -> list[str]:
-    """The k highest scores; ties keep pool order (stable sort), so selections reproduce."""
-    order = np.argsort(-scores["score"].to_numpy(dtype=np.float64), kind="stable")
+TIE_BREAK_STREAM = 7_919  # a seed stream of its own, apart from the one a method scores with
+
+
+def method_params(method: SelectionMethod) -> dict[str, Any]:
+    """Settings a method resolved while scoring (e.g. Data Whisperer's decoding), for the log."""
+    return dict(getattr(method, "params", {}))
+
+
+def top_k(scores: pd.DataFrame, k: int, seed: int) -> list[str]:
+    """The k highest scores; ties are broken by a permutation drawn from the run's seed.
+
+    Pool order would make every seed of a tied run select the same subset (it is fixed by the
+    task's shuffle, not the run seed), and the spread over seeds would not be a spread.
+    """
+    values = scores["score"].to_numpy(dtype=np.float64)
+    tie_break = np.random.default_rng([seed, TIE_BREAK_STREAM]).permutation(len(values))
+    order = np.lexsort((tie_break, -values))
     return scores["id"].iloc[order[:k]].tolist()

@@ -53,4 +53,4 @@ class EL2N:
         return pd.DataFrame({"id": [ex.id for ex in pool], "score": el2n, "el2n": el2n})
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
-        return top_k(scores, k)
+        return top_k(scores, k, self.context.seed)

@@ -41,4 +41,4 @@ class GraNd:
         return pd.DataFrame({"id": [ex.id for ex in pool], "score": norms, "grad_norm": norms})
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
-        return top_k(scores, k)
+        return top_k(scores, k, self.context.seed)

@@ -164,4 +164,4 @@ class LESS:
         )
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
-        return top_k(scores, k)
+        return top_k(scores, k, self.context.seed)

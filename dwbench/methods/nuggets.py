@@ -170,4 +170,4 @@ class Nuggets:
         return {row["id"]: row["score"] for row in lines[1:] if "id" in row}
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
-        return top_k(scores, k)
+        return top_k(scores, k, self.context.seed)

@@ -59,4 +59,4 @@ class Perplexity:
         )
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
-        return top_k(scores, k)
+        return top_k(scores, k, self.context.seed)

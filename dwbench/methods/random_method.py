@@ -22,4 +22,4 @@ class RandomSelection:
         return pd.DataFrame({"id": [ex.id for ex in pool], "score": rng.random(len(pool))})
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
-        return top_k(scores, k)
+        return top_k(scores, k, self.seed)

@@ -15,6 +15,7 @@ from dwbench.methods.base import SelectionMethod
 METHODS: dict[str, str] = {
     "random": "dwbench.methods.random_method:RandomSelection",
     "data_whisperer": "dwbench.methods.data_whisperer:DataWhisperer",
+    "data_whisperer_likelihood": "dwbench.methods.data_whisperer:DataWhisperer",
     "perplexity_low": "dwbench.methods.perplexity:Perplexity",
     "perplexity_middle": "dwbench.methods.perplexity:Perplexity",
     "perplexity_high": "dwbench.methods.perplexity:Perplexity",

@@ -16,6 +16,7 @@ METHOD_LABELS = {
     "nuggets": "Nuggets",
     "staff": "STAFF",
     "data_whisperer": "Data Whisperer",
+    "data_whisperer_likelihood": "Data Whisperer (likelihood)",
     "perplexity_low": "Perplexity (low)",
     "perplexity_middle": "Perplexity (middle)",
     "perplexity_high": "Perplexity (high)",

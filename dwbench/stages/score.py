@@ -19,11 +19,12 @@ from dwbench.context import RunContext
 from dwbench.errors import DwbenchError
 from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
-from dwbench.methods.base import ScoringContext, SelectionMethod, method_stats
+from dwbench.methods.base import ScoringContext, SelectionMethod, method_params, method_stats
 from dwbench.methods.registry import get_method
 from dwbench.models import model_identity
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.train import ScorerTrainer
+from dwbench.tracking import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
             scores.to_csv(out / "scores.csv", index=False)
             keep_work_files(ctx.store.scratch_dir("score", key, create=False), out)
             stats = method_stats(method)
+            resolved = method_params(method)
             marker.update(
+                method_params=resolved,
                 selection_s=selection_s,
                 peak_rss_mb=memory.peak_rss_mb,
                 n_pool=len(scores),
@@ -107,6 +110,7 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
                 **stats,
             }
         )
+        mlflow_run.set_tags(flatten(resolved, "resolved."))
         mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
     return Scored(key, scores, selection_s, memory.peak_rss_mb)
 

@@ -49,8 +49,11 @@ def precision(ids: list[str], clean_flags: dict[str, bool] | None) -> float | No
     return sum(clean_flags[i] for i in ids) / len(ids)
 
 
+TIE_BREAK = "run_seed"  # ties in the scores are broken by the run seed (methods.base.top_k)
+
+
 def key_for(ctx: RunContext, score_key: str) -> str:
-    return stage_key("select", score=score_key, budget=float(ctx.cfg.budget))
+    return stage_key("select", score=score_key, budget=float(ctx.cfg.budget), ties=TIE_BREAK)
 
 
 def load(ctx: RunContext, key: str) -> Selected:
@@ -86,7 +89,12 @@ def run(ctx: RunContext, prepared: Prepared, scored: score_stage.Scored) -> Sele
                 selection_precision=selection_precision,
             )
         mlflow_run.log_metrics(
-            {"select_s": select_s, "k": k, "selection_precision": selection_precision}
+            {
+                "select_s": select_s,
+                "k": k,
+                "selection_precision": selection_precision,
+                "distinct_scores": scored.scores["score"].nunique(),
+            }
         )
         mlflow_run.log_artifact(ctx.store.stage_dir("select", key) / "selected_ids.json")
     return Selected(key, ids, select_s, selection_precision)

@@ -1,0 +1,561 @@
+"""The method: settings, the scoring run (plan, resume, run, accumulate) and selection.
+
+Registered as `data_whisperer` (and `data_whisperer_likelihood`, the same class with
+`query_scoring=likelihood`); config in conf/method/.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dwbench.chat import require_chat_template
+from dwbench.data.metrics import get_metric
+from dwbench.data.records import Example
+from dwbench.errors import ConfigError, DataError
+from dwbench.keys import result_identity, stable_hash
+from dwbench.methods.base import ScoringContext, top_k
+from dwbench.methods.data_whisperer.attention import use_capture_attention
+from dwbench.methods.data_whisperer.episodes import (
+    CHECKPOINT_FILE,
+    EPISODE_ORDERS,
+    Contribution,
+    Episode,
+    EpisodeLog,
+    ScoreTable,
+    accumulate,
+    plan_episodes,
+)
+from dwbench.methods.data_whisperer.prompts import (
+    NUMERIC_METRIC,
+    QUERY_LAYOUTS,
+    EncodedEpisode,
+    JointStop,
+    SeparateStop,
+    answer_failed,
+    build_joint_prompt,
+    build_separate_prompt,
+    default_instruction,
+    encode_episode,
+    separate_answer,
+    split_answers,
+)
+from dwbench.methods.data_whisperer.runner import (
+    ATTENTION_SPANS,
+    GREEDY,
+    EpisodeOutput,
+    EpisodeRunner,
+)
+
+logger = logging.getLogger(__name__)
+
+QUERY_SCORINGS = ("generate", "likelihood")
+QUERY_SOURCES = ("pool_kfold", "validation")
+# Episodes per forward batch when method.runtime.prompts_per_call is null, by device type.
+# cpu: measured with `python -m dwbench.bench selection` on 2 cores (README, "Data Whisperer");
+# cuda / mps: stated, not measured here (a batch of 32 episodes of ~1k tokens fits an 8B model
+# in bf16 on a 40 GB GPU; raise it on larger cards).
+EPISODES_PER_CALL = {"cpu": 4, "cuda": 32, "mps": 8}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The method config, checked: every bad value fails here, before any model is loaded."""
+
+    n_demos: int
+    n_queries: int
+    query_layout: str
+    query_scoring: str
+    attention_span: str
+    attention_weighting: bool
+    episode_order: str
+    passes: int
+    query_source: str
+    instruction: str | None
+    max_new_tokens_per_answer: int
+    prompts_per_call: int | None  # None: EPISODES_PER_CALL for the device
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
+        def get(key: str, node: Mapping[str, Any] = cfg, prefix: str = "method") -> Any:
+            if key not in node:
+                raise ConfigError(
+                    f"{prefix}.{key} is missing; conf/method/data_whisperer.yaml lists every key."
+                )
+            return node[key]
+
+        def positive(key: str, value: Any, prefix: str = "method") -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{prefix}.{key}={value!r} must be a positive integer.")
+            return value
+
+        def choice(key: str, options: tuple[str, ...]) -> str:
+            value = get(key)
+            if value not in options:
+                raise ConfigError(f"method.{key}={value!r} is not one of {', '.join(options)}.")
+            return str(value)
+
+        runtime = get("runtime")
+        weighting = get("attention_weighting")
+        if not isinstance(weighting, bool):
+            raise ConfigError(f"method.attention_weighting={weighting!r} must be true or false.")
+        instruction = get("instruction")
+        if instruction is not None and not str(instruction).strip():
+            raise ConfigError("method.instruction is empty; set it to null for the built-in one.")
+        per_call = get("prompts_per_call", runtime, "method.runtime")
+        settings = cls(
+            n_demos=positive("n_demos", get("n_demos")),
+            n_queries=positive("n_queries", get("n_queries")),
+            query_layout=choice("query_layout", QUERY_LAYOUTS),
+            query_scoring=choice("query_scoring", QUERY_SCORINGS),
+            attention_span=choice("attention_span", ATTENTION_SPANS),
+            attention_weighting=weighting,
+            episode_order=choice("episode_order", EPISODE_ORDERS),
+            passes=positive("passes", get("passes")),
+            query_source=choice("query_source", QUERY_SOURCES),
+            instruction=None if instruction is None else str(instruction).strip(),
+            max_new_tokens_per_answer=positive(
+                "max_new_tokens_per_answer", get("max_new_tokens_per_answer")
+            ),
+            prompts_per_call=None
+            if per_call is None
+            else positive("prompts_per_call", per_call, "method.runtime"),
+        )
+        if settings.episode_order == "sequential" and settings.passes != 1:
+            raise ConfigError(
+                f"method.passes={settings.passes} needs method.episode_order=random (sequential "
+                "order walks one shuffle once, as the released code does)."
+            )
+        return settings
+
+    def result_fields(self) -> dict[str, Any]:
+        """What decides the scores: everything except the runtime batch size."""
+        fields = asdict(self)
+        del fields["prompts_per_call"]
+        return fields
+
+    def episodes_per_call(self, device: str) -> int:
+        if self.prompts_per_call is not None:
+            return self.prompts_per_call
+        return EPISODES_PER_CALL.get(device.split(":")[0], EPISODES_PER_CALL["cpu"])
+
+
+class DataWhisperer:
+    """Data Whisperer's scoring; `stats` holds the run's diagnostics after `score`.
+
+    attention_layer, episodes, truncated_episodes / dropped_demonstrations / skipped_episodes
+    (context overflow), parse_failure_rate, query_accuracy (share of queries answered right;
+    teacher-forced final-number match for likelihood), capped_episodes (a row hit the token cap),
+    generated_tokens_per_episode, seconds_per_episode, seconds_per_example (this call, model
+    loading excluded), load_seconds, resumed_episodes, episodes_per_call, mean_episode_score,
+    unscored_examples (no appearance left) and distinct_scores (1: no signal, a warning says so).
+    """
+
+    needs_selector = True  # scores with the selector model
+
+    def __init__(self, context: ScoringContext) -> None:
+        self.context = context
+        self.settings = Settings.from_config(context.method_cfg)
+        metric_name = context.task_cfg.get("metric")
+        if not metric_name:
+            raise ConfigError(
+                f"task {context.task_cfg.get('name')!r} has no metric (task.metric); Data "
+                "Whisperer scores answers with it: set exact_match_number or rouge_l."
+            )
+        self.metric_name = str(metric_name)
+        self.metric = get_metric(self.metric_name)
+        self.numeric = self.metric_name == NUMERIC_METRIC
+        if self.settings.query_layout == "joint":
+            self.instruction = self.settings.instruction or default_instruction(self.metric_name)
+        else:
+            self.instruction = self.settings.instruction  # a system message only when given
+        self.layer = self._configured_layer()
+        self.stats: dict[str, float] = {}
+        self.params: dict[str, Any] = {}
+
+    def _configured_layer(self) -> int | None:
+        """selector_model.attention_layer, checked against num_layers when the config has it."""
+        cfg = self.context.selector_cfg
+        layer, layers = cfg.get("attention_layer"), cfg.get("num_layers")
+        if layer is None:
+            return None
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(
+                f"selector_model.attention_layer={layer!r} must be an integer or null."
+            )
+        if layers is not None:
+            _check_layer(layer, int(layers))
+        return layer
+
+    def _queries(self, pool: list[Example]) -> list[Example] | None:
+        """The query split, or None when queries come from the pool's folds; sizes checked."""
+        s = self.settings
+        if len(pool) < s.n_demos + s.n_queries:
+            raise DataError(
+                f"the pool has {len(pool)} examples, fewer than method.n_demos + method.n_queries "
+                f"= {s.n_demos + s.n_queries}; lower them or use a larger pool."
+            )
+        if s.query_source == "validation":
+            queries = self.context.queries
+            if not queries:
+                raise ConfigError(
+                    "method.query_source=validation, but the task has no query split; set "
+                    "method.query_source=pool_kfold."
+                )
+            if len(queries) < s.n_queries:
+                raise DataError(
+                    f"the query split has {len(queries)} examples, fewer than "
+                    f"method.n_queries={s.n_queries}."
+                )
+            _check_examples(queries, "query")
+            return list(queries)
+        if len(pool) // 2 < s.n_queries:
+            raise DataError(
+                f"with method.query_source=pool_kfold each half of the pool ({len(pool) // 2}) "
+                f"must hold method.n_queries={s.n_queries} queries; lower n_queries."
+            )
+        return None
+
+    def score(self, pool: list[Example]) -> pd.DataFrame:
+        start = time.perf_counter()
+        _check_examples(pool, "pool")
+        query_split = self._queries(pool)
+        queries = pool if query_split is None else query_split
+        s = self.settings
+        plan = plan_episodes(
+            len(pool),
+            None if query_split is None else len(query_split),
+            s.n_demos,
+            s.n_queries,
+            s.episode_order,
+            s.passes,
+            self.context.seed,
+        )
+        log = EpisodeLog(
+            Path(self.context.work_dir) / CHECKPOINT_FILE,
+            self._plan_id(pool, query_split, plan),
+        )
+        pending = [e for e in plan if e.index not in log.records]
+        resumed = len(plan) - len(pending)
+        if resumed:
+            logger.info("Resuming Data Whisperer: %d of %d episodes done.", resumed, len(plan))
+        load_s = 0.0
+        if pending:
+            load_s = self._run(pool, queries, pending, log)
+        records = [log.records[e.index] for e in plan]
+        index = {ex.id: i for i, ex in enumerate(pool)}
+        table = accumulate(
+            len(pool),
+            (
+                Contribution([index[i] for i in r["demo_ids"]], r["score"], r["attention"])
+                for r in records
+                if r["demo_ids"]
+            ),
+            s.attention_weighting,
+        )
+        self.stats = _summarise(records, table, len(pool), s.n_queries)
+        self.stats.update(
+            attention_layer=float(records[0]["attention_layer"]),
+            resumed_episodes=float(resumed),
+            load_seconds=load_s,
+            episodes_per_call=float(s.episodes_per_call(self.context.device)),
+            seconds_per_example=(time.perf_counter() - start - load_s) / len(pool),
+        )
+        self.params = {
+            "query_layout": s.query_layout,
+            "query_scoring": s.query_scoring,
+            **({"generation": GREEDY} if s.query_scoring == "generate" else {}),
+        }
+        logger.info("Data Whisperer: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
+        if self.stats["distinct_scores"] == 1:
+            logger.warning(
+                "Data Whisperer: every pool example got the same score (%.4g): the selector model "
+                "answered no query correctly (parse_failure_rate=%.2f), so the selection is a "
+                "seeded random order. Use a stronger selector model, method.query_layout="
+                "separate, or method=data_whisperer_likelihood.",
+                float(table.score[0]),
+                self.stats["parse_failure_rate"],
+            )
+        return pd.DataFrame(
+            {
+                "id": [ex.id for ex in pool],
+                "score": table.score,
+                "appearances": table.appearances,
+                "mean_episode_score": table.mean_episode_score,
+                "mean_weight": table.mean_weight,
+            }
+        )
+
+    def select(self, scores: pd.DataFrame, k: int) -> list[str]:
+        return top_k(scores, k, self.context.seed)
+
+    def _plan_id(
+        self, pool: list[Example], query_split: list[Example] | None, plan: list[Episode]
+    ) -> str:
+        return stable_hash(
+            {
+                "settings": self.settings.result_fields(),
+                "instruction": self.instruction,
+                "metric": self.metric_name,
+                "selector": result_identity(self.context.selector_cfg),
+                "pool": [asdict(ex) for ex in pool],
+                "queries": None if query_split is None else [asdict(ex) for ex in query_split],
+                "plan": [(e.demos, e.queries) for e in plan],
+            }
+        )
+
+    def _load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """Tokenizer first (a missing chat template fails before the weights load), then model."""
+        from dwbench.models import load_causal_lm, load_tokenizer
+
+        cfg, cache_dir = self.context.selector_cfg, Path(self.context.cache_dir)
+        tokenizer = load_tokenizer(cfg, cache_dir)
+        require_chat_template(tokenizer, str(cfg.get("name")))
+        if not tokenizer.is_fast:
+            raise ConfigError(
+                f"selector_model={cfg.get('name')} has no fast tokenizer, so token offsets "
+                "(exact demonstration spans) are unavailable; use a model with tokenizer.json."
+            )
+        model = load_causal_lm(cfg, cache_dir, self.context.device)
+        layers = int(model.config.get_text_config().num_hidden_layers)
+        if self.layer is None:
+            self.layer = layers // 2
+        _check_layer(self.layer, layers)
+        use_capture_attention(model)
+        return model, tokenizer
+
+    def _max_new_tokens(self) -> int:
+        """Per row: one answer in the separate layout, all n_q in the joint one; 0 if forced."""
+        s = self.settings
+        if s.query_scoring == "likelihood":
+            return 0
+        per_row = 1 if s.query_layout == "separate" else s.n_queries
+        return s.max_new_tokens_per_answer * per_row
+
+    def _run(
+        self,
+        pool: list[Example],
+        queries: list[Example],
+        pending: list[Episode],
+        log: EpisodeLog,
+    ) -> float:
+        """Run the pending episodes in batches, logging each as it finishes; load seconds."""
+        load_start = time.perf_counter()
+        model, tokenizer = self._load()
+        load_s = time.perf_counter() - load_start
+        s = self.settings
+        max_new = self._max_new_tokens()
+        context = (
+            getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            or tokenizer.model_max_length
+        )
+        per_call = s.episodes_per_call(self.context.device)
+        logger.info(
+            "Data Whisperer: %d episodes, layer %d, %s layout, %s scoring, %s span, %d episodes "
+            "per call, up to %d new tokens per row.",
+            len(pending),
+            self.layer,
+            s.query_layout,
+            s.query_scoring,
+            s.attention_span,
+            per_call,
+            max_new,
+        )
+        runner = EpisodeRunner(
+            model, tokenizer, int(self.layer), s.attention_span, _stop_ids(model, tokenizer)
+        )
+        try:
+            with tqdm(total=len(pending), desc="data_whisperer", unit="episode") as progress:
+                for batch in _batches(pending, per_call):
+                    fitted = [
+                        self._fit(tokenizer, pool, queries, e, int(context) - max_new)
+                        for e in batch
+                    ]
+                    skipped = [
+                        (e, kept)
+                        for e, (kept, enc) in zip(batch, fitted, strict=True)
+                        if enc is None
+                    ]
+                    if skipped:
+                        log.append(
+                            [self._record(e, kept, None, pool, queries) for e, kept in skipped]
+                        )
+                        progress.update(len(skipped))
+                    runnable = [
+                        (e, kept, enc)
+                        for e, (kept, enc) in zip(batch, fitted, strict=True)
+                        if enc is not None
+                    ]
+                    if not runnable:
+                        continue
+
+                    def done(b: int, out: EpisodeOutput, runnable: list = runnable) -> None:
+                        episode, kept, _ = runnable[b]
+                        log.append([self._record(episode, kept, out, pool, queries)])
+                        progress.update(1)
+
+                    encoded = [enc for _, _, enc in runnable]
+                    if s.query_scoring == "likelihood":
+                        for b, out in enumerate(runner.likelihood(encoded)):
+                            done(b, out)
+                    else:
+                        runner.generate(encoded, self._stop_factory(), max_new, done)
+        finally:
+            runner.close()
+        return load_s
+
+    def _stop_factory(self) -> Any:
+        if self.settings.query_layout == "separate":
+            return lambda: SeparateStop(self.numeric)
+        return lambda: JointStop(self.settings.n_queries, self.numeric)
+
+    def _prompt(
+        self, tokenizer: PreTrainedTokenizerBase, demos: list[Example], queries: list[Example]
+    ) -> EncodedEpisode:
+        gold = self.settings.query_scoring == "likelihood"
+        build = (
+            build_separate_prompt
+            if self.settings.query_layout == "separate"
+            else build_joint_prompt
+        )
+        return encode_episode(tokenizer, build(tokenizer, demos, queries, self.instruction, gold))
+
+    def _fit(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pool: list[Example],
+        queries: list[Example],
+        episode: Episode,
+        budget: int,
+    ) -> tuple[list[int], EncodedEpisode | None]:
+        """The episode with as many demonstrations as fit the context (None if none fit)."""
+        demos = list(episode.demos)
+        query_examples = [queries[i] for i in episode.queries]
+        while demos:
+            encoded = self._prompt(tokenizer, [pool[i] for i in demos], query_examples)
+            if encoded.longest_row() <= budget:
+                return demos, encoded
+            demos.pop()
+        return [], None
+
+    def _query_scores(
+        self, out: EpisodeOutput, queries: Sequence[Example]
+    ) -> tuple[list[float], int, list[bool | None], list[str | None]]:
+        """Per-query scores, parse failures, whether each query was answered right, completions."""
+        if self.settings.query_scoring == "likelihood":
+            rows = out.rows
+            probs = [p for row in rows for p in row.gold_probs]
+            correct = [m for row in rows for m in row.number_match]
+            return [float(np.mean(p)) for p in probs], 0, correct, []
+        completions = [row.text for row in out.rows]
+        if self.settings.query_layout == "separate":
+            answers = [separate_answer(text) for text in completions]
+        else:
+            answers = split_answers(completions[0], len(queries), self.numeric)
+        scores, failures, correct = [], 0, []
+        for answer, query in zip(answers, queries, strict=True):
+            if answer_failed(answer, self.numeric):
+                scores.append(0.0)
+                failures += 1
+            else:
+                scores.append(float(self.metric(answer.strip(), query.references)))
+            correct.append(scores[-1] == 1.0 if self.numeric else None)
+        return scores, failures, correct, list(completions)
+
+    def _record(
+        self,
+        episode: Episode,
+        kept: list[int],
+        out: EpisodeOutput | None,
+        pool: list[Example],
+        queries: list[Example],
+    ) -> dict[str, Any]:
+        """One episode's log line: everything accumulation and the statistics need."""
+        query_examples = [queries[i] for i in episode.queries]
+        if out is None:
+            scores, failures, correct, completions = [0.0] * len(query_examples), 0, [], []
+        else:
+            scores, failures, correct, completions = self._query_scores(out, query_examples)
+        return {
+            "episode": episode.index,
+            "attention_layer": self.layer,
+            "demo_ids": [pool[i].id for i in kept],
+            "dropped": len(episode.demos) - len(kept),
+            "query_ids": [q.id for q in query_examples],
+            "completions": completions,
+            "query_scores": scores,
+            "correct": correct,
+            "score": float(np.mean(scores)),
+            "parse_failures": failures,
+            "attention": [] if out is None else out.attention,
+            "new_tokens": 0 if out is None else sum(row.new_tokens for row in out.rows),
+            "complete": out is not None and all(row.complete for row in out.rows),
+            "seconds": 0.0 if out is None else out.seconds,
+        }
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """End-of-sequence and end-of-turn tokens of the model and its tokenizer."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _check_layer(layer: int, layers: int) -> None:
+    if not 0 <= layer < layers:
+        raise ConfigError(
+            f"selector_model.attention_layer={layer} is outside the model's layers "
+            f"0..{layers - 1}; set it in range, or null for the middle layer."
+        )
+
+
+def _check_examples(examples: Sequence[Example], role: str) -> None:
+    """Empty prompts or answers would make meaningless demonstrations or references."""
+    for ex in examples:
+        if not ex.prompt.strip() or not ex.response.strip():
+            part = "prompt" if not ex.prompt.strip() else "answer"
+            raise DataError(
+                f"{role} example {ex.id!r} has an empty {part}; Data Whisperer needs every "
+                "example to have a question and an answer. Remove it from the data."
+            )
+
+
+def _batches(items: Sequence[Episode], size: int) -> Iterator[Sequence[Episode]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _summarise(
+    records: Sequence[dict[str, Any]], table: ScoreTable, n_pool: int, n_queries: int
+) -> dict[str, float]:
+    """Run diagnostics for the score stage's log; rates are over all episodes of the plan."""
+    ran = [r for r in records if r["demo_ids"]]
+    answers = max(len(ran) * n_queries, 1)
+    correct = [c for r in ran for c in r["correct"] if c is not None]
+    accuracy = {"query_accuracy": float(np.mean(correct))} if correct else {}
+    return {
+        **accuracy,
+        "episodes": float(len(records)),
+        "truncated_episodes": float(sum(r["dropped"] > 0 for r in records)),
+        "skipped_episodes": float(len(records) - len(ran)),
+        "dropped_demonstrations": float(sum(r["dropped"] for r in records)),
+        "parse_failure_rate": sum(r["parse_failures"] for r in ran) / answers,
+        "capped_episodes": float(sum(not r["complete"] for r in ran)),
+        "generated_tokens_per_episode": float(np.mean([r["new_tokens"] for r in ran] or [0])),
+        "seconds_per_episode": float(np.mean([r["seconds"] for r in ran] or [0])),
+        "mean_episode_score": float(np.mean([r["score"] for r in ran] or [0])),
+        "unscored_examples": float(np.sum(table.appearances == 0)),
+        "distinct_scores": float(len(np.unique(table.score))),
+        "pool_size": float(n_pool),
+    }

@@ -1,0 +1,380 @@
+"""Episode prompts, their exact token spans, and reading the selector's answers.
+
+Two layouts (`method.query_layout`):
+- `joint` (the paper's and the released code's): one user turn holds a header, the
+  demonstrations ("Question: x\\nAnswer:\\ny"), an instruction and "Question k: x" for each
+  query; the assistant turn is pre-filled with "Answer 1:" and one completion answers every
+  query. The query block, whose rows weigh the demonstrations, runs from the instruction to the
+  end of the prompt, as in the released code.
+- `separate`: the demonstrations are earlier chat turns (user: question, assistant: answer) and
+  each query is its own row continuing them, written exactly as a demonstration's question
+  (a user turn, then the assistant header). All rows of an episode share the demonstration
+  prefix, which is computed once. A row's query block runs from its question to the end of its
+  prompt. Small models answer far more queries this way (no numbered format to keep).
+
+Every row is tokenised once, whole, with character offsets, so token spans are exact for any
+tokenizer; the rows of an episode must agree on the prefix's tokens (they do wherever the chat
+template puts a special token at the turn boundary; otherwise the episode is refused).
+With `query_scoring=likelihood` each row also carries its queries' gold answers after the
+prompt (teacher forcing); `answer_chars` locate them and `number_chars` their final number.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from dwbench.chat import prompt_text
+from dwbench.data.answers import parse_predicted_number
+from dwbench.data.records import Example
+from dwbench.errors import ConfigError, DwbenchError
+
+QUERY_LAYOUTS = ("joint", "separate")
+NUMERIC_METRIC = "exact_match_number"
+DEMOS_HEADER = "Below are solved examples."
+ANSWER_PREFILL = "Answer 1:"  # the joint reply starts here; completions are read with it in front
+NUMERIC_INSTRUCTION = (
+    "Now solve each of the questions below in the same way. Start each solution with "
+    '"Answer k:" on its own line, where k is the number of the question, show the steps, and '
+    'end the solution with a line "#### <number>" that gives the final answer.'
+)
+TEXT_INSTRUCTION = (
+    "Now answer each of the questions below in the same way. Start each answer with "
+    '"Answer k:" on its own line, where k is the number of the question, and write the answer '
+    "as one paragraph."
+)
+# "Answer 3:", "**Answer 3:**", "answer 3 :"; digits right after the word, then a colon.
+_ANSWER_MARKER = re.compile(r"\banswer\s*(\d+)\s*\**\s*:", re.IGNORECASE)
+_FINAL_LINE = re.compile(r"####[^\n]*\n")
+_PARAGRAPH_END = re.compile(r"\S\s*?\n\s*\n")
+_QUESTION_LINE = re.compile(r"[ \t*#>]*question\b", re.IGNORECASE)  # the model asks anew
+_NEW_QUESTION = re.compile(r"(?:^|\n)[ \t*#>]*question\b", re.IGNORECASE)
+_GOLD_NUMBER = re.compile(r"####[ \t]*([^\n]*\S)")
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowText:
+    """One batch row: the shared prefix, then its query block (and gold answers, if forced)."""
+
+    text: str
+    query_chars: tuple[int, int]  # the rows whose attention weighs the demonstrations
+    answer_chars: tuple[tuple[int, int], ...] = ()  # gold answers after the prompt (likelihood)
+    number_chars: tuple[tuple[int, int] | None, ...] = ()  # each gold answer's final number
+
+
+@dataclass(frozen=True)
+class EpisodePrompt:
+    prefix_chars: int  # every row starts with the same text[:prefix_chars] (the demonstrations)
+    demo_chars: tuple[tuple[int, int], ...]  # each demonstration, [start, end) in that prefix
+    rows: tuple[RowText, ...]
+
+
+def demonstration_text(example: Example) -> str:
+    return f"Question: {example.prompt.strip()}\nAnswer:\n{example.response.strip()}"
+
+
+def default_instruction(metric: str) -> str:
+    return NUMERIC_INSTRUCTION if metric == NUMERIC_METRIC else TEXT_INSTRUCTION
+
+
+def _gold_number(text: str, start: int) -> tuple[int, int] | None:
+    """Characters of the final number in a gold answer placed at `start` (None without ####)."""
+    found = list(_GOLD_NUMBER.finditer(text))
+    if not found:
+        return None
+    return start + found[-1].start(1), start + found[-1].end(1)
+
+
+def build_joint_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    demos: Sequence[Example],
+    queries: Sequence[Example],
+    instruction: str,
+    gold: bool = False,
+) -> EpisodePrompt:
+    """Demonstrations, the instruction and numbered questions as one user turn, one row.
+
+    The user message is assembled from pieces with their character ranges recorded, then placed
+    in the model's chat template; the ranges are shifted by where the message lands there. The
+    assistant turn starts with the first answer's marker (`ANSWER_PREFILL`): small models
+    follow the numbered format far more reliably when their reply already begins with it.
+    With `gold`, the queries' reference answers follow in the numbered format.
+    """
+    pieces = [DEMOS_HEADER]
+    cursor = len(DEMOS_HEADER)
+    demo_chars = []
+    for demo in demos:
+        text = demonstration_text(demo)
+        cursor += 2
+        demo_chars.append((cursor, cursor + len(text)))
+        pieces.append(text)
+        cursor += len(text)
+    query_start = cursor + 2
+    pieces.append(instruction)
+    pieces += [f"Question {k}: {query.prompt.strip()}" for k, query in enumerate(queries, 1)]
+    message = "\n\n".join(pieces)
+    text = prompt_text(tokenizer, message) + ANSWER_PREFILL
+    offset = text.find(message)
+    if offset < 0:
+        raise ConfigError(
+            "the model's chat template changes the user message it renders, so Data Whisperer "
+            "cannot locate the demonstrations in the prompt; use another selector model."
+        )
+    prompt_end = len(text)
+    answers, numbers = [], []
+    if gold:
+        for k, query in enumerate(queries, 1):
+            text += "\n" if k == 1 else f"\n\nAnswer {k}:\n"
+            answer = query.response.strip()
+            answers.append((len(text), len(text) + len(answer)))
+            numbers.append(_gold_number(answer, len(text)))
+            text += answer
+    return EpisodePrompt(
+        prefix_chars=offset + query_start,
+        demo_chars=tuple((offset + s, offset + e) for s, e in demo_chars),
+        rows=(RowText(text, (offset + query_start, prompt_end), tuple(answers), tuple(numbers)),),
+    )
+
+
+def _find(text: str, piece: str, start: int) -> int:
+    at = text.find(piece, start)
+    if at < 0:
+        raise ConfigError(
+            "the model's chat template changes the messages it renders, so Data Whisperer "
+            "cannot locate the demonstrations in the prompt; use another selector model."
+        )
+    return at
+
+
+def build_separate_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    demos: Sequence[Example],
+    queries: Sequence[Example],
+    instruction: str | None,
+    gold: bool = False,
+) -> EpisodePrompt:
+    """Demonstrations as earlier chat turns; one row per query, written as they are.
+
+    `instruction`, when given, is a system message before the demonstrations. With `gold`, each
+    row continues with its query's reference answer as the assistant's reply (no end-of-turn).
+    """
+    history = [{"role": "system", "content": instruction}] if instruction else []
+    for demo in demos:
+        history += [
+            {"role": "user", "content": demo.prompt.strip()},
+            {"role": "assistant", "content": demo.response.strip()},
+        ]
+    prefix = tokenizer.apply_chat_template(history, tokenize=False) if history else ""
+    demo_chars, cursor = [], 0
+    for demo in demos:
+        start = _find(prefix, demo.prompt.strip(), cursor)
+        cursor = _find(prefix, demo.response.strip(), start) + len(demo.response.strip())
+        demo_chars.append((start, cursor))
+    rows = []
+    for query in queries:
+        question = query.prompt.strip()
+        text = tokenizer.apply_chat_template(
+            [*history, {"role": "user", "content": question}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        if not text.startswith(prefix):
+            raise ConfigError(
+                "the model's chat template renders earlier turns differently once a new turn "
+                "follows, so the demonstrations cannot be shared by the query rows; use "
+                "method.query_layout=joint or another selector model."
+            )
+        query_chars = (_find(text, question, len(prefix)), len(text))
+        answers, numbers = (), ()
+        if gold:
+            answer = query.response.strip()
+            answers = ((len(text), len(text) + len(answer)),)
+            numbers = (_gold_number(answer, len(text)),)
+            text += answer
+        rows.append(RowText(text, query_chars, answers, numbers))
+    return EpisodePrompt(prefix_chars=len(prefix), demo_chars=tuple(demo_chars), rows=tuple(rows))
+
+
+# --- token spans -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """A row's tokens after the shared prefix; spans are in these suffix coordinates."""
+
+    suffix_ids: tuple[int, ...]
+    query_tokens: tuple[int, int]
+    answer_tokens: tuple[tuple[int, int], ...] = ()
+    number_tokens: tuple[tuple[int, int] | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class EncodedEpisode:
+    """The shared prefix's tokens, each demonstration's token span in it, and the rows."""
+
+    prefix_ids: tuple[int, ...]
+    demo_tokens: tuple[tuple[int, int], ...]
+    rows: tuple[EncodedRow, ...]
+
+    def longest_row(self) -> int:
+        return len(self.prefix_ids) + max(len(row.suffix_ids) for row in self.rows)
+
+
+def char_to_token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """The tokens that overlap characters [start, end); empty-width tokens never count."""
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    if not inside:
+        raise DwbenchError(f"no token covers characters {start}..{end} of the prompt")
+    return inside[0], inside[-1] + 1
+
+
+def encode_episode(tokenizer: PreTrainedTokenizerBase, prompt: EpisodePrompt) -> EncodedEpisode:
+    """One tokenisation per row; the prefix is the tokens that end inside the shared text."""
+    encoded = [
+        tokenizer(row.text, add_special_tokens=False, return_offsets_mapping=True)
+        for row in prompt.rows
+    ]
+    first_ids = encoded[0]["input_ids"]
+    offsets = [tuple(pair) for pair in encoded[0]["offset_mapping"]]
+    n_prefix = next(
+        (i for i, (_, e) in enumerate(offsets) if e > prompt.prefix_chars), len(offsets)
+    )
+    prefix_ids = tuple(first_ids[:n_prefix])
+    if any(tuple(e["input_ids"][:n_prefix]) != prefix_ids for e in encoded[1:]):
+        raise DwbenchError(
+            "the tokenizer splits the demonstrations differently in different query rows, so "
+            "their prefix cannot be shared; use method.query_layout=joint"
+        )
+    demo_tokens = tuple(char_to_token_span(offsets, s, e) for s, e in prompt.demo_chars)
+    if any(end > n_prefix for _, end in demo_tokens):
+        raise DwbenchError("a demonstration's last token runs into the query block")
+    rows = []
+    for row, enc in zip(prompt.rows, encoded, strict=True):
+        row_offsets = [tuple(pair) for pair in enc["offset_mapping"]]
+
+        def span(chars: tuple[int, int], offsets: list = row_offsets) -> tuple[int, int]:
+            start, end = char_to_token_span(offsets, *chars)
+            return start - n_prefix, end - n_prefix
+
+        rows.append(
+            EncodedRow(
+                suffix_ids=tuple(enc["input_ids"][n_prefix:]),
+                query_tokens=span(row.query_chars),
+                answer_tokens=tuple(span(chars) for chars in row.answer_chars),
+                number_tokens=tuple(None if c is None else span(c) for c in row.number_chars),
+            )
+        )
+    return EncodedEpisode(prefix_ids, demo_tokens, tuple(rows))
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+def _markers(body: str, n_queries: int) -> list[tuple[int, int, int]]:
+    """Accepted "Answer k:" markers, k increasing: (k, marker start, marker end)."""
+    starts: list[tuple[int, int, int]] = []
+    for match in _ANSWER_MARKER.finditer(body):
+        k = int(match.group(1))
+        if (starts[-1][0] if starts else 0) < k <= n_queries:
+            starts.append((k, match.start(), match.end()))
+    return starts
+
+
+def split_answers(
+    text: str, n_queries: int, numeric: bool, finished: bool = True
+) -> list[str | None]:
+    """Each answer's text in a joint completion, or None where the completion has none.
+
+    Explicit markers are trusted: once the completion writes "Answer k:" for any k > 1, answer
+    k runs from its marker to the next accepted marker (increasing k), so a second `####` line
+    inside one answer ("#### 5\nSo the final answer is\n#### 5") stays in that answer.
+    Numeric answers are cut after their first completed `####` line (the number they commit to,
+    as in GSM8K's strict match). A completion with no marker after the pre-filled "Answer 1:"
+    is read as the released code read it: the i-th block ending with a `####` line is answer i.
+    `finished` says generation has ended, so a `####` line at the very end is complete too.
+    """
+    body = text + "\n" if numeric and finished else text
+    answers: list[str | None] = [None] * n_queries
+    starts = _markers(body, n_queries)
+    if numeric and not any(k > 1 for k, _, _ in starts):
+        begin = starts[0][2] if starts else 0
+        for number, line in enumerate(_FINAL_LINE.finditer(body, begin), 1):
+            if number > n_queries:
+                break
+            answers[number - 1] = body[begin : line.end()]
+            begin = line.end()
+        return answers
+    for j, (k, _, body_start) in enumerate(starts):
+        body_end = starts[j + 1][1] if j + 1 < len(starts) else len(body)
+        answer = body[body_start:body_end]
+        if numeric:
+            line = _FINAL_LINE.search(answer)
+            answers[k - 1] = None if line is None else answer[: line.end()]
+        else:
+            answers[k - 1] = answer
+    return answers
+
+
+def answers_complete(text: str, n_queries: int, numeric: bool) -> bool:
+    """Whether a joint completion's last answer is finished: its `####` line or paragraph.
+
+    With several numeric queries only a marked last answer counts: an unmarked `####` block
+    may restate the previous answer, and stopping on it would cut off the real last answer (a
+    completion without markers runs to the cap and is read in order afterwards).
+    """
+    if numeric and n_queries > 1 and not any(k > 1 for k, _, _ in _markers(text, n_queries)):
+        return False
+    last = split_answers(text, n_queries, numeric, finished=False)[-1]
+    if last is None:
+        return False
+    return numeric or _PARAGRAPH_END.search(last) is not None
+
+
+def separate_answer(text: str) -> str:
+    """A separate row's answer: its completion up to any question the model starts next."""
+    found = _NEW_QUESTION.search(text)
+    return text if found is None else text[: found.start()]
+
+
+def answer_failed(answer: str | None, numeric: bool) -> bool:
+    """No answer, an empty one, or a numeric one without a parsable `####` number."""
+    return (
+        answer is None or not answer.strip() or (numeric and parse_predicted_number(answer) is None)
+    )
+
+
+class JointStop:
+    """A joint row is done once its n_q-th answer is complete; checked when a line ends."""
+
+    def __init__(self, n_queries: int, numeric: bool) -> None:
+        self.n_queries = n_queries
+        self.numeric = numeric
+        self.text = ANSWER_PREFILL
+
+    def feed(self, piece: str) -> bool:
+        self.text += piece
+        return "\n" in piece and answers_complete(self.text, self.n_queries, self.numeric)
+
+
+class SeparateStop:
+    """A separate row is done at its `####` line's end (numeric) or when a new question starts.
+
+    Only the current line is examined as pieces arrive, so the check costs O(line), not
+    O(completion), per token.
+    """
+
+    def __init__(self, numeric: bool) -> None:
+        self.numeric = numeric
+        self.line = ""
+
+    def feed(self, piece: str) -> bool:
+        *done_lines, self.line = (self.line + piece).split("\n")
+        if self.numeric and any("####" in line for line in done_lines):
+            return True
+        return any(_QUESTION_LINE.match(line) for line in (*done_lines, self.line))
