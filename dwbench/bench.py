@@ -1,14 +1,20 @@
 """Benchmarks that later work compares against: `python -m dwbench.bench selection | methods`.
 
-`selection` scores the embedded task's pool with a selection method on the embedded model
-(SmolLM2-135M-Instruct) at several pool sizes and prints a markdown table: wall time, seconds
-per pool example (model loading excluded), tokens generated per episode, peak RSS, and the
-AUROC of the score against the pool's known clean flags (read only here, after scoring).
+`selection` scores a task's pool with a selection method on the selector model (the embedded
+task and SmolLM2-135M-Instruct unless overridden) at one or more pool sizes and prints a markdown
+table: seconds per pool example (model loading excluded), new tokens per episode, parse-failure
+rate, share of queries answered correctly, distinct scores, peak RSS and, where the task knows
+its clean examples, the AUROC of the score against them (read only here, after scoring).
+`--variants` runs Data Whisperer's layouts x scorings side by side and adds the Spearman
+correlation of each variant's scores with the others'.
 
-Each pool size runs in a fresh process, so its peak memory is its own. The config is the
-project's own, composed with Hydra, so any override applies:
+Each run is a fresh process, so its peak memory is its own. The config is the project's own,
+composed with Hydra, so any override applies:
     python -m dwbench.bench selection --pool-sizes 64 128 256
     python -m dwbench.bench selection --pool-sizes 64 -o method.attention_weighting=false
+    python -m dwbench.bench selection --task gsm8k --pool-sizes 120 --variants all \
+        -o task.path=/data/gsm8k -o method.n_demos=5 -o method.n_queries=3 \
+        -o selector_model.attention_layer=15
 
 `methods` runs each method's cell of an experiment end to end (`python -m dwbench`, one process
 each, a failure does not stop the others; finished stages are reused) and prints one table:
@@ -42,11 +48,21 @@ COLUMNS = (
     "score s",
     "load s",
     "s / example",
-    "new tokens / episode",
     "episodes",
+    "new tokens / episode",
+    "parse failures",
+    "queries right",
+    "distinct scores",
     "peak RSS MB",
     "AUROC (clean)",
 )
+# Data Whisperer's variants: (label, overrides); `--variants all` runs the four.
+VARIANTS = {
+    "joint-generate": ("method.query_layout=joint", "method.query_scoring=generate"),
+    "separate-generate": ("method.query_layout=separate", "method.query_scoring=generate"),
+    "joint-likelihood": ("method.query_layout=joint", "method.query_scoring=likelihood"),
+    "separate-likelihood": ("method.query_layout=separate", "method.query_scoring=likelihood"),
+}
 
 
 def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
@@ -59,8 +75,15 @@ def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def compose(method: str, pool_size: int, seed: int, overrides: Sequence[str]) -> Any:
-    """The project config for the embedded task and model, as `python -m dwbench` composes it."""
+def pool_size_override(task: str, pool_size: int) -> str:
+    """The embedded task generates its pool; any other task keeps its first N examples."""
+    if task.startswith("embedded"):
+        return f"task.generator.pool_size={pool_size}"
+    return f"task.pool_limit={pool_size}"
+
+
+def compose(method: str, task: str, pool_size: int, seed: int, overrides: Sequence[str]) -> Any:
+    """The project config for the task and method, as `python -m dwbench` composes it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -70,17 +93,19 @@ def compose(method: str, pool_size: int, seed: int, overrides: Sequence[str]) ->
         return hydra_compose(
             config_name="config",
             overrides=[
-                "task=embedded_gsm",
+                f"task={task}",
                 f"method={method}",
-                f"task.generator.pool_size={pool_size}",
+                pool_size_override(task, pool_size),
                 f"seed={seed}",
                 *overrides,
             ],
         )
 
 
-def run_selection(method: str, pool_size: int, seed: int, overrides: Sequence[str]) -> dict:
-    """Score one pool in this process; returns one table row."""
+def run_selection(
+    method: str, task: str, pool_size: int, seed: int, overrides: Sequence[str]
+) -> tuple[dict, list[float]]:
+    """Score one pool in this process; returns one table row and the scores in pool order."""
     from dwbench.data.loading import load_task
     from dwbench.memory import PeakMemory
     from dwbench.methods.base import ScoringContext, method_stats
@@ -88,7 +113,7 @@ def run_selection(method: str, pool_size: int, seed: int, overrides: Sequence[st
     from dwbench.models import resolve_device, resolve_model_source
 
     logging.basicConfig(level=logging.WARNING)
-    cfg = compose(method, pool_size, seed, overrides)
+    cfg = compose(method, task, pool_size, seed, overrides)
     splits = load_task(cfg.task)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     method_class = get_method(method)
@@ -113,19 +138,30 @@ def run_selection(method: str, pool_size: int, seed: int, overrides: Sequence[st
     stats = method_stats(instance)
     flags = splits.clean_flags or {}
     load_s = stats.get("load_seconds", 0.0)
-    return {
+    row = {
         "pool": len(splits.pool),
         "method": method,
         "score s": wall,
         "load s": load_s,
         "s / example": stats.get("seconds_per_example", (wall - load_s) / len(splits.pool)),
-        "new tokens / episode": stats.get("generated_tokens_per_episode"),
         "episodes": stats.get("episodes"),
+        "new tokens / episode": stats.get("generated_tokens_per_episode"),
+        "parse failures": stats.get("parse_failure_rate"),
+        "queries right": stats.get("query_accuracy"),
+        "distinct scores": int(scores["score"].nunique()),
         "peak RSS MB": memory.peak_rss_mb,
         "AUROC (clean)": auroc(scores["score"], [flags.get(i, False) for i in scores["id"]])
         if flags
         else None,
     }
+    return row, scores["score"].tolist()
+
+
+def spearman_table(labels: Sequence[str], scores: Sequence[Sequence[float]]) -> str:
+    """Rank correlation of each variant's scores with every other's, as a markdown table."""
+    frame = pd.DataFrame(dict(zip(labels, scores, strict=True))).corr(method="spearman")
+    rows = [{"": label, **frame.loc[label].to_dict()} for label in labels]
+    return markdown_table(rows, ["", *labels])
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
@@ -144,21 +180,34 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> st
 def selection(args: argparse.Namespace) -> None:
     import torch
 
-    rows = []
+    variants = list(VARIANTS) if args.variants == ["all"] else args.variants
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise DwbenchError(f"unknown --variants {unknown}; choose from {', '.join(VARIANTS)}, all")
+    runs = [(v, [*VARIANTS[v], *args.override]) for v in variants] or [
+        (args.method, list(args.override))
+    ]
+    rows, scores = [], []
     context = multiprocessing.get_context("spawn")  # fresh interpreter: its own peak RSS
     for pool_size in args.pool_sizes:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            rows.append(
-                pool.submit(
-                    run_selection, args.method, pool_size, args.seed, args.override
+        for label, overrides in runs:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                row, run_scores = pool.submit(
+                    run_selection, args.method, args.task, pool_size, args.seed, overrides
                 ).result()
-            )
+            rows.append({**row, "method": label})
+            scores.append(run_scores)
+            print(markdown_table(rows[-1:]), flush=True)
     print(
-        f"Selection benchmark: method={args.method}, embedded task and model, seed={args.seed}, "
+        f"Selection benchmark: method={args.method}, task={args.task}, seed={args.seed}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
         + (f", overrides: {' '.join(args.override)}" if args.override else "")
     )
     print(markdown_table(rows))
+    for start in range(0, len(rows), len(runs)) if len(runs) > 1 else ():
+        group = range(start, start + len(runs))  # one pool size's variants
+        print(f"\nSpearman correlation of the scores (pool {rows[start]['pool']}):")
+        print(spearman_table([rows[i]["method"] for i in group], [scores[i] for i in group]))
 
 
 METHOD_COLUMNS = (
@@ -252,13 +301,20 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     sel = commands.add_parser(
         "selection",
-        help="score the embedded pool at several sizes; time, tokens, memory, AUROC",
-        description="Score the embedded task's pool with one method on the embedded model.",
+        help="score a pool at several sizes; time, tokens, answers, memory, AUROC",
+        description="Score a task's pool with one method (or Data Whisperer's variants).",
     )
     sel.add_argument(
         "--pool-sizes", type=int, nargs="+", default=[64, 128, 256], help="pool sizes to time"
     )
     sel.add_argument("--method", default="data_whisperer", help="registered method name")
+    sel.add_argument("--task", default="embedded_gsm", help="conf/task choice")
+    sel.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        help=f"Data Whisperer variants to compare: {', '.join(VARIANTS)} or all",
+    )
     sel.add_argument("--seed", type=int, default=0, help="run seed (episodes, shuffles)")
     add_override_option(sel)
     sel.set_defaults(handler=selection)

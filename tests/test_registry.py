@@ -22,9 +22,13 @@ def test_every_registered_method_imports_and_has_a_config(tmp_path) -> None:
         assert (CONF_DIR / "method" / f"{name}.yaml").exists(), name
 
 
-def test_top_k_is_stable_on_ties() -> None:
+def test_top_k_orders_by_score_and_breaks_ties_by_the_seed() -> None:
     scores = pd.DataFrame({"id": list("abcde"), "score": [1.0, 2.0, 2.0, 0.5, 2.0]})
-    assert top_k(scores, 3) == ["b", "c", "e"]
+    for seed in range(4):
+        picked = top_k(scores, 4, seed)
+        assert sorted(picked[:3]) == ["b", "c", "e"] and picked[3] == "a"
+        assert top_k(scores, 4, seed) == picked
+    assert len({tuple(top_k(scores, 3, seed)) for seed in range(8)}) > 1
 
 
 def _context(seed: int, tmp_path) -> ScoringContext:
