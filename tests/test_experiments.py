@@ -20,25 +20,25 @@ from dwbench.sweep.grid import load_sweep
 
 # preset -> cells (PAPER.md: tasks x models x methods x budgets x seeds, or ablation variants)
 GRIDS = {
-    "table1": 3 * 1 * 6 * 3 * 3,
+    "table1": 3 * 1 * 7 * 3 * 3,
     "table2": 3 * 3 * 7 * 3 * 3,
     "table2_reference": 3 * 3 * 1 * 1 * 3,
     "table2_zero_shot": 3 * 3 * 1 * 1 * 1,
     "table3": 1 * 3 * 7 * 3 * 3,
     "table3_reference": 1 * 3 * 1 * 1 * 3,
-    "table4": 3 * 2 * 3 * 3 * 3,
-    "table5": 4 * 1 * 3 * 3 * 3,
+    "table4": 3 * 2 * 3 * 2 * 3 * 3,  # x 2: both Data Whisperer scorings
+    "table5": 4 * 1 * 3 * 2 * 3 * 3,
     "table6": 3 * 2 * 7 * 3 * 3,
     "fig3": 3 * 2 * 1 * 3 * 3,
-    "embedded_table1": 12 * 3 * 3,
-    "embedded_table2": 12 * 3 * 3,
+    "embedded_table1": 13 * 3 * 3,
+    "embedded_table2": 13 * 3 * 3,
     "embedded_table2_reference": 3,
     "embedded_table2_zero_shot": 1,
-    "embedded_table3": 12 * 3 * 3,
+    "embedded_table3": 13 * 3 * 3,
     "embedded_table3_reference": 3,
-    "embedded_table4": 3 * 3 * 3,
-    "embedded_table5": 4 * 3 * 3,
-    "embedded_table6": 12 * 3 * 3,
+    "embedded_table4": 3 * 2 * 3 * 3,
+    "embedded_table5": 4 * 2 * 3 * 3,
+    "embedded_table6": 13 * 3 * 3,
     "embedded_fig3": 3 * 3,
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

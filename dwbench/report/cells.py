@@ -209,7 +209,7 @@ def describe(cell: Cell, role: str) -> dict[str, Any]:
     """What a cell is, from its config: the columns tables, figures and pairing group by."""
     cfg = cell.cfg
     method = cfg.method
-    dw = str(method.name) == "data_whisperer"
+    dw = str(method.name).startswith("data_whisperer")  # either scoring
     generator = cfg.task.get("generator")
     ablation = [o.split("=", 1)[1] for o in cell.overrides if _key(o) == "ablation"]
     return {

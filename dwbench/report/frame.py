@@ -23,6 +23,7 @@ METHOD_LABELS = {
     "less": "LESS",
     "s2l": "S2L",
 }
+DATA_WHISPERERS = ("data_whisperer", "data_whisperer_likelihood")  # ablated in Tables 4 and 5
 METHOD_ORDER = list(METHOD_LABELS)  # the paper's row order, then the baselines it did not run
 TASK_ORDER = ["gsm8k", "dialogsum", "bioinstruct", "dialogsum_synthetic", "embedded_gsm"]
 MODEL_ORDER = ["llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral_nemo_instruct"]
@@ -64,7 +65,7 @@ def metric_label(metric: str) -> str:
 def layer_roles(frame: pd.DataFrame) -> pd.Series:
     """shallow / intermediate / deep for attention-weighted Data Whisperer cells, by the layer's
     rank among the experiment's three layers (Table 5's design); "" for every other cell."""
-    weighted = (frame["method"] == "data_whisperer") & (frame["attention"] == "on")
+    weighted = frame["method"].isin(DATA_WHISPERERS) & (frame["attention"] == "on")
     weighted &= frame["ablation"] != ""
     layers = sorted(frame.loc[weighted, "attention_layer"].dropna().unique())
     roles = dict(zip(layers, LAYER_ROLES, strict=True)) if len(layers) == 3 else {}
@@ -83,15 +84,17 @@ def variant(row: pd.Series, kind: str) -> tuple[str, tuple]:
     label = METHOD_LABELS.get(method, method)
     setting: tuple = (0, 0, "")
     if row["ablation"]:
-        if kind == "table4" and method == "data_whisperer":
+        scoring = " (likelihood)" if method == "data_whisperer_likelihood" else ""
+        if kind == "table4" and method in DATA_WHISPERERS:
             n_demos, n_queries = int(row["n_demos"]), int(row["n_queries"])
-            label, setting = f"n_d={n_demos}, n_q={n_queries}", (n_demos, n_queries, "")
+            label = f"n_d={n_demos}, n_q={n_queries}{scoring}"
+            setting = (n_demos, n_queries, "")
         elif kind == "table5" and row["attention"] == "off":
-            label, setting = "w/o Attn", (-1, 0, "")
-        elif kind == "table5" and method == "data_whisperer":
+            label, setting = f"w/o Attn{scoring}", (-1, 0, "")
+        elif kind == "table5" and method in DATA_WHISPERERS:
             layer = int(row["attention_layer"])
             role = f" ({row['layer_role']})" if row["layer_role"] else ""
-            label, setting = f"Layer {layer}{role}", (layer, 0, "")
+            label, setting = f"Layer {layer}{role}{scoring}", (layer, 0, "")
         else:
             label, setting = f"{label} [{row['ablation']}]", (0, 0, row["ablation"])
     weaker = int(row["selector"] != row["target"])

@@ -18,6 +18,7 @@ import pandas as pd
 
 from dwbench.report.bootstrap import ABOVE, BELOW, CELL, mark
 from dwbench.report.frame import (
+    DATA_WHISPERERS,
     MODEL_ORDER,
     TASK_ORDER,
     WHOLE,
@@ -225,7 +226,7 @@ def _speedup_rows(
     Whisperer variant (same model, weaker selector): each seed's ratio, then mean ± std."""
     plain = sub[sub["ablation"] == ""]
     nuggets = plain[plain["method"] == "nuggets"]
-    whisperers = plain[plain["method"] == "data_whisperer"]
+    whisperers = plain[plain["method"].isin(DATA_WHISPERERS)]
     if nuggets.empty or whisperers.empty:
         return []
     rows = []
