@@ -433,10 +433,9 @@ def test_shared_prefix_rows_decode_greedily_as_rows_run_from_scratch(
         scratch = ids[len(episode.prefix_ids + row.suffix_ids) :]
         assert out.new_tokens == len(scratch)
         assert out.text == tokenizer.decode(scratch, skip_special_tokens=True)
-    # One call: prefill (2 episodes), suffixes (6 rows), then a shrinking batch of steps.
+    # One call: one packed forward (2 episodes, 6 rows), then steps with the unfinished rows.
     first_call = batch_sizes[: len(batch_sizes) // 2]
-    assert first_call[:2] == [2, 6]
-    assert first_call[2:] == sorted(first_call[2:], reverse=True) and first_call[-1] == 2
+    assert first_call == [2, 5, 4, 3, 2, 2]  # rows stop after 1, 2, 3, 4 and 6 pieces
 
 
 def test_likelihood_scores_equal_a_hand_computation(

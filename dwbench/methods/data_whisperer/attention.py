@@ -77,15 +77,16 @@ def attention_module(model: PreTrainedModel, layer: int) -> torch.nn.Module:
 class LayerAttention:
     """Layer l's attention from chosen rows, captured once: in the next forward of that layer.
 
-    `arm(rows)` targets the next forward (row span b, in the coordinates of that forward's
-    query tokens, for batch row b); the capture disarms after it. `column_mass[b][t]` is the
-    attention that row span b pays to key t (cached keys first), summed over heads and rows;
-    softmax runs in float32 over exactly what SDPA attends to (causal, padding, window).
+    `arm(spans)` targets the next forward: each span (b, start, end) is a range of query rows of
+    batch row b, in the coordinates of that forward's tokens; the capture disarms after it.
+    `column_mass[i][t]` is the attention that span i pays to key t (cached keys first), summed
+    over heads and rows; softmax runs in float32 over exactly what SDPA attends to (causal,
+    padding, a custom 4D mask, window).
     """
 
     def __init__(self, model: PreTrainedModel, layer: int) -> None:
         module = attention_module(model, layer)
-        self._rows: list[tuple[int, int]] | None = None
+        self._rows: list[tuple[int, int, int]] | None = None
         self._token: Token[LayerAttention | None] | None = None
         self.column_mass: list[np.ndarray] | None = None
         self._handles = [
@@ -93,8 +94,8 @@ class LayerAttention:
             module.register_forward_hook(self._exit),
         ]
 
-    def arm(self, rows: list[tuple[int, int]]) -> None:
-        self._rows = rows
+    def arm(self, spans: list[tuple[int, int, int]]) -> None:
+        self._rows = spans
         self.column_mass = None
 
     def close(self) -> None:
@@ -124,7 +125,7 @@ class LayerAttention:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         columns = torch.arange(n_keys, device=query.device)
         masses = []
-        for b, (start, end) in enumerate(self._rows):
+        for b, start, end in self._rows:
             keys = key[b].float().repeat_interleave(groups, dim=0)  # (heads, keys, dim)
             logits = query[b, :, start:end].float() @ keys.transpose(-1, -2) * scale
             if mask is None:  # SDPA's causal shortcut: no padding, plain causal mask

@@ -1,12 +1,14 @@
 """Running episodes on the selector: shared-prefix prefill, greedy decoding, teacher forcing.
 
-A batch holds several episodes. Their demonstration prefixes are prefilled once (left-padded,
-batch = episodes); the prefix cache is then copied to each of the episode's rows (one for the
-joint layout, n_q for the separate one) and every row's suffix (its query block, right-aligned
-after padding in the middle) runs in one forward pass, during which layer l's attention from
-the query rows is captured. Positions come from the attention mask, so padding never shifts them.
+Each episode is packed into one sequence: its demonstration prefix, then the suffix of each of
+its rows (one row for the joint layout, n_q for the separate one). A 4D mask lets each row's
+tokens see the prefix and their own row only, at positions continuing the prefix's, so the
+prefix is computed once for all rows and no row is padded to another's length; layer l's
+attention from the query rows is captured in that same forward pass. A batch holds several
+episodes (left-padded to one width).
 
-`generate` then decodes greedily with its own loop rather than `model.generate`:
+`generate` then gathers each row's cache (prefix + own suffix) and decodes greedily with its
+own loop rather than `model.generate`:
 - greedy is argmax, so no `generation_config.json` of the model can turn it into sampling;
 - each row stops on its own (end-of-turn token, its answer complete, or the cap), and a
   finished row leaves the batch and its cache, so it stops costing compute;
@@ -14,7 +16,7 @@ the query rows is captured. Positions come from the attention mask, so padding n
   completion at every step;
 - an episode is handed back as soon as all its rows are done, so it can be logged at once.
 `likelihood` generates nothing: the rows carry the gold answers after the query block, and the
-same forward pass yields the probability of each gold token.
+same forward pass yields the probability of each gold token (logits only where one is needed).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
 
 from dwbench.errors import DwbenchError
 from dwbench.methods.data_whisperer.attention import LayerAttention, demonstration_attention
@@ -88,16 +91,94 @@ def _cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-@dataclass
-class _Rows:
-    """The state after the rows' first forward pass (the suffixes)."""
+class RowCacheLayer(DynamicLayer):
+    """One layer's decoding cache: rows gathered from a packed prefill, with room to grow.
 
-    cache: DynamicCache
-    mask: torch.Tensor  # (rows, keys) 1 = attend
-    logits: torch.Tensor  # (rows, kept positions, vocab)
-    owner: list[int]  # episode of each row
-    suffix: torch.Tensor  # (rows, suffix width) right-aligned suffix ids
-    attention: list[list[float]]  # per episode
+    A plain DynamicLayer concatenates the whole cache at every decoded token (on 2 CPU cores
+    that copy was 38% of decoding); here each new token is written in place into room reserved
+    up front, and attention reads views of the filled part.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        super().__init__()
+        self.device = keys.device
+        self.length = keys.shape[-2]
+        shape = (*keys.shape[:2], self.length + room)
+        self._keys = keys.new_empty((*shape, keys.shape[-1]))
+        self._values = values.new_empty((*shape, values.shape[-1]))
+        self._keys[..., : self.length, :] = keys
+        self._values[..., : self.length, :] = values
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._keys[..., : self.length, :]
+        self.values = self._values[..., : self.length, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            raise DwbenchError("Data Whisperer's decoding cache ran out of its reserved room")
+        self._keys[..., self.length : end, :] = key_states
+        self._values[..., self.length : end, :] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._views()
+
+
+@dataclass
+class Packed:
+    """A batch of episodes, each packed into one sequence: the prefix, then every row's suffix.
+
+    A row's tokens attend to the prefix and to their own row only (a 4D mask), at positions that
+    continue the prefix's, so each row sees exactly prefix + row: the prefix is computed once
+    and no row is padded to another's length. Episodes are left-padded to one width.
+    """
+
+    ids: torch.Tensor  # (episodes, width)
+    mask: torch.Tensor  # (episodes, 1, width, width), True = attend
+    positions: torch.Tensor  # (episodes, width)
+    prefix_start: list[int]  # where each episode's prefix starts (its left padding)
+    row_start: list[list[int]]  # where each row's suffix starts
+
+
+def pack(episodes: Sequence[EncodedEpisode], pad_id: int) -> Packed:
+    lengths = [len(e.prefix_ids) + sum(len(r.suffix_ids) for r in e.rows) for e in episodes]
+    width = max(lengths)
+    ids = torch.full((len(episodes), width), pad_id, dtype=torch.long)
+    segment = torch.full((len(episodes), width), -1, dtype=torch.long)  # pad -1, prefix 0, row r+1
+    positions = torch.zeros((len(episodes), width), dtype=torch.long)
+    prefix_start, row_start = [], []
+    for b, (episode, length) in enumerate(zip(episodes, lengths, strict=True)):
+        at, n_prefix = width - length, len(episode.prefix_ids)
+        prefix_start.append(at)
+        ids[b, at : at + n_prefix] = torch.tensor(episode.prefix_ids, dtype=torch.long)
+        segment[b, at : at + n_prefix] = 0
+        positions[b, at : at + n_prefix] = torch.arange(n_prefix)
+        at += n_prefix
+        starts = []
+        for r, row in enumerate(episode.rows):
+            n = len(row.suffix_ids)
+            starts.append(at)
+            ids[b, at : at + n] = torch.tensor(row.suffix_ids, dtype=torch.long)
+            segment[b, at : at + n] = r + 1
+            positions[b, at : at + n] = torch.arange(n_prefix, n_prefix + n)
+            at += n
+        row_start.append(starts)
+    index = torch.arange(width)
+    query, key = segment[:, :, None], segment[:, None, :]
+    mask = ((key == 0) | (key == query)) & (key >= 0) & (index[None, :] <= index[:, None])
+    mask |= torch.eye(width, dtype=torch.bool)  # a pad token attends to itself: no empty softmax
+    return Packed(ids, mask[:, None], positions, prefix_start, row_start)
 
 
 class EpisodeRunner:
@@ -125,53 +206,40 @@ class EpisodeRunner:
         self.capture.close()
 
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, keep: int
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        keep: int | torch.Tensor,
+        cache: Cache | None = None,
     ) -> Any:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         device = self.model.device
-        return self.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            use_cache=True,
-            logits_to_keep=keep,
-            **{self.cache_argument: cache},
-        )
-
-    def _rows(self, episodes: Sequence[EncodedEpisode], keep: int) -> _Rows:
-        """Prefill each prefix once, copy it to the episode's rows, run the rows' suffixes."""
-        width = max(len(e.prefix_ids) for e in episodes)
-        prefix = torch.full((len(episodes), width), self.pad_id, dtype=torch.long)
-        prefix_mask = torch.zeros((len(episodes), width), dtype=torch.long)
-        for b, episode in enumerate(episodes):
-            if episode.prefix_ids:
-                prefix[b, width - len(episode.prefix_ids) :] = torch.tensor(episode.prefix_ids)
-                prefix_mask[b, width - len(episode.prefix_ids) :] = 1
-        cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            if width:
-                self._forward(prefix, prefix_mask, cache, keep=1)
-            owner = [b for b, e in enumerate(episodes) for _ in e.rows]
-            rows = [row for e in episodes for row in e.rows]
-            if width:
-                cache.batch_select_indices(torch.tensor(owner, device=self.model.device))
-            suffix_width = max(len(row.suffix_ids) for row in rows)
-            suffix = torch.full((len(rows), suffix_width), self.pad_id, dtype=torch.long)
-            suffix_mask = torch.zeros((len(rows), suffix_width), dtype=torch.long)
-            spans = []
-            for r, row in enumerate(rows):
-                pad = suffix_width - len(row.suffix_ids)
-                suffix[r, pad:] = torch.tensor(row.suffix_ids)
-                suffix_mask[r, pad:] = 1
+            return self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=cache is not None,
+                logits_to_keep=keep.to(device) if isinstance(keep, torch.Tensor) else keep,
+                **({self.cache_argument: cache} if cache is not None else {}),
+            )
+
+    def _packed_forward(
+        self, episodes: Sequence[EncodedEpisode], keep: torch.Tensor, cache: Cache | None
+    ) -> tuple[Packed, Any, list[list[float]]]:
+        """One forward over the packed episodes; a_i from each episode's query rows."""
+        packed = pack(episodes, self.pad_id)
+        spans = []  # (episode, first row, end row) in packed coordinates
+        for b, episode in enumerate(episodes):
+            for row, at in zip(episode.rows, packed.row_start[b], strict=True):
+                start, end = row.query_tokens
                 if self.attention_span == "first_token":  # the last prompt token's row
-                    spans.append((pad + row.query_tokens[1] - 1, pad + row.query_tokens[1]))
-                else:
-                    spans.append((pad + row.query_tokens[0], pad + row.query_tokens[1]))
-            mask = torch.cat([prefix_mask[owner], suffix_mask], dim=1)
-            self.capture.arm(spans)
-            output = self._forward(suffix, mask, cache, keep=keep)
+                    start = end - 1
+                spans.append((b, at + start, at + end))
+        self.capture.arm(spans)
+        output = self._forward(packed.ids, packed.mask, packed.positions, keep, cache)
         masses = self.capture.column_mass
-        if masses is None or len(masses[0]) != width + suffix_width:
+        if masses is None or len(masses[0]) != packed.ids.shape[1]:
             raise DwbenchError(
                 "the selector model's forward pass did not give Data Whisperer the attention of "
                 "its layer over the whole prompt (a sliding-window layer?); pick another "
@@ -179,54 +247,98 @@ class EpisodeRunner:
             )
         attention = []
         for b, episode in enumerate(episodes):
-            mine = [r for r, o in enumerate(owner) if o == b]
-            shift = width - len(episode.prefix_ids)
+            mine = [i for i, span in enumerate(spans) if span[0] == b]
+            shift = packed.prefix_start[b]
             attention.append(
                 demonstration_attention(
-                    [masses[r] for r in mine],
+                    [masses[i] for i in mine],
                     [(shift + s, shift + e) for s, e in episode.demo_tokens],
-                    sum(spans[r][1] - spans[r][0] for r in mine),
+                    sum(spans[i][2] - spans[i][1] for i in mine),
                 )
             )
-        return _Rows(cache, mask, output.logits, owner, suffix, attention)
+        return packed, output, attention
 
     def likelihood(self, episodes: Sequence[EncodedEpisode]) -> list[EpisodeOutput]:
         """Teacher forcing: each gold token's probability, and whether argmax would write it."""
         start = time.perf_counter()
-        suffix_width = max(len(row.suffix_ids) for e in episodes for row in e.rows)
-        first = min(
-            suffix_width - len(row.suffix_ids) + row.answer_tokens[0][0]
-            for e in episodes
-            for row in e.rows
+        packed = pack(episodes, self.pad_id)
+        needed = sorted(
+            {
+                at + position - 1  # the logits at the token before each answer token
+                for b, episode in enumerate(episodes)
+                for row, at in zip(episode.rows, packed.row_start[b], strict=True)
+                for s, e in row.answer_tokens
+                for position in range(s, e)
+            }
         )
-        keep = suffix_width - first + 1  # logits from the token before the first answer token
-        state = self._rows(episodes, keep)
-        log_probs = torch.log_softmax(state.logits.float(), dim=-1)
-        predicted = log_probs.argmax(-1)
-        outputs = [EpisodeOutput(attention, []) for attention in state.attention]
-        rows = [row for e in episodes for row in e.rows]
-        for r, row in enumerate(rows):
-            pad = suffix_width - len(row.suffix_ids)
+        where = {position: i for i, position in enumerate(needed)}
+        packed, output, attention = self._packed_forward(episodes, torch.tensor(needed), None)
+        logits = output.logits.float()
+        log_norm = torch.logsumexp(logits, dim=-1)  # (episodes, kept positions)
+        predicted = logits.argmax(-1)
+        outputs = [EpisodeOutput(a, []) for a in attention]
+        for b, episode in enumerate(episodes):
+            for row, at in zip(episode.rows, packed.row_start[b], strict=True):
+                ids = torch.tensor(row.suffix_ids, dtype=torch.long)
 
-            def logit_index(position: int, pad: int = pad) -> int:
-                return pad + position - 1 - (suffix_width - keep)  # logits at the previous token
+                def kept(first: int, last: int, at: int = at) -> torch.Tensor:
+                    return torch.tensor([where[at + p - 1] for p in range(first, last)])
 
-            out = RowOutput()
-            for (s, e), number in zip(row.answer_tokens, row.number_tokens, strict=True):
-                tokens = torch.tensor(row.suffix_ids[s:e])
-                index = torch.tensor([logit_index(p) for p in range(s, e)])
-                out.gold_probs.append(log_probs[r, index, tokens].exp().tolist())
-                if number is None:
-                    out.number_match.append(None)
-                else:
-                    n_index = torch.tensor([logit_index(p) for p in range(*number)])
-                    n_tokens = torch.tensor(row.suffix_ids[number[0] : number[1]])
-                    out.number_match.append(bool((predicted[r, n_index] == n_tokens).all()))
-            outputs[state.owner[r]].rows.append(out)
+                out = RowOutput()
+                for (s, e), number in zip(row.answer_tokens, row.number_tokens, strict=True):
+                    index = kept(s, e)
+                    gold = logits[b, index, ids[s:e]] - log_norm[b, index]
+                    out.gold_probs.append(gold.exp().tolist())
+                    if number is None:
+                        out.number_match.append(None)
+                    else:
+                        hits = predicted[b, kept(*number)] == ids[number[0] : number[1]]
+                        out.number_match.append(bool(hits.all()))
+                outputs[b].rows.append(out)
         seconds = (time.perf_counter() - start) / len(episodes)
-        for output in outputs:
-            output.seconds = seconds
+        for out in outputs:
+            out.seconds = seconds
         return outputs
+
+    def _row_cache(
+        self,
+        episodes: Sequence[EncodedEpisode],
+        packed: Packed,
+        prefill: DynamicCache,
+        room: int,
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Each row's own cache (its prefix, then its suffix) gathered from the packed prefill,
+        left-padded to one width, with `room` reserved for decoding; its mask and last position."""
+        gathers, owners = [], []
+        for b, episode in enumerate(episodes):
+            first = packed.prefix_start[b]
+            prefix = list(range(first, first + len(episode.prefix_ids)))
+            for row, at in zip(episode.rows, packed.row_start[b], strict=True):
+                gathers.append(prefix + list(range(at, at + len(row.suffix_ids))))
+                owners.append(b)
+        width = max(len(g) for g in gathers)
+        index = torch.zeros((len(gathers), width), dtype=torch.long)
+        mask = torch.zeros((len(gathers), width), dtype=torch.long)
+        for r, gather in enumerate(gathers):
+            index[r, width - len(gather) :] = torch.tensor(gather)
+            mask[r, width - len(gather) :] = 1
+        device = self.model.device
+        owner, index = torch.tensor(owners, device=device), index.to(device)
+        cache = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(prefill.layers):
+            if type(layer) is not DynamicLayer:
+                raise DwbenchError(
+                    f"{type(self.model).__name__} caches some layers as {type(layer).__name__} "
+                    "(a sliding window?); Data Whisperer's generation supports full attention only"
+                )
+
+            def rows(states: torch.Tensor) -> torch.Tensor:
+                spread = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+                return states[owner].gather(2, spread)
+
+            cache.layers[i] = RowCacheLayer(rows(layer.keys), rows(layer.values), room)
+        last_position = torch.tensor([len(g) - 1 for g in gathers])
+        return cache, mask, last_position
 
     def generate(
         self,
@@ -237,18 +349,28 @@ class EpisodeRunner:
     ) -> None:
         """Greedy completions; `on_done(batch index, output)` as each episode finishes."""
         last_done = time.perf_counter()
-        state = self._rows(episodes, keep=1)
-        n_rows = len(state.owner)
-        outputs = [
-            EpisodeOutput(attention, [RowOutput() for _ in e.rows])
-            for attention, e in zip(state.attention, episodes, strict=True)
+        packed = pack(episodes, self.pad_id)
+        owner = [b for b, e in enumerate(episodes) for _ in e.rows]
+        row_ends = [
+            at + len(row.suffix_ids) - 1
+            for b, episode in enumerate(episodes)
+            for row, at in zip(episode.rows, packed.row_start[b], strict=True)
         ]
-        row_slot = [state.owner[:r].count(state.owner[r]) for r in range(n_rows)]
+        keep = sorted(set(row_ends))
+        prefill = DynamicCache(config=self.model.config)
+        packed, output, attention = self._packed_forward(episodes, torch.tensor(keep), prefill)
+        cache, mask, positions = self._row_cache(episodes, packed, prefill, max_new_tokens)
+        del prefill
+        logits = output.logits[owner, [keep.index(p) for p in row_ends]]
+        outputs = [
+            EpisodeOutput(a, [RowOutput() for _ in e.rows])
+            for a, e in zip(attention, episodes, strict=True)
+        ]
+        slot = [owner[:r].count(owner[r]) for r in range(len(owner))]
         pending = [len(e.rows) for e in episodes]
-        texts = [IncrementalText(self.tokenizer) for _ in range(n_rows)]
-        stops = [make_stop() for _ in range(n_rows)]
-        alive = list(range(n_rows))
-        cache, mask, logits = state.cache, state.mask, state.logits[:, -1, :]
+        texts = [IncrementalText(self.tokenizer) for _ in owner]
+        stops = [make_stop() for _ in owner]
+        alive = list(range(len(owner)))
         step = 0
         while alive:
             step += 1
@@ -256,34 +378,34 @@ class EpisodeRunner:
             finished = []
             for j, r in enumerate(alive):
                 token = int(next_ids[j])
-                out = outputs[state.owner[r]].rows[row_slot[r]]
+                out = outputs[owner[r]].rows[slot[r]]
                 out.new_tokens = step
                 if token in self.stop_ids:
                     finished.append(j)
-                    continue
-                if stops[r].feed(texts[r].add(token)):
+                elif stops[r].feed(texts[r].add(token)):
                     finished.append(j)
                 elif step >= max_new_tokens:
                     out.complete = False
                     finished.append(j)
             for j in finished:
                 r = alive[j]
-                out = outputs[state.owner[r]].rows[row_slot[r]]
+                out = outputs[owner[r]].rows[slot[r]]
                 out.text = self.tokenizer.decode(texts[r].ids, skip_special_tokens=True)
-                pending[state.owner[r]] -= 1
-                if pending[state.owner[r]] == 0:
+                pending[owner[r]] -= 1
+                if pending[owner[r]] == 0:
                     now = time.perf_counter()
-                    outputs[state.owner[r]].seconds = now - last_done
+                    outputs[owner[r]].seconds = now - last_done
                     last_done = now
-                    on_done(state.owner[r], outputs[state.owner[r]])
+                    on_done(owner[r], outputs[owner[r]])
             if finished:
-                keep = [j for j in range(len(alive)) if j not in finished]
-                if not keep:
+                still = [j for j in range(len(alive)) if j not in finished]
+                if not still:
                     break
-                index = torch.tensor(keep)
+                index = torch.tensor(still)
                 cache.batch_select_indices(index.to(self.model.device))
-                mask, next_ids = mask[index], next_ids[index]
-                alive = [alive[j] for j in keep]
+                mask, next_ids, positions = mask[index], next_ids[index], positions[index]
+                alive = [alive[j] for j in still]
             mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype)], dim=1)
-            with torch.inference_mode():
-                logits = self._forward(next_ids[:, None], mask, cache, keep=1).logits[:, -1, :]
+            positions = positions + 1
+            step_output = self._forward(next_ids[:, None], mask, positions[:, None], 1, cache)
+            logits = step_output.logits[:, -1, :]
