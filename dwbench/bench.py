@@ -129,6 +129,7 @@ def run_selection(
             device=resolve_device(str(cfg.device)),
             cache_dir=cache_dir,
             work_dir=Path(work_dir),
+            clean_flags=splits.clean_flags,  # read by reference methods (oracle_clean) only
         )
         instance = method_class(context)
         start = time.perf_counter()

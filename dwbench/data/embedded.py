@@ -3,8 +3,13 @@
 It lets the whole pipeline run here without the hub, and it gives selection methods something
 to find: a share of the pool has corrupted answers, and `is_clean` says which. Answers follow
 GSM8K's style (one sentence per step, `<<a*b=c>>` calculator annotations, a final `#### n`), and
-every number stays a small positive integer. The problems depend only on the seed and the sizes;
-`corrupt_share` only decides how many of them are corrupted.
+every number stays a small positive integer. The problems depend only on the seed, the sizes and
+the difficulty; `corrupt_share` only decides how many of them are corrupted.
+
+Difficulties, so the task can be made learnable by a small model:
+- one_step: one operation on numbers up to about 40 (a single annotated sentence).
+- two_step: two operations on small numbers.
+- multi_step: 3-4 steps with two- and three-digit numbers (the original problems, unchanged).
 
 Corruptions, cycled evenly over the corrupted records:
 - wrong_final: the `#### n` number is replaced by a plausible wrong one (an intermediate result
@@ -348,19 +353,291 @@ def _fruit_bowl(rng: random.Random) -> Problem:
     return question, solve
 
 
-_TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
-    _shopping,
-    _road_trip,
-    _sharing,
-    _savings,
-    _bakery,
-    _garden,
-    _wages,
-    _reading,
-    _fuel,
-    _field_trip,
-    _fruit_bowl,
-)
+def _gift(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    things = rng.choice(["marbles", "stickers", "shells", "stamps", "cards", "beads"])
+    have, given = rng.randint(3, 25), rng.randint(2, 15)
+    question = (
+        f"{name} has {have} {things}. {her.capitalize()} friend gives {her} {given} more "
+        f"{things}. How many {things} does {she} have now?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(have, "+", given)
+        return [f"{name} has {t1} {things} now."]
+
+    return question, solve
+
+
+def _birthday(rng: random.Random) -> Problem:
+    name, _, her = _person(rng)
+    relative = rng.choice(["cousin", "aunt", "uncle", "neighbour", "teacher"])
+    age, older = rng.randint(5, 15), rng.randint(2, 25)
+    question = (
+        f"{name} is {age} years old. {her.capitalize()} {relative} is {older} years older. "
+        f"How old is {her} {relative}?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(age, "+", older)
+        return [f"{her.capitalize()} {relative} is {t1} years old."]
+
+    return question, solve
+
+
+def _giving_away(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    things = rng.choice(["pencils", "balloons", "crayons", "candies", "toy cars", "buttons"])
+    relative = rng.choice(["brother", "sister", "cousin", "friend"])
+    have = rng.randint(10, 40)
+    given = rng.randint(1, have - 1)
+    question = (
+        f"{name} has {have} {things} and gives {given} of them to {her} {relative}. "
+        f"How many {things} does {she} have left?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(have, "-", given)
+        return [f"{name} has {t1} {things} left."]
+
+    return question, solve
+
+
+def _bus_stop(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    riders = rng.randint(10, 40)
+    off = rng.randint(1, riders - 1)
+    question = (
+        f"{name} counts {riders} people on a bus. At the next stop {off} of them get off. "
+        f"How many of the people {she} counted are still on the bus?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(riders, "-", off)
+        return [f"So {t1} of them are still on the bus."]
+
+    return question, solve
+
+
+def _packs(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    things = rng.choice(["pens", "batteries", "socks", "juice boxes", "yogurts", "tennis balls"])
+    packs, each = rng.randint(2, 6), rng.randint(2, 8)
+    question = (
+        f"{name} buys {packs} packs of {things} with {each} {things} in each pack. "
+        f"How many {things} does {she} buy?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(packs, "*", each)
+        return [f"{name} buys {t1} {things}."]
+
+    return question, solve
+
+
+def _price(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    thing, things = rng.choice(
+        [("ticket", "tickets"), ("sandwich", "sandwiches"), ("book", "books"), ("kite", "kites")]
+    )
+    price, count = rng.randint(2, 9), rng.randint(2, 5)
+    question = f"One {thing} costs ${price}. {name} buys {count} {things}. How much does {she} pay?"
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(count, "*", price)
+        return [f"{name} pays {t1} dollars."]
+
+    return question, solve
+
+
+def _fair_share(rng: random.Random) -> Problem:
+    name, _, _ = _person(rng)
+    things = rng.choice(["apples", "cookies", "grapes", "strawberries", "crackers", "nuts"])
+    friends, each = rng.randint(2, 5), rng.randint(2, 8)
+    total = friends * each
+    question = (
+        f"{name} shares {total} {things} equally among {friends} friends. "
+        f"How many {things} does each friend get?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(total, "/", friends)
+        return [f"Each friend gets {t1} {things}."]
+
+    return question, solve
+
+
+def _teams(rng: random.Random) -> Problem:
+    name, _, _ = _person(rng)
+    size, teams = rng.randint(2, 6), rng.randint(2, 6)
+    children = size * teams
+    question = (
+        f"{name}'s coach splits {children} children into teams of {size}. How many teams are there?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, _ = calc(children, "/", size)
+        return [f"There are {t1} teams."]
+
+    return question, solve
+
+
+def _pocket_money(rng: random.Random) -> Problem:
+    name, she, her = _person(rng)
+    relative = rng.choice(["grandmother", "grandfather", "aunt", "uncle"])
+    thing = rng.choice(["book", "puzzle", "comic", "yo-yo", "water bottle"])
+    has, gift = rng.randint(5, 20), rng.randint(2, 15)
+    spent = rng.randint(1, has + gift - 1)
+    question = (
+        f"{name} has ${has}. {her.capitalize()} {relative} gives {her} ${gift}, and then {she} "
+        f"spends ${spent} on a {thing}. How much money does {she} have now?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, total = calc(has, "+", gift)
+        t2, _ = calc(total, "-", spent)
+        return [
+            f"After the gift {she} has {t1} dollars.",
+            f"After buying the {thing} {she} has {t2} dollars.",
+        ]
+
+    return question, solve
+
+
+def _small_change(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    things = rng.choice(["apples", "pencils", "cupcakes", "postcards", "bottles of water"])
+    count, price = rng.randint(2, 5), rng.randint(2, 8)
+    bill = next(b for b in (10, 20, 50) if b > count * price)
+    question = (
+        f"{name} buys {count} {things} for ${price} each and pays with a ${bill} bill. "
+        f"How much change does {she} get?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, cost = calc(count, "*", price)
+        t2, _ = calc(bill, "-", cost)
+        return [f"The {things} cost {t1} dollars.", f"{name} gets {t2} dollars in change."]
+
+    return question, solve
+
+
+def _snack_boxes(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    things = rng.choice(["crackers", "granola bars", "rice cakes", "cookies", "pretzels"])
+    boxes, each = rng.randint(2, 5), rng.randint(3, 8)
+    eaten = rng.randint(1, min(10, boxes * each - 1))
+    question = (
+        f"{name} has {boxes} boxes of {things} with {each} {things} in each box. "
+        f"{she.capitalize()} eats {eaten} of them. How many {things} are left?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, total = calc(boxes, "*", each)
+        t2, _ = calc(total, "-", eaten)
+        return [f"{name} has {t1} {things}.", f"After eating some, {t2} {things} are left."]
+
+    return question, solve
+
+
+def _party_bags(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    first, second = rng.sample(["red", "blue", "green", "yellow", "purple"], 2)
+    bags, each = rng.randint(2, 5), rng.randint(2, 8)
+    total = bags * each
+    a = rng.randint(1, total - 1)
+    question = (
+        f"{name} has {a} {first} balloons and {total - a} {second} balloons. {she.capitalize()} "
+        f"puts them into {bags} party bags with the same number in each bag. How many balloons "
+        f"go in each bag?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, balloons = calc(a, "+", total - a)
+        t2, _ = calc(balloons, "/", bags)
+        return [f"{name} has {t1} balloons.", f"Each bag gets {t2} balloons."]
+
+    return question, solve
+
+
+def _pages_left(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    per_day, days = rng.randint(2, 9), rng.randint(2, 5)
+    pages = per_day * days + rng.randint(1, 30)
+    question = (
+        f"{name}'s book has {pages} pages. {she.capitalize()} reads {per_day} pages a day for "
+        f"{days} days. How many pages does {she} have left to read?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, read = calc(per_day, "*", days)
+        t2, _ = calc(pages, "-", read)
+        return [f"{she.capitalize()} reads {t1} pages.", f"So {she} has {t2} pages left to read."]
+
+    return question, solve
+
+
+def _two_colours(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    first, second = rng.sample(["red", "blue", "green", "yellow", "white"], 2)
+    things = rng.choice(["flowers", "ribbons", "flags", "candles"])
+    a, b, price = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 4)
+    question = (
+        f"{name} buys {a} {first} {things} and {b} {second} {things}. Each one costs ${price}. "
+        f"How much does {she} spend?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, count = calc(a, "+", b)
+        t2, _ = calc(count, "*", price)
+        return [f"{name} buys {t1} {things}.", f"{she.capitalize()} spends {t2} dollars."]
+
+    return question, solve
+
+
+def _piggy_bank(rng: random.Random) -> Problem:
+    name, she, _ = _person(rng)
+    has, weekly, weeks = rng.randint(3, 20), rng.randint(2, 8), rng.randint(2, 5)
+    question = (
+        f"{name} has ${has} in a piggy bank and saves ${weekly} every week for {weeks} weeks. "
+        f"How much money does {she} have then?"
+    )
+
+    def solve(calc: _Calculator) -> list[str]:
+        t1, saved = calc(weekly, "*", weeks)
+        t2, _ = calc(saved, "+", has)
+        return [f"{she.capitalize()} saves {t1} dollars.", f"Then {she} has {t2} dollars."]
+
+    return question, solve
+
+
+# Keyed by task.generator.difficulty; multi_step's order is fixed (it decides the seeded draws).
+_TEMPLATES: dict[str, tuple[Callable[[random.Random], Problem], ...]] = {
+    "one_step": (_gift, _birthday, _giving_away, _bus_stop, _packs, _price, _fair_share, _teams),
+    "two_step": (
+        _pocket_money,
+        _small_change,
+        _snack_boxes,
+        _party_bags,
+        _pages_left,
+        _two_colours,
+        _piggy_bank,
+    ),
+    "multi_step": (
+        _shopping,
+        _road_trip,
+        _sharing,
+        _savings,
+        _bakery,
+        _garden,
+        _wages,
+        _reading,
+        _fuel,
+        _field_trip,
+        _fruit_bowl,
+    ),
+}
+DIFFICULTIES = tuple(_TEMPLATES)
 
 
 def _answer(lines: list[str], final: int | None) -> str:
@@ -393,7 +670,7 @@ def _corrupt_answer(solve: Solver, kind: str, rng: random.Random) -> str:
     raise AssertionError("a positive slip in the last step always gives a valid wrong answer")
 
 
-def _check_args(pool_size: Any, eval_size: Any, corrupt_share: Any) -> None:
+def _check_args(pool_size: Any, eval_size: Any, corrupt_share: Any, difficulty: Any) -> None:
     for field, value in (("pool_size", pool_size), ("eval_size", eval_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(
@@ -409,16 +686,27 @@ def _check_args(pool_size: Any, eval_size: Any, corrupt_share: Any) -> None:
             f"task.generator.corrupt_share must be a number in [0, 1), got {corrupt_share!r}; "
             "set e.g. task.generator.corrupt_share=0.3."
         )
+    if difficulty not in DIFFICULTIES:
+        raise ConfigError(
+            f"task.generator.difficulty must be one of {', '.join(DIFFICULTIES)}, got "
+            f"{difficulty!r}; set e.g. task.generator.difficulty=one_step."
+        )
 
 
 def generate_embedded_task(
-    seed: int, pool_size: int, eval_size: int, corrupt_share: float
+    seed: int,
+    pool_size: int,
+    eval_size: int,
+    corrupt_share: float,
+    *,
+    difficulty: str = "multi_step",
 ) -> tuple[list[dict], list[dict]]:
     """Pool records (question, answer, is_clean, corruption) and clean eval records.
 
     Deterministic in its arguments; no question appears twice, so pool and eval never overlap.
     """
-    _check_args(pool_size, eval_size, corrupt_share)
+    _check_args(pool_size, eval_size, corrupt_share, difficulty)
+    templates = _TEMPLATES[difficulty]
     rng = random.Random(seed)
     wanted = pool_size + eval_size
     problems: list[Problem] = []
@@ -431,7 +719,7 @@ def generate_embedded_task(
                 "or task.generator.eval_size."
             )
         attempts += 1
-        question, solve = rng.choice(_TEMPLATES)(rng)
+        question, solve = rng.choice(templates)(rng)
         if question not in seen:
             seen.add(question)
             problems.append((question, solve))

@@ -60,7 +60,8 @@ _DEFAULTS: dict[str, Any] = {
 }
 _SOURCES = ("hub", "local", "embedded")
 _QUERY_SOURCES = ("pool_kfold", "validation")
-_GENERATOR_KEYS = ("pool_size", "eval_size", "corrupt_share", "seed")
+_GENERATOR_KEYS = ("pool_size", "eval_size", "corrupt_share", "seed", "difficulty")
+_GENERATOR_DEFAULTS = {"difficulty": "multi_step"}  # configs written before the key still load
 
 
 @dataclass
@@ -268,6 +269,7 @@ def _load_embedded(cfg: dict[str, Any]) -> TaskSplits:
         raise ConfigError(
             f"Unknown key task.generator.{unknown[0]}; valid keys: {', '.join(_GENERATOR_KEYS)}."
         )
+    generator = {**_GENERATOR_DEFAULTS, **generator}
     for key in _GENERATOR_KEYS:
         if generator.get(key) is None:
             raise ConfigError(f"task.generator.{key} is not set; the embedded task needs it.")
@@ -278,6 +280,7 @@ def _load_embedded(cfg: dict[str, Any]) -> TaskSplits:
         generator["pool_size"],
         generator["eval_size"],
         generator["corrupt_share"],
+        difficulty=generator["difficulty"],
     )
     origin = "the embedded generator (task.generator)"
     clean = [row["is_clean"] for row in pool]

@@ -1,8 +1,9 @@
 """What a selection method is: score every pool example, then keep k of them.
 
 Methods see the pool (ids, prompts, responses), the task's query examples and the selector
-model; never the embedded task's `is_clean` labels, which only the select stage reads to report
-selection precision.
+model; never the embedded task's `is_clean` labels, which the select stage reads to report
+selection precision. The one exception is a reference method (oracle_clean), which reads them to
+bound what a perfect noise filter could gain.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class ScoringContext:
     # LoRA fine-tunes through the train stage's cache: fine_tune(examples, model_cfg=None
     # (the selector), finetune_overrides=None) -> ScorerFineTune; None where no store exists
     fine_tune: Callable[..., Any] | None = None
+    # the embedded task's id -> is_clean (None for other tasks); only reference methods
+    # (oracle_clean) may read it, a competing method never does
+    clean_flags: dict[str, bool] | None = None
 
     def require_fine_tune(self, method: str) -> Callable[..., Any]:
         if self.fine_tune is None:

@@ -14,6 +14,7 @@ from dwbench.methods.base import SelectionMethod
 
 METHODS: dict[str, str] = {
     "random": "dwbench.methods.random_method:RandomSelection",
+    "oracle_clean": "dwbench.methods.oracle_clean:OracleClean",
     "data_whisperer": "dwbench.methods.data_whisperer:DataWhisperer",
     "data_whisperer_likelihood": "dwbench.methods.data_whisperer:DataWhisperer",
     "perplexity_low": "dwbench.methods.perplexity:Perplexity",

@@ -10,6 +10,7 @@ from dwbench.report.snapshot import MEASURED
 
 METHOD_LABELS = {
     "random": "Random",
+    "oracle_clean": "Oracle (clean only)",
     "grand": "GraNd",
     "el2n": "EL2N",
     "ccs": "CCS",

@@ -26,7 +26,7 @@ class Prepared:
     pool: list[Example]
     queries: list[Example] | None
     eval_path: Path
-    clean_flags: dict[str, bool] | None  # embedded task's ground truth; never given to methods
+    clean_flags: dict[str, bool] | None  # the embedded ground truth; only reference methods see it
 
 
 def run(task_cfg: DictConfig, store: ArtifactStore) -> Prepared:

@@ -62,6 +62,7 @@ def build_method(
         cache_dir=ctx.cache_dir,
         work_dir=ctx.store.scratch_dir("score", key, create=False),
         fine_tune=scorer_trainer,
+        clean_flags=prepared.clean_flags,
     )
     return get_method(str(cfg.method.name))(scoring)
 

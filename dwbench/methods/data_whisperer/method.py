@@ -60,11 +60,17 @@ logger = logging.getLogger(__name__)
 
 QUERY_SCORINGS = ("generate", "likelihood")
 QUERY_SOURCES = ("pool_kfold", "validation")
-# Episodes per forward batch when method.runtime.prompts_per_call is null, by device type.
-# cpu: measured with `python -m dwbench.bench selection` on 2 cores (README, "Data Whisperer");
-# cuda / mps: stated, not measured here (a batch of 32 episodes of ~1k tokens fits an 8B model
-# in bf16 on a 40 GB GPU; raise it on larger cards).
-EPISODES_PER_CALL = {"cpu": 4, "cuda": 32, "mps": 8}
+# Episodes per batch when method.runtime.prompts_per_call is null, by device type and scoring.
+# cpu: measured on 2 cores with `python -m dwbench.bench selection` (README, "Data Whisperer"):
+# decoding reads every weight once per step whatever the batch, so more rows per step pay off,
+# while a teacher-forced pass is compute-bound and only pays for padding when batched.
+# cuda / mps: stated, not measured here (room for 32 episodes of ~1.5k tokens with an 8B
+# selector in bf16 on a 40 GB GPU; raise them on larger cards).
+EPISODES_PER_CALL = {
+    "cpu": {"generate": 8, "likelihood": 1},
+    "cuda": {"generate": 32, "likelihood": 16},
+    "mps": {"generate": 8, "likelihood": 4},
+}
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,8 @@ class Settings:
     def episodes_per_call(self, device: str) -> int:
         if self.prompts_per_call is not None:
             return self.prompts_per_call
-        return EPISODES_PER_CALL.get(device.split(":")[0], EPISODES_PER_CALL["cpu"])
+        defaults = EPISODES_PER_CALL.get(device.split(":")[0], EPISODES_PER_CALL["cpu"])
+        return defaults[self.query_scoring]
 
 
 class DataWhisperer:
