@@ -4,7 +4,7 @@ LESS scores a pool example by how well its gradient lines up with the gradients 
 task examples: per warm-up checkpoint, the example's LoRA gradient is preconditioned with that
 checkpoint's Adam moments, randomly projected (Rademacher) to a few thousand dimensions and
 L2-normalised; the score sums, over checkpoints, the checkpoint's learning rate times the mean
-cosine similarity to the targets. ../shared/ALGORITHM.md has the method.
+cosine similarity to the targets (Xia et al., ICML 2024).
 
 Nothing here loads a model, so every step can be tested on tiny tensors on CPU, and the caller
 decides where gradients come from and on which device they live.
