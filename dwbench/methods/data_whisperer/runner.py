@@ -225,10 +225,13 @@ class EpisodeRunner:
             )
 
     def _packed_forward(
-        self, episodes: Sequence[EncodedEpisode], keep: torch.Tensor, cache: Cache | None
-    ) -> tuple[Packed, Any, list[list[float]]]:
+        self,
+        episodes: Sequence[EncodedEpisode],
+        packed: Packed,
+        keep: torch.Tensor,
+        cache: Cache | None,
+    ) -> tuple[Any, list[list[float]]]:
         """One forward over the packed episodes; a_i from each episode's query rows."""
-        packed = pack(episodes, self.pad_id)
         spans = []  # (episode, first row, end row) in packed coordinates
         for b, episode in enumerate(episodes):
             for row, at in zip(episode.rows, packed.row_start[b], strict=True):
@@ -256,7 +259,7 @@ class EpisodeRunner:
                     sum(spans[i][2] - spans[i][1] for i in mine),
                 )
             )
-        return packed, output, attention
+        return output, attention
 
     def likelihood(self, episodes: Sequence[EncodedEpisode]) -> list[EpisodeOutput]:
         """Teacher forcing: each gold token's probability, and whether argmax would write it."""
@@ -272,7 +275,7 @@ class EpisodeRunner:
             }
         )
         where = {position: i for i, position in enumerate(needed)}
-        packed, output, attention = self._packed_forward(episodes, torch.tensor(needed), None)
+        output, attention = self._packed_forward(episodes, packed, torch.tensor(needed), None)
         logits = output.logits.float()
         log_norm = torch.logsumexp(logits, dim=-1)  # (episodes, kept positions)
         predicted = logits.argmax(-1)
@@ -358,7 +361,7 @@ class EpisodeRunner:
         ]
         keep = sorted(set(row_ends))
         prefill = DynamicCache(config=self.model.config)
-        packed, output, attention = self._packed_forward(episodes, torch.tensor(keep), prefill)
+        output, attention = self._packed_forward(episodes, packed, torch.tensor(keep), prefill)
         cache, mask, positions = self._row_cache(episodes, packed, prefill, max_new_tokens)
         del prefill
         logits = output.logits[owner, [keep.index(p) for p in row_ends]]
