@@ -1,4 +1,5 @@
-"""Benchmarks that later work compares against: `python -m dwbench.bench selection | methods`.
+"""Benchmarks that later work compares against: `python -m dwbench.bench selection | methods |
+calibrate` (`calibrate`: dwbench/calibrate.py).
 
 `selection` scores a task's pool with a selection method on the selector model (the embedded
 task and SmolLM2-135M-Instruct unless overridden) at one or more pool sizes and prints a markdown
@@ -334,6 +335,9 @@ def parser() -> argparse.ArgumentParser:
     meth.add_argument("--csv", type=Path, help="also write the table as CSV here")
     add_override_option(meth)
     meth.set_defaults(handler=methods)
+    from dwbench.calibrate import add_parser as add_calibrate
+
+    add_calibrate(commands, add_override_option)
     return top
 
 

@@ -101,12 +101,12 @@ def per_example_scores(stage_dir: Path, run: pd.Series, uri: str) -> pd.DataFram
     """(example_id, score) of one evaluation: the stage cache first, MLflow second."""
     local = stage_dir / "samples.jsonl"
     if local.is_file():
-        return _read_samples(local)
+        return read_samples(local)
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("samples.jsonl", "lm_eval_results.json"):
             path = _download(run["run_id"], name, uri, Path(tmp))
             if path is not None:
-                return _read_samples(path)
+                return read_samples(path)
     return None
 
 
@@ -123,7 +123,7 @@ def _download(run_id: str, name: str, uri: str, folder: Path) -> Path | None:
     return Path(path) if Path(path).is_file() else None
 
 
-def _read_samples(path: Path) -> pd.DataFrame:
+def read_samples(path: Path) -> pd.DataFrame:
     """samples.jsonl (one {"id", "prediction", "score"} a line) or lm_eval_results.json."""
     if path.suffix == ".json":
         samples = json.loads(path.read_text(encoding="utf-8"))["samples"]
