@@ -168,7 +168,7 @@ def spearman_table(labels: Sequence[str], scores: Sequence[Sequence[float]]) -> 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     def cell(value: Any) -> str:
-        if value is None:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
             return "-"
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"

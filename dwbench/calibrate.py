@@ -41,6 +41,9 @@ from dwbench.measure import interval_text, measured, run_cells, versus_random
 
 logger = logging.getLogger(__name__)
 HARDEST_FIRST = ("multi_step", "two_step", "one_step")
+# Answer cap per difficulty: about twice the longest clean answer in SmolLM2 tokens, so an
+# untuned model's rambling costs little evaluation time and no right answer is cut.
+ANSWER_TOKENS = {"one_step": 64, "two_step": 96, "multi_step": 128}
 MIN_WHOLE_POOL_GAIN = 10.0  # points of whole pool over zero-shot for "well below"
 COLUMNS = (
     "difficulty",
@@ -77,6 +80,7 @@ class Setting:
             f"task.generator.corrupt_share={self.corrupt_share}",
             f"task.generator.pool_size={self.pool_size}",
             f"task.generator.eval_size={self.eval_size}",
+            f"task.answer_max_tokens={ANSWER_TOKENS[self.difficulty]}",
         ]
 
 

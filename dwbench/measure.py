@@ -41,7 +41,9 @@ def run_cells(overrides: Sequence[str]) -> int:
 class Measured:
     """The finished cells of a sweep: one row per cell, and per-example scores (0/1 or ROUGE)."""
 
-    cells: pd.DataFrame  # method, budget, seed, score, eval_s, n_eval, distinct_scores, auroc
+    # method, budget, seed, score, eval_s, n_eval; where selected: selection_precision,
+    # selection_s, distinct_scores and (embedded task) auroc of the scores against is_clean
+    cells: pd.DataFrame
     examples: pd.DataFrame  # method, budget, seed, example_id, score
     missing: list[str]  # overrides of cells that did not finish
 
@@ -67,7 +69,11 @@ def measured(overrides: Sequence[str]) -> Measured:
         }
         row = {**described, "score": 100 * marker["score"], "eval_s": marker["eval_s"]}
         row["n_eval"] = marker["n_eval"]
+        if "select" in keys and store.is_done("select", keys["select"]):
+            select = store.marker("select", keys["select"])
+            row["selection_precision"] = select.get("selection_precision")
         if "score" in keys and store.is_done("score", keys["score"]):
+            row["selection_s"] = store.marker("score", keys["score"])["selection_s"]
             scores = pd.read_csv(
                 store.stage_dir("score", keys["score"]) / "scores.csv", dtype={"id": str}
             )
