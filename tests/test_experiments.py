@@ -40,6 +40,7 @@ GRIDS = {
     "embedded_table5": 4 * 2 * 3 * 3,
     "embedded_table6": 13 * 3 * 3,
     "embedded_fig3": 3 * 3,
+    "embedded_multi_step": 3 * 1 * 3,
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 EMBEDDED = [p for p in PRESETS if p.startswith("embedded_")]

@@ -445,3 +445,16 @@ def test_latex_table_compiles_with_booktabs(reported, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_oracle_is_a_reference_row_beside_whole_dataset() -> None:
+    from dwbench.report.frame import variant
+
+    ranks = {
+        m: variant(cell(method=m, budget=0.1), "table2")[1]
+        for m in ("random", "data_whisperer", "s2l", "oracle_clean")
+    }
+    whole = variant(cell(method="random", budget=1.0), "table2")[1]
+    assert max(ranks["random"], ranks["data_whisperer"], ranks["s2l"]) < ranks["oracle_clean"]
+    assert ranks["oracle_clean"] < whole
+    assert variant(cell(method="oracle_clean", budget=0.1), "table2")[0] == "Oracle (clean only)"

@@ -24,6 +24,7 @@ METHOD_LABELS = {
     "less": "LESS",
     "s2l": "S2L",
 }
+REFERENCE_METHODS = ("oracle_clean",)  # rows that bound the task, listed with Whole dataset
 DATA_WHISPERERS = ("data_whisperer", "data_whisperer_likelihood")  # ablated in Tables 4 and 5
 METHOD_ORDER = list(METHOD_LABELS)  # the paper's row order, then the baselines it did not run
 TASK_ORDER = ["gsm8k", "dialogsum", "bioinstruct", "dialogsum_synthetic", "embedded_gsm"]
@@ -82,6 +83,8 @@ def variant(row: pd.Series, kind: str) -> tuple[str, tuple]:
         return ZERO_SHOT, (-1, 0, 0, "", 0)
     method = row["method"]
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    if method in REFERENCE_METHODS:  # a reference row, beside Whole dataset, not a competitor
+        rank = len(METHOD_ORDER) + 0.5
     label = METHOD_LABELS.get(method, method)
     setting: tuple = (0, 0, "")
     if row["ablation"]:

@@ -84,6 +84,12 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
                     trust_remote_code=bool(target.trust_remote_code),
                 )
             eval_s = time.perf_counter() - start
+            logger.info(
+                "evaluate: %d problems in %.0f s (%.2f s per problem)",
+                result.n_examples,
+                eval_s,
+                eval_s / result.n_examples,
+            )
             write_results_json(result, out / "lm_eval_results.json")
             with (out / "samples.jsonl").open("w") as handle:
                 for sample in result.samples:
