@@ -1,4 +1,4 @@
-# dwbench: `make demo` runs the embedded default end to end (random vs Data Whisperer); `make test` runs the test suite.
+# dwbench: `make demo` runs the embedded default end to end (Random, Data Whisperer, oracle); `make test` runs the test suite.
 # Both create .venv inside the repo first. TORCH picks the torch build: the default is the CPU
 # build that CPU-only machines use; on a GPU machine pass e.g. TORCH='torch==2.13.0' with the
 # CUDA wheel index of your cluster, or TORCH= to keep a torch you installed into .venv yourself.
@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The default run: random and Data Whisperer on the embedded default, one budget (a 2-job multirun).
+# The default run: Random, Data Whisperer and the clean-data oracle on the embedded default at
+# the default budget, then each one's difference to Random with its bootstrap interval.
 demo: install
-	$(PY) -m dwbench -m method=random,data_whisperer $(ARGS)
+	$(PY) -m dwbench.demo $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     if outcome.summary is None:
         print(f"Stopped after stage '{outcome.last_stage}': {outcome.output_dir}")
         return
-    cells = evaluated_cells(ctx.tracker, str(cfg.task.name), str(cfg.target_model.name))
+    cells = evaluated_cells(ctx.tracker, ctx.tags())
     metric = "exact match" if cfg.task.metric == "exact_match_number" else "ROUGE-L F1"
     print_table(cells, metric)
     print(f"Artifacts: {outcome.output_dir}")

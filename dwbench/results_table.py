@@ -22,14 +22,16 @@ COLUMNS = {
 }
 
 
-def evaluated_cells(tracker: Tracker, task: str, target: str) -> pd.DataFrame:
-    """Finished evaluation runs, one row per (method, budget, selector), mean over seeds."""
+def evaluated_cells(tracker: Tracker, tags: dict[str, str]) -> pd.DataFrame:
+    """Finished evaluation runs of this run's task config and target model, one row per
+    (method, budget, selector), mean over seeds."""
     import mlflow
 
     runs = mlflow.search_runs(
         experiment_ids=[tracker.experiment_id],
         filter_string=(
-            f"tags.stage = 'evaluate' and tags.task = '{task}' and tags.target = '{target}' "
+            f"tags.stage = 'evaluate' and tags.task = '{tags['task']}' "
+            f"and tags.task_config = '{tags['task_config']}' and tags.target = '{tags['target']}' "
             "and attributes.status = 'FINISHED'"
         ),
         output_format="pandas",
