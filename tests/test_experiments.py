@@ -30,15 +30,15 @@ GRIDS = {
     "table5": 4 * 1 * 3 * 2 * 3 * 3,
     "table6": 3 * 2 * 7 * 3 * 3,
     "fig3": 3 * 2 * 1 * 3 * 3,
-    "embedded_table1": 13 * 3 * 3,
-    "embedded_table2": 13 * 3 * 3,
+    "embedded_table1": 15 * 3 * 3,  # 14 methods and oracle_clean
+    "embedded_table2": 15 * 3 * 3,  # 14 methods and oracle_clean
     "embedded_table2_reference": 3,
     "embedded_table2_zero_shot": 1,
-    "embedded_table3": 13 * 3 * 3,
+    "embedded_table3": 15 * 3 * 3,  # 14 methods and oracle_clean
     "embedded_table3_reference": 3,
     "embedded_table4": 3 * 2 * 3 * 3,
     "embedded_table5": 4 * 2 * 3 * 3,
-    "embedded_table6": 13 * 3 * 3,
+    "embedded_table6": 15 * 3 * 3,  # 14 methods and oracle_clean
     "embedded_fig3": 3 * 3,
     "embedded_multi_step": 3 * 1 * 3,
 }
@@ -75,7 +75,7 @@ def test_grid_size(experiment: str) -> None:
 @pytest.mark.parametrize("experiment", EMBEDDED)
 def test_embedded_presets_run_on_cpu_with_the_embedded_model(experiment: str) -> None:
     cfg = _base(f"+experiment={experiment}")
-    assert cfg.task.name == "embedded_gsm" and cfg.task.generator.pool_size <= 120
+    assert cfg.task.name == "embedded_gsm" and cfg.task.generator.pool_size <= 200
     for role in ("selector_model", "target_model"):
         assert cfg[role].name == "smollm2_135m" and not cfg[role].requires_gpu
     assert {"smollm2_135m"} == {

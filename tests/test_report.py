@@ -33,6 +33,7 @@ from dwbench.tracking import Tracker
 
 GRID = ["method=random,data_whisperer", "budget=0.05,0.1", "seed=0,1"]
 N_EVAL = 30
+SMALL_TASK = f"task.generator.eval_size={N_EVAL}"  # the expected tables count out of 30
 
 
 def correct(cfg: DictConfig, index: int) -> float:
@@ -56,7 +57,7 @@ def fake_sweep(
 ) -> list[str]:
     """Log every grid cell (but the `skip`-th; and the companions if asked) as the pipeline
     would; returns the overrides."""
-    overrides = [*grid, f"results_dir={results}"]
+    overrides = [*grid, SMALL_TASK, f"results_dir={results}"]
     report = load_report_grid(experiment, overrides, progress=False)
     cells = [cell for role, cell in report.cells() if companions or role == "grid"]
     cfg = cells[0].cfg
@@ -182,7 +183,7 @@ def test_rebuild_from_snapshot_alone_gives_identical_tables(reported, tmp_path) 
     results.mkdir()
     for name in ("embedded_table2.csv", "embedded_table2_examples.csv"):
         shutil.copy(reported["results"] / name, results / name)  # no MLflow, no stage cache
-    overrides = [*GRID, f"results_dir={results}"]
+    overrides = [*GRID, SMALL_TASK, f"results_dir={results}"]
     out = tmp_path / "figures"
     assert main(["embedded_table2", *overrides, "--from-snapshot", "--out-dir", str(out)]) == 0
     assert not (results / "mlflow.db").exists()
@@ -228,7 +229,7 @@ def test_a_fresh_freeze_keeps_the_earlier_snapshots_cells_mlflow_lacks(
 
 
 def test_an_empty_store_is_an_error_even_with_allow_missing(tmp_path, capsys) -> None:
-    args = ["embedded_table2", *GRID, f"results_dir={tmp_path}", "--allow-missing"]
+    args = ["embedded_table2", *GRID, SMALL_TASK, f"results_dir={tmp_path}", "--allow-missing"]
     assert main([*args, "--out-dir", str(tmp_path / "out")]) == 2
     assert "nothing to report" in capsys.readouterr().err
 

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "oracle_clean": "dwbench.methods.oracle_clean:OracleClean",
     "data_whisperer": "dwbench.methods.data_whisperer:DataWhisperer",
     "data_whisperer_likelihood": "dwbench.methods.data_whisperer:DataWhisperer",
+    "data_whisperer_separate": "dwbench.methods.data_whisperer:DataWhisperer",
     "perplexity_low": "dwbench.methods.perplexity:Perplexity",
     "perplexity_middle": "dwbench.methods.perplexity:Perplexity",
     "perplexity_high": "dwbench.methods.perplexity:Perplexity",

@@ -18,6 +18,7 @@ METHOD_LABELS = {
     "staff": "STAFF",
     "data_whisperer": "Data Whisperer",
     "data_whisperer_likelihood": "Data Whisperer (likelihood)",
+    "data_whisperer_separate": "Data Whisperer (separate)",
     "perplexity_low": "Perplexity (low)",
     "perplexity_middle": "Perplexity (middle)",
     "perplexity_high": "Perplexity (high)",
