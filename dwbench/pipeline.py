@@ -39,6 +39,7 @@ def validate(cfg: DictConfig) -> list[str]:
     if not requested:
         raise ConfigError("stages is empty; give at least one of " + ", ".join(STAGES))
     check_method_name(str(cfg.method.name))
+    score.shard_count(cfg)
     budget = cfg.budget
     if not isinstance(budget, int | float) or not 0.0 <= float(budget) <= 1.0:
         raise ConfigError(
@@ -123,6 +124,8 @@ def run(cfg: DictConfig) -> Outcome:
         select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing
 
     require(ctx, stages, "score", score.key_for(ctx, prepared))
+    if cfg.score.shard is not None:  # one part of a sharded score stage, then stop
+        return Outcome(ctx, *score.run_part(ctx, prepared))
     scored = score.run(ctx, prepared)
     if last == "score":
         return Outcome(ctx, "score", scored.key)

@@ -62,6 +62,57 @@ class SelectionMethod(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: a contiguous block of a method's scoring units."""
+
+    index: int
+    count: int
+
+    def units(self, n_units: int) -> range:
+        """This shard's units; the first `n_units % count` shards hold one more."""
+        size, extra = divmod(n_units, self.count)
+        start = self.index * size + min(self.index, extra)
+        return range(start, start + size + (self.index < extra))
+
+
+class ShardableMethod(SelectionMethod, Protocol):
+    """A method whose scoring is a sum over independent units (episodes, batches of examples).
+
+    `score_units` scores a block of units into `work_dir` (which survives a kill, so a shard can
+    resume) and `merge_units` turns the blocks of every shard into the scores `score` returns:
+    the same numbers, since a unit is computed the same way whichever process runs it. Work that
+    cannot be split (a scorer fine-tune) goes in `shared_work`, run once before the shards.
+    """
+
+    def shard_units(self, pool: list[Example]) -> int:
+        """How many independent units scoring this pool takes."""
+        ...
+
+    def score_units(self, pool: list[Example], units: range, work_dir: Path) -> dict[str, float]:
+        """Score the units into files in `work_dir`; returns this block's statistics."""
+        ...
+
+    def merge_units(self, pool: list[Example], shard_dirs: list[Path]) -> pd.DataFrame:
+        """The scores of the whole pool from every shard's files, as `score` returns them."""
+        ...
+
+
+SHARD_METHODS = ("shard_units", "score_units", "merge_units")
+
+
+def is_shardable(method: type | object) -> bool:
+    """Whether a method (class or instance) implements ShardableMethod."""
+    return all(callable(getattr(method, name, None)) for name in SHARD_METHODS)
+
+
+def shared_work(method: object, pool: list[Example]) -> None:
+    """The part of scoring that cannot be split (a scorer fine-tune), where a method has one."""
+    run = getattr(method, "shared_work", None)
+    if callable(run):
+        run(pool)
+
+
 def method_stats(method: SelectionMethod) -> dict[str, float]:
     """Diagnostics a method exposes after scoring (parse failures, layer used, ...)."""
     return dict(getattr(method, "stats", {}))

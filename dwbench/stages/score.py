@@ -2,6 +2,13 @@
 
 Budget- and target-independent: one scoring run serves every budget and, for weak-to-strong,
 every target model. Its wall time and peak memory are STR's numerator.
+
+With `score.shards=S` (S > 1) a method whose scoring is a sum over independent units
+(`ShardableMethod`) scores in S shards, each its own cached `score_shard` artifact that can run
+as its own job (`score.shard=i`), and a merge writes the usual score output under the usual
+key: the shard layout changes no result. Work that cannot be split (a scorer fine-tune) runs
+once, before the shards. The merged selection time is the shards' scoring time plus the merge
+and the scorer fine-tune; the peak memory is the largest of them.
 """
 
 from __future__ import annotations
@@ -14,12 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig
 
 from dwbench.context import RunContext
-from dwbench.errors import DwbenchError
+from dwbench.errors import ConfigError, DwbenchError
 from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
-from dwbench.methods.base import ScoringContext, SelectionMethod, method_params, method_stats
+from dwbench.methods.base import (
+    ScoringContext,
+    SelectionMethod,
+    Shard,
+    is_shardable,
+    method_params,
+    method_stats,
+    shared_work,
+)
 from dwbench.methods.registry import get_method
 from dwbench.models import model_identity
 from dwbench.stages.prepare import Prepared
@@ -48,8 +64,47 @@ def key_for(ctx: RunContext, prepared: Prepared) -> str:
     )
 
 
+SHARED = (
+    "shared"  # score.shard=shared: only the part that cannot be split (a SLURM chain's first job)
+)
+
+
+def shard_count(cfg: DictConfig) -> int:
+    """score.shards, checked with score.shard: S > 1 needs a method that can shard."""
+    count, index = cfg.score.shards, cfg.score.shard
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"score.shards={count!r} must be a positive integer (1: no shards).")
+    if index is not None and count == 1:
+        raise ConfigError(f"score.shard={index} is set but score.shards=1; set score.shards > 1.")
+    in_range = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count
+    if index is not None and index != SHARED and not in_range:
+        raise ConfigError(
+            f"score.shard={index!r} must be a shard in 0..{count - 1} (score.shards={count}), "
+            f"'{SHARED}' (the unsplittable part only), or null (every shard, then the merge)."
+        )
+    if count > 1 and not is_shardable(get_method(str(cfg.method.name))):
+        raise ConfigError(
+            f"method={cfg.method.name} cannot split its scoring into shards; drop "
+            "score.shards (or set score.shards=1)."
+        )
+    return count
+
+
+def shard_key(score_key: str, shard: Shard) -> str:
+    """A shard's key: its place in the score stage's layout, nothing else."""
+    return stage_key("score_shard", score=score_key, index=shard.index, count=shard.count)
+
+
+def shard_keys(score_key: str, count: int) -> list[str]:
+    return [shard_key(score_key, Shard(i, count)) for i in range(count)]
+
+
 def build_method(
-    ctx: RunContext, prepared: Prepared, key: str, scorer_trainer: ScorerTrainer | None = None
+    ctx: RunContext,
+    prepared: Prepared,
+    key: str,
+    scorer_trainer: ScorerTrainer | None = None,
+    work_dir: Path | None = None,
 ) -> SelectionMethod:
     cfg = ctx.cfg
     scoring = ScoringContext(
@@ -60,7 +115,7 @@ def build_method(
         seed=int(cfg.seed),
         device=ctx.device,
         cache_dir=ctx.cache_dir,
-        work_dir=ctx.store.scratch_dir("score", key, create=False),
+        work_dir=work_dir or ctx.store.scratch_dir("score", key, create=False),
         fine_tune=scorer_trainer,
         clean_flags=prepared.clean_flags,
     )
@@ -78,6 +133,12 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
     if ctx.store.is_done("score", key):
         logger.info("score: cached %s", key)
         return load(ctx, key)
+    count = shard_count(ctx.cfg)
+    if count > 1:
+        shared_s = run_shared_work(ctx, prepared, key)
+        for index in range(count):
+            run_shard(ctx, prepared, key, Shard(index, count))
+        return merge(ctx, prepared, key, count, shared_s)
     scorer_trainer = ScorerTrainer(ctx, prepared)
     method = build_method(ctx, prepared, key, scorer_trainer)
     params = {"method": ctx.cfg.method, "selector_model": ctx.cfg.selector_model}
@@ -114,6 +175,133 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
         mlflow_run.set_tags(flatten(resolved, "resolved."))
         mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
     return Scored(key, scores, selection_s, memory.peak_rss_mb)
+
+
+def run_part(ctx: RunContext, prepared: Prepared) -> tuple[str, str]:
+    """`score.shard=i` or `shared`: that part alone (one job of a SLURM chain); (stage, key)."""
+    key = key_for(ctx, prepared)
+    count, index = shard_count(ctx.cfg), ctx.cfg.score.shard
+    if ctx.store.is_done("score", key):
+        logger.info("score: cached %s (merged), nothing to do for shard %s", key, index)
+        return "score", key
+    if index == SHARED:
+        seconds = run_shared_work(ctx, prepared, key)
+        logger.info("score: the unsplittable part of %s took %.1f s", key, seconds)
+        return "score", key
+    return "score_shard", run_shard(ctx, prepared, key, Shard(int(index), count))
+
+
+def run_shared_work(ctx: RunContext, prepared: Prepared, key: str) -> float:
+    """The unsplittable part of a sharded method's scoring, once, before its shards; seconds."""
+    start = time.perf_counter()
+    shared_work(build_method(ctx, prepared, key, ScorerTrainer(ctx, prepared)), prepared.pool)
+    return time.perf_counter() - start
+
+
+def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> str:
+    """Score one shard of the pool's units into its own cached artifact; returns its key."""
+    skey = shard_key(key, shard)
+    if ctx.store.is_done("score_shard", skey):
+        logger.info("score shard %d/%d: cached %s", shard.index + 1, shard.count, skey)
+        return skey
+    work_dir = ctx.store.scratch_dir("score_shard", skey, create=False)
+    scorer_trainer = ScorerTrainer(ctx, prepared)
+    method = build_method(ctx, prepared, key, scorer_trainer, work_dir)
+    shared_work(method, prepared.pool)  # cached by now, unless this shard runs alone
+    params = {"method": ctx.cfg.method, "selector_model": ctx.cfg.selector_model}
+    tags = {**ctx.tags(), "score_key": key, "shard": f"{shard.index}/{shard.count}"}
+    with ctx.tracker.stage_run("score_shard", skey, tags, params) as mlflow_run:
+        with ctx.store.writing("score_shard", skey) as (out, marker):
+            n_units = method.shard_units(prepared.pool)
+            units = shard.units(n_units)
+            logger.info(
+                "score shard %d/%d: units %d-%d of %d",
+                shard.index + 1,
+                shard.count,
+                units.start,
+                units.stop - 1,
+                n_units,
+            )
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                stats = method.score_units(prepared.pool, units, work_dir)
+            seconds = time.perf_counter() - start
+            keep_work_files(work_dir, out)
+            marker.update(
+                score_key=key,
+                index=shard.index,
+                count=shard.count,
+                units=[units.start, units.stop],
+                n_units=n_units,
+                seconds=seconds,
+                peak_rss_mb=memory.peak_rss_mb,
+                peak_gpu_mb=memory.peak_gpu_mb,
+                stats=stats,
+            )
+        mlflow_run.log_metrics({"shard_s": seconds, **memory.as_metrics("score"), **stats})
+    return skey
+
+
+def merge(ctx: RunContext, prepared: Prepared, key: str, count: int, shared_s: float) -> Scored:
+    """Every shard's output -> the score stage's output, under the unsharded key."""
+    keys = shard_keys(key, count)
+    missing = [i for i, k in enumerate(keys) if not ctx.store.is_done("score_shard", k)]
+    if missing:
+        raise DwbenchError(
+            f"score shard(s) {missing} of {count} are not done (score_shard/{keys[missing[0]]}); "
+            "run them first (score.shard=i, or python -m dwbench.plan lists them)."
+        )
+    markers = [ctx.store.marker("score_shard", k) for k in keys]
+    n_units = {m["n_units"] for m in markers}
+    if len(n_units) > 1:
+        raise DwbenchError(
+            f"the score shards of {key} split the pool into different unit counts {n_units} "
+            "(run on different devices?); delete the shard folders and score them again."
+        )
+    scorer_trainer = ScorerTrainer(ctx, prepared)
+    method = build_method(ctx, prepared, key, scorer_trainer)
+    shared_work(method, prepared.pool)  # cached: this only finds the scorer fine-tunes
+    params = {"method": ctx.cfg.method, "selector_model": ctx.cfg.selector_model}
+    with ctx.tracker.stage_run("score", key, ctx.tags(), params) as mlflow_run:
+        with ctx.store.writing("score", key) as (out, marker):
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                dirs = [ctx.store.stage_dir("score_shard", k) for k in keys]
+                scores = method.merge_units(prepared.pool, dirs)
+            merge_s = time.perf_counter() - start
+            check_scores(scores, prepared)
+            scorer_train_s = sum(run.train_s for run in scorer_trainer.runs)
+            shards_s = sum(float(m["seconds"]) for m in markers)
+            selection_s = shards_s + merge_s + scorer_train_s
+            peak_rss_mb = max([memory.peak_rss_mb, *(float(m["peak_rss_mb"]) for m in markers)])
+            gpu = [g for g in (memory.peak_gpu_mb, *(m["peak_gpu_mb"] for m in markers)) if g]
+            peak_gpu_mb = max(gpu) if gpu else None
+            scores.to_csv(out / "scores.csv", index=False)
+            stats = {**method_stats(method), "shards": float(count), "shards_s": shards_s}
+            resolved = method_params(method)
+            marker.update(
+                method_params=resolved,
+                selection_s=selection_s,
+                peak_rss_mb=peak_rss_mb,
+                n_pool=len(scores),
+                method_stats=stats,
+                scorer_train_s=scorer_train_s,
+                scorer_train_keys=[run.key for run in scorer_trainer.runs],
+                shard_keys=keys,
+                shared_work_s=shared_s,
+            )
+        mlflow_run.log_metrics(
+            {
+                "selection_s": selection_s,
+                "scorer_train_s": scorer_train_s,
+                "score_peak_rss_mb": peak_rss_mb,
+                "score_peak_gpu_mb": peak_gpu_mb,
+                **stats,
+            }
+        )
+        mlflow_run.set_tags(flatten(resolved, "resolved."))
+        mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
+    return Scored(key, scores, selection_s, peak_rss_mb)
 
 
 def keep_work_files(work_dir: Path, out: Path) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from dwbench.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 EPISODE_ORDERS = ("sequential", "random")
@@ -145,19 +147,11 @@ class EpisodeLog:
 
     def _load(self) -> None:
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            header = {}
+        header, records = _parse(lines)
         if header.get("plan") != self.plan_id:
             logger.warning("%s belongs to another scoring run; starting afresh.", self.path)
             return
-        for line in lines[1:]:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.records[int(record["episode"])] = record
+        self.records = records
         # Rewrite without torn lines, so later appends start on a fresh line.
         self.path.write_text(
             "\n".join([lines[0], *(json.dumps(r) for r in self.records.values())]) + "\n",
@@ -171,3 +165,32 @@ class EpisodeLog:
                 self.records[int(record["episode"])] = record
             f.flush()
             os.fsync(f.fileno())
+
+
+def _parse(lines: Sequence[str]) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """(header, records by episode) of a log's lines; a torn line is skipped."""
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    records = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[int(record["episode"])] = record
+    return header if isinstance(header, dict) else {}, records
+
+
+def read_episode_log(path: Path, plan_id: str) -> dict[int, dict[str, Any]]:
+    """The finished episodes of a log written for this plan (a score shard's), read only."""
+    if not path.is_file():
+        raise DataError(f"{path} is missing: score its shard again (python -m dwbench.plan).")
+    header, records = _parse(path.read_text(encoding="utf-8").splitlines())
+    if header.get("plan") != plan_id:
+        raise DataError(
+            f"{path} was written for another scoring plan (config, pool or seed differ); "
+            "delete its shard folder and score it again."
+        )
+    return records

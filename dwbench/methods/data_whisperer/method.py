@@ -34,6 +34,7 @@ from dwbench.methods.data_whisperer.episodes import (
     ScoreTable,
     accumulate,
     plan_episodes,
+    read_episode_log,
 )
 from dwbench.methods.data_whisperer.prompts import (
     NUMERIC_METRIC,
@@ -188,6 +189,7 @@ class DataWhisperer:
         self.layer = self._configured_layer()
         self.stats: dict[str, float] = {}
         self.params: dict[str, Any] = {}
+        self._single_score = 0.0  # the score every example shares, when they all share one
 
     def _configured_layer(self) -> int | None:
         """selector_model.attention_layer, checked against num_layers when the config has it."""
@@ -234,6 +236,59 @@ class DataWhisperer:
 
     def score(self, pool: list[Example]) -> pd.DataFrame:
         start = time.perf_counter()
+        plan, queries, plan_id = self._plan(pool)
+        log, load_s, resumed = self._run_episodes(
+            pool, queries, plan, plan, plan_id, Path(self.context.work_dir)
+        )
+        scores = self._scores(pool, plan, log.records)
+        self.stats.update(
+            resumed_episodes=float(resumed),
+            load_seconds=load_s,
+            seconds_per_example=(time.perf_counter() - start - load_s) / len(pool),
+        )
+        self._report()
+        return scores
+
+    # Sharded scoring (dwbench.methods.base.ShardableMethod): a unit is one batch of episodes,
+    # `episodes_per_call` of them, so every shard generates exactly the batches an unsharded run
+    # would, and the merged scores are the same numbers.
+    def shard_units(self, pool: list[Example]) -> int:
+        plan, _, _ = self._plan(pool)
+        per_call = self.settings.episodes_per_call(self.context.device)
+        return -(-len(plan) // per_call)
+
+    def score_units(self, pool: list[Example], units: range, work_dir: Path) -> dict[str, float]:
+        start = time.perf_counter()
+        plan, queries, plan_id = self._plan(pool)
+        per_call = self.settings.episodes_per_call(self.context.device)
+        episodes = plan[units.start * per_call : units.stop * per_call]
+        _, load_s, resumed = self._run_episodes(pool, queries, plan, episodes, plan_id, work_dir)
+        return {
+            "episodes": float(len(episodes)),
+            "resumed_episodes": float(resumed),
+            "load_seconds": load_s,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def merge_units(self, pool: list[Example], shard_dirs: list[Path]) -> pd.DataFrame:
+        plan, _, plan_id = self._plan(pool)
+        records: dict[int, dict[str, Any]] = {}
+        for folder in shard_dirs:
+            records.update(read_episode_log(folder / CHECKPOINT_FILE, plan_id))
+        missing = [e.index for e in plan if e.index not in records]
+        if missing:
+            raise DataError(
+                f"the score shards in {shard_dirs[0].parent} hold no record of episode(s) "
+                f"{missing[:5]} of {len(plan)}: score the missing shard again (python -m "
+                "dwbench.plan lists it)."
+            )
+        scores = self._scores(pool, plan, records)
+        self.stats["shards"] = float(len(shard_dirs))
+        self._report()
+        return scores
+
+    def _plan(self, pool: list[Example]) -> tuple[list[Episode], list[Example], str]:
+        """Every episode of the run (from the seed alone), the queries and the plan's id."""
         _check_examples(pool, "pool")
         query_split = self._queries(pool)
         queries = pool if query_split is None else query_split
@@ -247,18 +302,32 @@ class DataWhisperer:
             s.passes,
             self.context.seed,
         )
-        log = EpisodeLog(
-            Path(self.context.work_dir) / CHECKPOINT_FILE,
-            self._plan_id(pool, query_split, plan),
-        )
-        pending = [e for e in plan if e.index not in log.records]
-        resumed = len(plan) - len(pending)
+        return plan, queries, self._plan_id(pool, query_split, plan)
+
+    def _run_episodes(
+        self,
+        pool: list[Example],
+        queries: list[Example],
+        plan: list[Episode],
+        episodes: list[Episode],
+        plan_id: str,
+        work_dir: Path,
+    ) -> tuple[EpisodeLog, float, int]:
+        """Run the episodes the log in `work_dir` lacks: (log, load seconds, episodes resumed)."""
+        log = EpisodeLog(work_dir / CHECKPOINT_FILE, plan_id)
+        pending = [e for e in episodes if e.index not in log.records]
+        resumed = len(episodes) - len(pending)
         if resumed:
-            logger.info("Resuming Data Whisperer: %d of %d episodes done.", resumed, len(plan))
-        load_s = 0.0
-        if pending:
-            load_s = self._run(pool, queries, pending, log)
-        records = [log.records[e.index] for e in plan]
+            logger.info("Resuming Data Whisperer: %d of %d episodes done.", resumed, len(episodes))
+        load_s = self._run(pool, queries, pending, log) if pending else 0.0
+        return log, load_s, resumed
+
+    def _scores(
+        self, pool: list[Example], plan: list[Episode], done: Mapping[int, dict[str, Any]]
+    ) -> pd.DataFrame:
+        """Accumulate the episodes' records in plan order into the pool's scores."""
+        s = self.settings
+        records = [done[e.index] for e in plan]
         index = {ex.id: i for i, ex in enumerate(pool)}
         table = accumulate(
             len(pool),
@@ -272,26 +341,14 @@ class DataWhisperer:
         self.stats = _summarise(records, table, len(pool), s.n_queries)
         self.stats.update(
             attention_layer=float(records[0]["attention_layer"]),
-            resumed_episodes=float(resumed),
-            load_seconds=load_s,
             episodes_per_call=float(s.episodes_per_call(self.context.device)),
-            seconds_per_example=(time.perf_counter() - start - load_s) / len(pool),
         )
         self.params = {
             "query_layout": s.query_layout,
             "query_scoring": s.query_scoring,
             **({"generation": GREEDY} if s.query_scoring == "generate" else {}),
         }
-        logger.info("Data Whisperer: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
-        if self.stats["distinct_scores"] == 1:
-            logger.warning(
-                "Data Whisperer: every pool example got the same score (%.4g): the selector model "
-                "answered no query correctly (parse_failure_rate=%.2f), so the selection is a "
-                "seeded random order. Use a stronger selector model, method.query_layout="
-                "separate, or method=data_whisperer_likelihood.",
-                float(table.score[0]),
-                self.stats["parse_failure_rate"],
-            )
+        self._single_score = float(table.score[0])
         return pd.DataFrame(
             {
                 "id": [ex.id for ex in pool],
@@ -301,6 +358,18 @@ class DataWhisperer:
                 "mean_weight": table.mean_weight,
             }
         )
+
+    def _report(self) -> None:
+        logger.info("Data Whisperer: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
+        if self.stats["distinct_scores"] == 1:
+            logger.warning(
+                "Data Whisperer: every pool example got the same score (%.4g): the selector model "
+                "answered no query correctly (parse_failure_rate=%.2f), so the selection is a "
+                "seeded random order. Use a stronger selector model, method.query_layout="
+                "separate, or method=data_whisperer_likelihood.",
+                self._single_score,
+                self.stats["parse_failure_rate"],
+            )
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
         return top_k(scores, k, self.context.seed)

@@ -1,0 +1,119 @@
+"""Sharded scoring: shards partition the units, and merged scores equal an unsharded run's.
+
+On CPU the equality is bitwise: a unit (a batch of episodes, a batch of examples) is computed
+the same way whichever process runs it, and the merge adds the units up in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from test_cli import run_cli, tiny_overrides
+from test_data_whisperer import _method, _pool
+
+from dwbench.methods.base import Shard
+
+
+@pytest.mark.parametrize("n_units", [0, 1, 2, 5, 7, 12])
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_shards_partition_the_units_in_order(n_units: int, count: int) -> None:
+    blocks = [Shard(i, count).units(n_units) for i in range(count)]
+    assert [u for block in blocks for u in block] == list(range(n_units))
+    sizes = [len(block) for block in blocks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_data_whisperer_shards_merge_to_the_unsharded_scores(
+    tmp_path: Path,
+    tiny_qwen2_dir: Path,
+    tiny_model_cfg: Callable[..., dict[str, Any]],
+    count: int,
+) -> None:
+    selector = tiny_model_cfg(tiny_qwen2_dir, "qwen2")
+    settings = {
+        "n_demos": 2,
+        "n_queries": 2,
+        "max_new_tokens_per_answer": 2,
+        "runtime": {"prompts_per_call": 2},  # a unit is a batch of two episodes
+    }
+    pool = _pool(13)  # folds of 7 and 6: 4 + 3 = 7 episodes, 4 units (the last holds one)
+    whole = _method(tmp_path / "whole", selector, **settings)
+    expected = whole.score(pool)
+    folders, episodes = [], 0
+    for index in range(count):
+        folder = tmp_path / f"shard-{index}"
+        method = _method(folder, selector, **settings)
+        n_units = method.shard_units(pool)
+        assert n_units == 4
+        episodes += method.score_units(pool, Shard(index, count).units(n_units), folder)["episodes"]
+        folders.append(folder)
+    assert episodes == whole.stats["episodes"] == 7
+    merger = _method(tmp_path / "merge", selector, **settings)
+    merged = merger.merge_units(pool, folders)
+    pd.testing.assert_frame_equal(merged, expected, check_exact=True)
+    assert merger.stats["episodes"] == 7
+    assert merger.stats["query_accuracy"] == whole.stats["query_accuracy"]
+
+
+def test_a_missing_shard_is_named_not_merged(
+    tmp_path: Path, tiny_qwen2_dir: Path, tiny_model_cfg: Callable[..., dict[str, Any]]
+) -> None:
+    from dwbench.errors import DataError
+
+    selector = tiny_model_cfg(tiny_qwen2_dir, "qwen2")
+    settings = {
+        "n_demos": 2,
+        "n_queries": 2,
+        "max_new_tokens_per_answer": 2,
+        "runtime": {"prompts_per_call": 1},
+    }
+    pool = _pool(8)  # 4 episodes, 4 units: shard 0 of 2 holds two
+    method = _method(tmp_path / "a", selector, **settings)
+    method.score_units(pool, Shard(0, 2).units(method.shard_units(pool)), tmp_path / "a")
+    with pytest.raises(DataError, match="score the missing shard again"):
+        _method(tmp_path / "m", selector, **settings).merge_units(pool, [tmp_path / "a"])
+
+
+def _scores_csv(results: Path) -> bytes:
+    (path,) = (results / "artifacts" / "score").glob("*/scores.csv")
+    return path.read_bytes()
+
+
+def test_a_sharded_cell_equals_the_unsharded_cell(tmp_path: Path, tiny_llama_dir, cache_dir):
+    """The pipeline: S=2 through `python -m dwbench` (shards, then merge) and S=3 one part per
+    process as SLURM runs them (shared, each shard, then the cell) give the same scores.csv."""
+    cell = [
+        "method=data_whisperer_separate",
+        "stages=[score]",
+        "method.n_demos=3",
+        "method.n_queries=2",
+        *tiny_overrides(tiny_llama_dir),
+        "task.answer_max_tokens=4",
+        "method.runtime.prompts_per_call=2",  # 8 episodes: 4 units of 2
+    ]
+    plain = run_cli(cell, tmp_path / "plain", cache_dir)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    two = run_cli([*cell, "score.shards=2"], tmp_path / "two", cache_dir)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _scores_csv(tmp_path / "two") == _scores_csv(tmp_path / "plain")
+    assert len(list((tmp_path / "two" / "artifacts" / "score_shard").glob("*/_SUCCESS.json"))) == 2
+    three = tmp_path / "three"
+    for part in ["shared", "2", "0", "1"]:
+        done = run_cli([*cell, "score.shards=3", f"score.shard={part}"], three, cache_dir)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert not (three / "artifacts" / "score").is_dir()  # no part merges on its own
+    merged = run_cli([*cell, "score.shards=3"], three, cache_dir)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert _scores_csv(three) == _scores_csv(tmp_path / "plain")
+
+
+def test_a_method_that_cannot_shard_is_refused_before_work(tmp_path: Path, cache_dir) -> None:
+    done = run_cli(["method=oracle_clean", "score.shards=2"], tmp_path / "r", cache_dir)
+    assert done.returncode == 2
+    assert "cannot split its scoring into shards" in done.stderr
+    assert not (tmp_path / "r" / "artifacts").exists()
