@@ -4,6 +4,11 @@ The overrides are those of `python -m dwbench -m` (`+experiment=table2`, `seed=0
 that are done, or that SLURM still runs, are left out, so planning again after failures lists
 exactly the failed and missing cells. Also prints what the plan will cost, from the throughput
 earlier runs of the same models logged. `python -m dwbench.submit <plan>` runs it on SLURM.
+
+With `score.shards=S` the plan is a chain: before its cells, each score key still to compute
+gets its shards not yet done (one job each), after the method's unsplittable part where it has
+one (a scorer fine-tune, one job), and one merge job. A shard that failed or was cancelled is
+planned again alone; its finished siblings are not.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -50,11 +56,15 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
         + ", ".join(f"{n} {s}" for s, n in counts.items())
     )
     scored: set[str] = set()
-    planned = []
+    planned, chained = [], {}
     for cell, state in zip(sweep.cells, progress, strict=True):
         if state.state not in (FAILED, MISSING):
             continue
         models = (cell.cfg.selector_model, cell.cfg.target_model)
+        resources = {
+            "requires_gpu": any(bool(m.requires_gpu) for m in models),
+            "gpu_memory_gb": max(int(m.gpu_memory_gb) for m in models),
+        }
         planned.append(
             PlannedCell(
                 key=cell.key,
@@ -62,10 +72,11 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
                 estimate_s=estimate_seconds(
                     cell, state.keys, runs[str(cell.cfg.tracking.uri)], scored
                 ),
-                requires_gpu=any(bool(m.requires_gpu) for m in models),
-                gpu_memory_gb=max(int(m.gpu_memory_gb) for m in models),
+                **resources,
             )
         )
+        for job in score_chain(cell, state.keys, chained):
+            planned.append(PlannedCell(estimate_s=None, **job, **resources))
     meta = {
         "name": sweep.name,
         "workdir": os.getcwd(),
@@ -74,11 +85,60 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
         "slurm": OmegaConf.to_container(sweep.base.slurm, resolve=True),
     }
     path = write_plan(sweep.dir, planned, meta)
-    _print_cost(sweep.cells, planned, console)
-    console.print(f"Plan: {path} ({len(planned)} cell{'' if len(planned) == 1 else 's'} to run)")
+    _print_cost(sweep.cells, [p for p in planned if p.step == "cells"], console)
+    _print_chain(planned, console)
+    cells = sum(p.step == "cells" for p in planned)
+    before = len(planned) - cells
+    console.print(
+        f"Plan: {path} ({cells} cell{'' if cells == 1 else 's'} to run"
+        + (f", after {before} scoring job{'' if before == 1 else 's'})" if before else ")")
+    )
     if planned:
         console.print(f"Submit it: python -m dwbench.submit {path}")
     return path
+
+
+def score_chain(cell: Any, keys: dict[str, str], chained: dict[str, int]) -> list[dict]:
+    """The jobs that sharded scoring needs before this cell: its unsplittable part, the shards
+    not done yet and the merge, once per score key (`chained` collects the keys planned)."""
+    from dwbench.context import zero_shot
+    from dwbench.keys import result_identity, stable_hash
+    from dwbench.methods.registry import get_method
+    from dwbench.stages import score
+    from dwbench.sweep.progress import stage_keys, store_of
+
+    cfg = cell.cfg
+    count = score.shard_count(cfg)
+    if count == 1 or zero_shot(cfg):
+        return []
+    # a task not prepared yet has no score key: a stand-in names its jobs until it is
+    chain = keys or stage_keys(cfg, "unprepared-" + stable_hash(result_identity(cfg.task)))
+    score_key, store = chain["score"], store_of(cfg)
+    if score_key in chained or store.is_done("score", score_key):
+        return []
+    chained[score_key] = count
+    jobs = []
+    if callable(getattr(get_method(str(cfg.method.name)), "shared_work", None)):
+        shared = [*cell.overrides, f"score.shards={count}", f"score.shard={score.SHARED}"]
+        jobs.append({"key": f"shared-{score_key}", "overrides": shared, "step": "shared"})
+    for index, shard_key in enumerate(score.shard_keys(score_key, count)):
+        if not store.is_done("score_shard", shard_key):
+            shard = [*cell.overrides, f"score.shards={count}", f"score.shard={index}"]
+            jobs.append({"key": shard_key, "overrides": shard, "step": "shards"})
+    merge = [*cell.overrides, f"score.shards={count}", "stages=[score]"]
+    jobs.append({"key": score_key, "overrides": merge, "step": "merge"})
+    return jobs
+
+
+def _print_chain(planned: list, console: Console) -> None:
+    """What runs before the cells when scoring is sharded."""
+    steps = {step: sum(p.step == step for p in planned) for step in ("shared", "shards", "merge")}
+    if steps["merge"]:
+        console.print(
+            f"Sharded scoring first: {steps['shards']} shard job(s) for {steps['merge']} score "
+            f"key(s), then a merge each; {steps['shared']} unsplittable part(s) (a scorer "
+            "fine-tune) run once before their shards."
+        )
 
 
 def _print_cost(cells: list, planned: list, console: Console) -> None:

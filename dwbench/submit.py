@@ -1,8 +1,10 @@
-"""`python -m dwbench.submit <plan.txt>`: run a plan on SLURM as one array job.
+"""`python -m dwbench.submit <plan.txt>`: run a plan on SLURM as one dependency chain of arrays.
 
-Renders slurm/array.sbatch beside a frozen copy of the plan with `--array=0-(N-1)%P`, where task
-i runs line i + 1, and submits it with sbatch. P is `slurm.parallel` from the config (set yours
-in conf/local/) unless `--parallel` says otherwise. Nothing has to stay alive after it returns.
+Renders slurm/array.sbatch beside a frozen copy of the plan once per step of the chain (the
+unsplittable part of sharded scoring, score shards, merges, cells; most plans have only cells)
+with `--array=0-(N-1)%P`, and submits each with sbatch, after the step before it. P is
+`slurm.parallel` from the config (set yours in conf/local/) unless `--parallel` says otherwise.
+Nothing has to stay alive after it returns.
 """
 
 from __future__ import annotations
@@ -29,15 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        job, script = submit(args.plan, args.parallel, args.dry_run)
+        submitted = submit(args.plan, args.parallel, args.dry_run)
     except DwbenchError as error:
         print(f"dwbench: {error}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(f"Rendered {script} (not submitted)")
-    else:
-        print(f"Submitted array job {job}: {script}")
-        print(f"Logs in {script.parent / 'logs'}; see progress with python -m dwbench.status")
+    previous = None
+    for step, script in submitted.scripts.items():
+        if args.dry_run:
+            print(f"Rendered {script} (not submitted)")
+            continue
+        waits = f", after job {previous}" if previous else ""
+        print(f"Submitted array job {submitted.jobs[step]} ({step}{waits}): {script}")
+        previous = submitted.jobs[step]
+    logs = submitted.script.parent / "logs"
+    print(f"Logs in {logs}; see progress with python -m dwbench.status")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _finished_evaluations(results: Path) -> set[str]:
 def _submit(args: list[str]) -> tuple[str, list[str]]:
     path = plan_command.plan(args, None, Console(quiet=True))
     keys = [line.split(" ", 1)[0] for line in path.read_text().splitlines()]
-    job, _ = slurm.submit(path)
+    job = slurm.submit(path).job
     return job, keys
 
 
@@ -140,3 +141,113 @@ def test_plan_runs_as_an_array_and_only_a_cancelled_cell_runs_again(
     assert counts == {"done": 2, "running": 0, "failed": 0, "missing": 0}, out.export_text()
     _, progress = _progress(second)
     assert {p.keys["evaluate"] for p in progress} <= _finished_evaluations(tmp_path)
+
+
+def _scores_csv(results: Path) -> bytes:
+    (path,) = (results / "artifacts" / "score").glob("*/scores.csv")
+    return path.read_bytes()
+
+
+def _shard_markers(results: Path) -> dict[str, float]:
+    return {
+        p.parent.name: p.stat().st_mtime
+        for p in (results / "artifacts" / "score_shard").glob("*/_SUCCESS.json")
+    }
+
+
+def _chain_ended(jobs: list[str]) -> bool:
+    states = slurm.job_states()
+    mine = {k: v for k, v in states.items() if any(k.startswith(f"{j}_") for j in jobs)}
+    return bool(mine) and not any(s in SLURM_ACTIVE for s in mine.values())
+
+
+def _wait_chain(jobs: list[str]) -> dict[str, str]:
+    deadline = time.time() + TIMEOUT_S
+    while not _chain_ended(jobs):
+        assert time.time() < deadline, slurm.job_states()
+        time.sleep(1)
+    return {k: v for k, v in slurm.job_states().items() if k.split("_")[0] in jobs}
+
+
+def test_sharded_scoring_runs_as_a_chain_and_a_cancelled_shard_alone_runs_again(
+    local_slurm, tiny_llama_dir, cache_dir, tmp_path, monkeypatch
+) -> None:
+    """Data Whisperer on the embedded task: S=2 and S=3 through plan/submit give the unsharded
+    scores byte for byte; a shard cancelled while it runs is planned again alone."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DWBENCH_CACHE", str(cache_dir))
+    tiny = [
+        a
+        for a in sweep_args(tiny_llama_dir, tmp_path)
+        if not a.startswith(("results_dir=", "method="))
+    ]
+    cell = [
+        *tiny,
+        "method=data_whisperer_separate",
+        "budget=0.5",
+        "task.generator.pool_size=96",
+        "method.n_demos=3",
+        "method.n_queries=2",
+        "method.runtime.prompts_per_call=1",  # 32 episodes, one unit each
+        "task.answer_max_tokens=8",
+        "slurm.cpus_per_task=1",
+        "slurm.mem_gb=2",
+        "slurm.parallel=1",
+    ]
+    plain = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dwbench",
+            *cell,
+            f"results_dir={tmp_path / 'plain'}",
+            "stages=[score]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    expected = _scores_csv(tmp_path / "plain")
+
+    two = [*cell[:-1], "slurm.parallel=2", f"results_dir={tmp_path / 'two'}", "score.shards=2"]
+    path = plan_command.plan(two, None, Console(quiet=True))
+    steps = [line.split()[0] for line in path.read_text().splitlines()]
+    assert len(steps) == 4  # two shards, a merge, the cell
+    submitted = slurm.submit(path)
+    assert list(submitted.jobs) == ["shards", "merge", "cells"]
+    states = _wait_chain(list(submitted.jobs.values()))
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert _scores_csv(tmp_path / "two") == expected
+
+    three = [*cell, f"results_dir={tmp_path / 'three'}", "score.shards=3"]
+    submitted = slurm.submit(plan_command.plan(three, None, Console(quiet=True)))
+    shards = submitted.jobs["shards"]
+    _wait(shards, lambda s: s.get(f"{shards}_1") == "RUNNING")
+    logs = submitted.script.parent / "logs"
+    deadline = time.time() + TIMEOUT_S
+    while not any("data_whisperer:" in p.read_text() for p in logs.glob(f"{shards}_1.log")):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    subprocess.run(["scancel", f"{shards}_1"], check=True)  # mid-way through its episodes
+    states = _wait_chain(list(submitted.jobs.values()))
+    assert states[f"{shards}_1"] == "CANCELLED", states
+    assert states[f"{submitted.jobs['cells']}_0"] != "COMPLETED", states
+    finished = _shard_markers(tmp_path / "three")
+    assert len(finished) == 2
+    out = Console(record=True, width=250)
+    status_command.status(three, None, out)
+    assert "score shards 2/3 done" in out.export_text()
+
+    path = plan_command.plan(three, None, Console(quiet=True))
+    lines = path.read_text().splitlines()
+    assert [line.split()[0] for line in lines][0] not in finished  # the cancelled shard only
+    assert sum("score.shard=" in line for line in lines) == 1 and len(lines) == 3
+    again = slurm.submit(path)
+    states = _wait_chain(list(again.jobs.values()))
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert _scores_csv(tmp_path / "three") == expected
+    assert {k: v for k, v in _shard_markers(tmp_path / "three").items() if k in finished} == (
+        finished
+    )  # the siblings were not scored again

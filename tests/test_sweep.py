@@ -110,13 +110,13 @@ def test_cells_slurm_still_runs_are_not_planned_again(swept, monkeypatch) -> Non
 def test_submit_renders_the_array_over_a_frozen_plan(swept) -> None:
     path = plan_command.plan([*swept, "budget=0.25,0.5,0.75,0.8"], None, console())
     n = len(path.read_text().splitlines())
-    _, script = slurm.submit(path, dry_run=True)
+    script = slurm.submit(path, dry_run=True).script
     text = script.read_text()
     assert f"#SBATCH --array=0-{n - 1}%8" in text and "#SBATCH --cpus-per-task=8" in text
     assert str(script.parent / "plan.txt") in text and "--gres" not in text
     assert (script.parent / "plan.txt").read_text() == path.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    _, script = slurm.submit(path, parallel=3, dry_run=True)
+    script = slurm.submit(path, parallel=3, dry_run=True).script
     assert f"#SBATCH --array=0-{n - 1}%3" in script.read_text()
 
 

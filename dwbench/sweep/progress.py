@@ -98,15 +98,28 @@ def cell_progress(
         if store.is_done(last, keys[last]):
             return Progress(DONE, f"{last}/{keys[last]}", keys)
     keys = chains[-1] if chains else {}
+    shards = shard_detail(cell.cfg, keys)
     if slurm_state is not None:
         job, state = slurm_state
         if state in SLURM_ACTIVE:
-            return Progress(RUNNING, f"slurm {job} {state}", keys)
-        return Progress(FAILED, f"slurm {job} {state}", keys)
+            return Progress(RUNNING, f"slurm {job} {state}{shards}", keys)
+        return Progress(FAILED, f"slurm {job} {state}{shards}", keys)
     failed = _failed_stage(keys, runs)
     if failed:
-        return Progress(FAILED, f"mlflow: {failed} run FAILED", keys)
-    return Progress(MISSING, "", keys)
+        return Progress(FAILED, f"mlflow: {failed} run FAILED{shards}", keys)
+    return Progress(MISSING, shards.removeprefix("; "), keys)
+
+
+def shard_detail(cfg: DictConfig, keys: dict[str, str]) -> str:
+    """`; score shards 2/3 done` while a sharded score stage is not merged yet, else ''."""
+    count = cfg.score.shards
+    if not isinstance(count, int) or count < 2 or "score" not in keys:
+        return ""
+    store = store_of(cfg)
+    if store.is_done("score", keys["score"]):
+        return ""
+    done = sum(store.is_done("score_shard", k) for k in score.shard_keys(keys["score"], count))
+    return f"; score shards {done}/{count} done"
 
 
 def _failed_stage(keys: dict[str, str], runs: pd.DataFrame) -> str | None:

@@ -1,7 +1,10 @@
-"""Plan files, the SLURM array that runs them, and what SLURM says about the cells.
+"""Plan files, the SLURM arrays that run them, and what SLURM says about the cells.
 
-A plan is `plan.txt` (line i: `<cell key> <overrides>`, shell-quoted; array task i runs line
-i + 1) beside `plan.json` (the cells' estimates and resources, the sweep's `slurm` settings).
+A plan is `plan.txt` (a line per job: `<key> <overrides>`, shell-quoted) beside `plan.json` (each
+line's step, estimate and resources, the sweep's `slurm` settings). The lines come in the order
+of the sweep's chain, `STEPS`: the unsplittable part of sharded scoring (`shared`), the score
+shards, their merges, then the cells; each step present becomes one array job that starts when
+the one before it has succeeded (`--dependency=afterok`; a failure cancels what waits on it).
 Each submission freezes a copy of the plan next to its rendered script, so re-planning while an
 array still runs never shifts the lines under it, and appends `<job>_<task>` per cell to
 `sweeps/jobs.jsonl`, which `status` matches against `squeue --states=all`. That record is shared
@@ -28,18 +31,23 @@ from dwbench.errors import DwbenchError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "array.sbatch"
 PLAN_FILE, PLAN_META, JOBS_FILE = "plan.txt", "plan.json", "jobs.jsonl"
+# A sweep's chain: the unsplittable part of sharded scoring (a scorer fine-tune), the score
+# shards, their merges (one per score key), then the cells, each step waiting for the one before.
+STEPS = ("shared", "shards", "merge", "cells")
 
 
 @dataclass
 class PlannedCell:
-    key: str
+    key: str  # the cell key; for a chain's earlier steps, the shard, score or shared-work key
     overrides: list[str]
     estimate_s: float | None
     requires_gpu: bool
     gpu_memory_gb: int
+    step: str = "cells"
 
 
 def write_plan(folder: Path, cells: list[PlannedCell], meta: Mapping[str, Any]) -> Path:
+    cells = sorted(cells, key=lambda c: STEPS.index(c.step))  # stable: the chain's order
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / PLAN_FILE
     plan.write_text("".join(f"{c.key} {shlex.join(c.overrides)}\n" for c in cells))
@@ -86,15 +94,23 @@ def gpu_constraint(need_gb: int, constraints: Mapping[str, str | None]) -> str |
     return next((v for size, v in sizes if size >= need_gb), None)
 
 
-def render(plan: Path, cells: list[PlannedCell], meta: Mapping[str, Any], parallel: int) -> str:
+def render(
+    plan: Path,
+    cells: list[PlannedCell],
+    meta: Mapping[str, Any],
+    parallel: int,
+    first_line: int = 0,
+    step: str = "cells",
+) -> str:
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
     )
     environment.filters["q"] = lambda value: shlex.quote(str(value))
     slurm = meta["slurm"]
     return environment.from_string(TEMPLATE.read_text()).render(
-        name=f"dwbench-{meta['name']}",
+        name=f"dwbench-{meta['name']}" + ("" if step == "cells" else f"-{step}"),
         plan=plan,
+        first_line=first_line,
         n=len(cells),
         parallel=parallel,
         log_dir=plan.parent / "logs",
@@ -105,8 +121,39 @@ def render(plan: Path, cells: list[PlannedCell], meta: Mapping[str, Any], parall
     )
 
 
-def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> tuple[str, Path]:
-    """Freeze the plan, render the array script beside it and sbatch it: (job id, script)."""
+def steps_of(cells: list[PlannedCell]) -> list[tuple[str, int, list[PlannedCell]]]:
+    """(step, its first line, its cells) for each step present, in the chain's order."""
+    out, line = [], 0
+    for step in STEPS:
+        mine = [c for c in cells if c.step == step]
+        if mine:
+            out.append((step, line, mine))
+            line += len(mine)
+    if [c.key for _, _, group in out for c in group] != [c.key for c in cells]:
+        raise DwbenchError("the plan's lines are not in the chain's order; write it again")
+    return out
+
+
+@dataclass
+class Submitted:
+    """One submission: per step of the chain, its array job (none on a dry run) and script."""
+
+    jobs: dict[str, str]
+    scripts: dict[str, Path]
+
+    @property
+    def job(self) -> str:
+        """The last step's job: the cells' array, which ends the chain."""
+        return list(self.jobs.values())[-1] if self.jobs else ""
+
+    @property
+    def script(self) -> Path:
+        return list(self.scripts.values())[-1]
+
+
+def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Submitted:
+    """Freeze the plan, render one array script per step of its chain beside it and sbatch them,
+    each after the one before."""
     cells, meta = read_plan(plan)
     if not cells:
         raise DwbenchError(f"{plan} has no cells to run: every cell is done or running")
@@ -115,21 +162,32 @@ def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> tu
     frozen = folder / PLAN_FILE
     shutil.copy(plan, frozen)
     shutil.copy(plan.with_name(PLAN_META), folder / PLAN_META)
-    script = folder / "array.sbatch"
-    script.write_text(render(frozen, cells, meta, parallel or int(meta["slurm"]["parallel"])))
+    width = parallel or int(meta["slurm"]["parallel"])
+    scripts = []
+    for step, first_line, group in steps_of(cells):
+        name = "array.sbatch" if step == "cells" else f"array-{step}.sbatch"
+        script = folder / name
+        script.write_text(render(frozen, group, meta, width, first_line, step))
+        scripts.append((step, script, group))
+    submitted = Submitted({}, {step: script for step, script, _ in scripts})
     if dry_run:
-        return "", script
+        return submitted
     if shutil.which("sbatch") is None:
         raise DwbenchError("sbatch is not on PATH: run this on a SLURM login node")
-    done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if done.returncode:
-        raise DwbenchError(f"sbatch refused {script}: {done.stderr.strip()}")
-    job = done.stdout.strip().split(";")[0]
-    with jobs_file(plan.parent).open("a") as records:
-        for index, cell in enumerate(cells):
-            record = {"cell": cell.key, "job": f"{job}_{index}", "script": str(script)}
-            records.write(json.dumps(record) + "\n")
-    return job, script
+    job = ""
+    for step, script, group in scripts:
+        after = [f"--dependency=afterok:{job}", "--kill-on-invalid-dep=yes"] if job else []
+        command = ["sbatch", "--parsable", *after, str(script)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise DwbenchError(f"sbatch refused {script}: {done.stderr.strip()}")
+        job = done.stdout.strip().split(";")[0]
+        submitted.jobs[step] = job
+        with jobs_file(plan.parent).open("a") as records:
+            for index, cell in enumerate(group):
+                record = {"cell": cell.key, "job": f"{job}_{index}", "script": str(script)}
+                records.write(json.dumps({**record, "step": step}) + "\n")
+    return submitted
 
 
 def jobs_file(sweep_dir: Path) -> Path:
