@@ -117,3 +117,40 @@ def test_a_method_that_cannot_shard_is_refused_before_work(tmp_path: Path, cache
     assert done.returncode == 2
     assert "cannot split its scoring into shards" in done.stderr
     assert not (tmp_path / "r" / "artifacts").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("perplexity_middle", ["method.runtime.batch_size=2"]),  # 6 batches of the 12 examples
+        ("el2n", ["method.runtime.batch_size=4"]),
+        ("ccs", []),
+        ("grand", []),  # a unit per example
+    ],
+)
+def test_per_example_methods_merge_to_the_unsharded_scores(
+    method: str, extra: list[str], tmp_path: Path, tiny_llama_dir: Path, cache_dir: Path
+) -> None:
+    """Three shards run one by one as SLURM jobs would (the scorer fine-tune first), then the
+    merge: the same scores.csv as one unsharded run, and the same selection."""
+    from test_baselines import _config
+
+    from dwbench import pipeline
+
+    plain = tmp_path / "plain"
+    pipeline.run(_config(method, plain, tiny_llama_dir, *extra))
+    sharded = tmp_path / "sharded"
+    parts = ["shared", 0, 1, 2] if method != "perplexity_middle" else [2, 0, 1]
+    for part in parts:
+        outcome = pipeline.run(
+            _config(
+                method, sharded, tiny_llama_dir, *extra, "score.shards=3", f"score.shard={part}"
+            )
+        )
+        assert outcome.last_stage in {"score", "score_shard"}
+    assert not (sharded / "artifacts" / "score").is_dir()
+    pipeline.run(_config(method, sharded, tiny_llama_dir, *extra, "score.shards=3"))
+    assert _scores_csv(sharded) == _scores_csv(plain)
+    (plain_ids,) = (plain / "artifacts" / "select").glob("*/selected_ids.json")
+    (sharded_ids,) = (sharded / "artifacts" / "select").glob("*/selected_ids.json")
+    assert plain_ids.read_text() == sharded_ids.read_text()

@@ -8,17 +8,19 @@ examples at random (dwbench/methods/stratified.py). The paper's likely source us
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext
-from dwbench.methods.el2n import el2n_scores
+from dwbench.methods.el2n import EL2NShards, mean_el2n
 from dwbench.methods.stratified import ccs_select
 
 
-class CCS:
+class CCS(EL2NShards):
     needs_selector = True
+    scorer_name = "ccs"
 
     def __init__(self, context: ScoringContext) -> None:
         cfg = context.method_cfg
@@ -31,8 +33,10 @@ class CCS:
         if self.n_strata < 1:
             raise ConfigError(f"method.n_strata={self.n_strata} must be at least 1.")
 
-    def score(self, pool: list[Example]) -> pd.DataFrame:
-        el2n = el2n_scores(self.context, pool, "ccs")
+    def scores_from_values(
+        self, pool: list[Example], values: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
+        el2n = mean_el2n(values)
         return pd.DataFrame({"id": [ex.id for ex in pool], "score": el2n, "el2n": el2n})
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:

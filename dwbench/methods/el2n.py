@@ -16,10 +16,14 @@ from dwbench.data.records import Example
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.scorer_model import pick_snapshots, whole_pool_fine_tune
+from dwbench.methods.sharding import PerExampleShards
 
 
-def el2n_scores(context: ScoringContext, pool: list[Example], method: str) -> np.ndarray:
-    """EL2N per pool example, averaged over the snapshots listed in method.checkpoint_epochs."""
+def el2n_values(
+    context: ScoringContext, pool: list[Example], method: str, units: range | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """EL2N per pool example for each snapshot in method.checkpoint_epochs: (the positions
+    computed, `el2n_<k>` per snapshot k aligned with them); `units` as in token_stats."""
     cfg = context.method_cfg
     run = whole_pool_fine_tune(context, pool, method)
     epochs = cfg["checkpoint_epochs"]
@@ -30,25 +34,57 @@ def el2n_scores(context: ScoringContext, pool: list[Example], method: str) -> np
         context.selector_cfg, context.cache_dir, context.device, snapshots[0].adapter_dir
     )
     records = lm_signals.encode(tokenizer, pool, int(cfg["max_seq_len"]))
-    per_snapshot = []
-    for snapshot in snapshots:
+    values, rows = {}, np.arange(len(pool))
+    for index, snapshot in enumerate(snapshots):
         lm_signals.swap_adapter(model, snapshot.adapter_dir)
         stats = lm_signals.token_stats(
-            model, records, int(cfg["runtime"]["batch_size"]), desc=f"EL2N epoch {snapshot.epoch}"
+            model,
+            records,
+            int(cfg["runtime"]["batch_size"]),
+            f"EL2N epoch {snapshot.epoch}",
+            units,
         )
-        per_snapshot.append(stats.el2n)
-    return np.mean(per_snapshot, axis=0)
+        rows = stats.positions
+        values[f"el2n_{index}"] = stats.el2n[rows]
+    return rows, values
 
 
-class EL2N:
+def mean_el2n(values: dict[str, np.ndarray]) -> np.ndarray:
+    """The EL2N score: the mean over the snapshots' values, in snapshot order."""
+    return np.mean([values[f"el2n_{i}"] for i in range(len(values))], axis=0)
+
+
+class EL2NShards(PerExampleShards):
+    """Sharded EL2N scoring for methods built on it (EL2N, CCS): batches of its forward passes;
+    the scorer fine-tune is the unsplittable part."""
+
+    context: ScoringContext
+    scorer_name: str
+
+    def shared_work(self, pool: list[Example]) -> None:
+        whole_pool_fine_tune(self.context, pool, self.scorer_name)
+
+    def unit_size(self) -> int:
+        return int(self.context.method_cfg["runtime"]["batch_size"])
+
+    def example_values(
+        self, pool: list[Example], units: range | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return el2n_values(self.context, pool, self.scorer_name, units)
+
+
+class EL2N(EL2NShards):
     needs_selector = True
+    scorer_name = "el2n"
 
     def __init__(self, context: ScoringContext) -> None:
         self.context = context
         self.stats: dict[str, float] = {}
 
-    def score(self, pool: list[Example]) -> pd.DataFrame:
-        el2n = el2n_scores(self.context, pool, "el2n")
+    def scores_from_values(
+        self, pool: list[Example], values: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
+        el2n = mean_el2n(values)
         self.stats = {"median_el2n": float(np.median(el2n))}
         return pd.DataFrame({"id": [ex.id for ex in pool], "score": el2n, "el2n": el2n})
 

@@ -8,22 +8,32 @@ The choice and the parameter count are recorded in the method's stats.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.scorer_model import pick_snapshots, whole_pool_fine_tune
+from dwbench.methods.sharding import PerExampleShards
 
 
-class GraNd:
+class GraNd(PerExampleShards):
     needs_selector = True
 
     def __init__(self, context: ScoringContext) -> None:
         self.context = context
         self.stats: dict[str, float] = {}
 
-    def score(self, pool: list[Example]) -> pd.DataFrame:
+    def shared_work(self, pool: list[Example]) -> None:
+        whole_pool_fine_tune(self.context, pool, "grand")
+
+    def unit_size(self) -> int:
+        return 1  # a gradient per example, batch size 1 (GraNd's definition)
+
+    def example_values(
+        self, pool: list[Example], units: range | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         ctx, cfg = self.context, self.context.method_cfg
         run = whole_pool_fine_tune(ctx, pool, "grand")
         (snapshot,) = pick_snapshots(run, None, "method")
@@ -32,12 +42,23 @@ class GraNd:
         )
         params = lm_signals.gradient_parameters(model, str(cfg["parameters"]))
         records = lm_signals.encode(tokenizer, pool, int(cfg["max_seq_len"]))
-        norms = lm_signals.gradient_norms(model, records, params, desc="GraNd")
+        rows = np.arange(len(pool)) if units is None else np.arange(units.start, units.stop)
+        norms = lm_signals.gradient_norms(model, [records[i] for i in rows], params, desc="GraNd")
         self.stats = {
             "gradient_parameters": float(sum(p.numel() for _, p in params)),
             "gradient_tensors": float(len(params)),
             "checkpoint_epoch": float(snapshot.epoch),
         }
+        return rows, {"grad_norm": norms}
+
+    def scores_from_values(
+        self, pool: list[Example], values: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
+        norms = values["grad_norm"]
+        if not self.stats:  # a merge: the settings, without loading the model
+            run = whole_pool_fine_tune(self.context, pool, "grand")
+            (snapshot,) = pick_snapshots(run, None, "method")
+            self.stats = {"checkpoint_epoch": float(snapshot.epoch)}
         return pd.DataFrame({"id": [ex.id for ex in pool], "score": norms, "grad_norm": norms})
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:

@@ -134,6 +134,7 @@ class TokenStats:
     sum_logprob: np.ndarray  # log p(response | prompt)
     el2n: np.ndarray  # mean over response tokens of || softmax(logits) - onehot(token) ||_2
     n_tokens: np.ndarray
+    positions: np.ndarray  # the records computed (all, unless a shard's units were asked for)
 
     @property
     def perplexity(self) -> np.ndarray:
@@ -141,21 +142,30 @@ class TokenStats:
 
 
 def token_stats(
-    model: PreTrainedModel, records: Sequence[Record], batch_size: int, desc: str = "forward"
+    model: PreTrainedModel,
+    records: Sequence[Record],
+    batch_size: int,
+    desc: str = "forward",
+    units: range | None = None,
 ) -> TokenStats:
     """One no-grad forward pass per batch; padding never changes a value (right padding).
 
-    An empty `desc` hides the progress bar (for callers that show their own).
+    `units` computes only those batches (a score shard's); the other records stay 0. An empty
+    `desc` hides the progress bar (for callers that show their own).
     """
     import torch
 
     device = next(model.parameters()).device
+    batches = list(_batches(records, batch_size))
+    if units is not None:
+        batches = batches[units.start : units.stop]
+    computed = np.array(sorted(i for batch in batches for i in batch), dtype=np.int64)
     nll_sum = np.zeros(len(records))
     el2n_sum = np.zeros(len(records))
     counts = np.zeros(len(records))
-    bar = tqdm(total=len(records), desc=desc, unit="ex", disable=not desc)
+    bar = tqdm(total=len(computed), desc=desc, unit="ex", disable=not desc)
     with torch.no_grad(), bar as progress:
-        for batch in _batches(records, batch_size):
+        for batch in batches:
             ids, labels, mask = _padded([records[i] for i in batch], device)
             logits, targets, rows = response_logits(model, ids, labels, mask)
             logp = torch.log_softmax(logits, dim=-1)
@@ -168,7 +178,8 @@ def token_stats(
                 np.add.at(target, positions.cpu().numpy(), values.double().cpu().numpy())
             np.add.at(counts, positions.cpu().numpy(), 1)
             progress.update(len(batch))
-    return TokenStats(nll_sum / counts, -nll_sum, el2n_sum / counts, counts)
+    with np.errstate(invalid="ignore"):  # 0 / 0: a record not computed, or without a response
+        return TokenStats(nll_sum / counts, -nll_sum, el2n_sum / counts, counts, computed)
 
 
 def gradient_parameters(model: PreTrainedModel, scope: str) -> list[tuple[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext, top_k
+from dwbench.methods.sharding import PerExampleShards
 
 VARIANTS = ("low", "middle", "high")
 
@@ -29,7 +30,7 @@ def variant_score(perplexity: np.ndarray, variant: str) -> np.ndarray:
     return -np.abs(ranks - (len(perplexity) - 1) / 2)
 
 
-class Perplexity:
+class Perplexity(PerExampleShards):
     needs_selector = True
 
     def __init__(self, context: ScoringContext) -> None:
@@ -42,19 +43,32 @@ class Perplexity:
             )
         self.stats: dict[str, float] = {}
 
-    def score(self, pool: list[Example]) -> pd.DataFrame:
+    def unit_size(self) -> int:
+        return int(self.context.method_cfg["runtime"]["batch_size"])
+
+    def example_values(
+        self, pool: list[Example], units: range | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         ctx = self.context
         model, tokenizer = lm_signals.load_model(ctx.selector_cfg, ctx.cache_dir, ctx.device)
         records = lm_signals.encode(tokenizer, pool, int(ctx.method_cfg["max_seq_len"]))
-        batch = int(ctx.method_cfg["runtime"]["batch_size"])
-        stats = lm_signals.token_stats(model, records, batch, desc=f"perplexity ({self.variant})")
-        self.stats = {"median_perplexity": float(np.median(stats.perplexity))}
+        stats = lm_signals.token_stats(
+            model, records, self.unit_size(), f"perplexity ({self.variant})", units
+        )
+        rows = stats.positions
+        return rows, {"mean_nll": stats.mean_nll[rows], "n_tokens": stats.n_tokens[rows]}
+
+    def scores_from_values(
+        self, pool: list[Example], values: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
+        perplexity = np.exp(values["mean_nll"])
+        self.stats = {"median_perplexity": float(np.median(perplexity))}
         return pd.DataFrame(
             {
                 "id": [ex.id for ex in pool],
-                "score": variant_score(stats.perplexity, self.variant),
-                "perplexity": stats.perplexity,
-                "n_response_tokens": stats.n_tokens.astype(int),
+                "score": variant_score(perplexity, self.variant),
+                "perplexity": perplexity,
+                "n_response_tokens": values["n_tokens"].astype(int),
             }
         )
 
