@@ -86,7 +86,7 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
     }
     path = write_plan(sweep.dir, planned, meta)
     _print_cost(sweep.cells, [p for p in planned if p.step == "cells"], console)
-    _print_chain(planned, console)
+    _print_chain(planned, chained, console)
     cells = sum(p.step == "cells" for p in planned)
     before = len(planned) - cells
     console.print(
@@ -109,6 +109,8 @@ def score_chain(cell: Any, keys: dict[str, str], chained: dict[str, int]) -> lis
 
     cfg = cell.cfg
     count = score.shard_count(cfg)
+    if count == 1 and cfg.score.shards > 1:
+        chained.setdefault(f"unsharded:{cfg.method.name}", 1)
     if count == 1 or zero_shot(cfg):
         return []
     # a task not prepared yet has no score key: a stand-in names its jobs until it is
@@ -130,14 +132,20 @@ def score_chain(cell: Any, keys: dict[str, str], chained: dict[str, int]) -> lis
     return jobs
 
 
-def _print_chain(planned: list, console: Console) -> None:
-    """What runs before the cells when scoring is sharded."""
+def _print_chain(planned: list, chained: dict[str, int], console: Console) -> None:
+    """What runs before the cells when scoring is sharded, and which methods cannot shard."""
     steps = {step: sum(p.step == step for p in planned) for step in ("shared", "shards", "merge")}
     if steps["merge"]:
         console.print(
             f"Sharded scoring first: {steps['shards']} shard job(s) for {steps['merge']} score "
             f"key(s), then a merge each; {steps['shared']} unsplittable part(s) (a scorer "
-            "fine-tune) run once before their shards."
+            "fine-tune) run once, before their shards."
+        )
+    unsharded = sorted(k.removeprefix("unsharded:") for k in chained if k.startswith("unsharded:"))
+    if unsharded:
+        console.print(
+            f"Scored in one piece inside their cells (the method cannot shard): "
+            f"{', '.join(unsharded)}."
         )
 
 

@@ -112,11 +112,19 @@ def test_a_sharded_cell_equals_the_unsharded_cell(tmp_path: Path, tiny_llama_dir
     assert _scores_csv(three) == _scores_csv(tmp_path / "plain")
 
 
-def test_a_method_that_cannot_shard_is_refused_before_work(tmp_path: Path, cache_dir) -> None:
-    done = run_cli(["method=oracle_clean", "score.shards=2"], tmp_path / "r", cache_dir)
-    assert done.returncode == 2
-    assert "cannot split its scoring into shards" in done.stderr
-    assert not (tmp_path / "r" / "artifacts").exists()
+def test_a_method_that_cannot_shard_scores_in_one_piece_and_has_no_parts(
+    tmp_path: Path, cache_dir
+) -> None:
+    part = run_cli(["method=oracle_clean", "score.shards=2", "score.shard=1"], tmp_path, cache_dir)
+    assert part.returncode == 2
+    assert "cannot split its scoring into shards" in part.stderr
+    assert not (tmp_path / "artifacts").exists()
+    whole = run_cli(
+        ["method=oracle_clean", "score.shards=2", "stages=[score]"], tmp_path, cache_dir
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "scoring it in one piece" in whole.stderr
+    assert not (tmp_path / "artifacts" / "score_shard").exists()
 
 
 @pytest.mark.parametrize(
@@ -126,6 +134,9 @@ def test_a_method_that_cannot_shard_is_refused_before_work(tmp_path: Path, cache
         ("el2n", ["method.runtime.batch_size=4"]),
         ("ccs", []),
         ("grand", []),  # a unit per example
+        ("less", ["method.runtime.examples_per_shard=4"]),  # 3 feature blocks
+        ("s2l", ["method.runtime.batch_size=4"]),
+        ("nuggets", []),  # a unit per candidate
     ],
 )
 def test_per_example_methods_merge_to_the_unsharded_scores(

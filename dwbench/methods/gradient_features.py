@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,13 @@ class FeatureShards:
         shards = [torch.load(self._path(name, i), weights_only=True) for i in indices]
         return torch.cat(shards)
 
+    def blocks(self, name: str) -> dict[int, Path]:
+        """index -> file of every finished shard of `name` in this folder."""
+        return {
+            int(path.stem.removeprefix("shard-")): path
+            for path in self._folder(name).glob("shard-*.pt")
+        }
+
     def _folder(self, name: str) -> Path:
         if not name or Path(name).name != name or name in {".", ".."}:
             raise ValueError(f"shard set name must be a plain file name, not {name!r}")
@@ -290,3 +298,18 @@ class FeatureShards:
         if index < 0:
             raise ValueError(f"shard index must be >= 0, not {index}")
         return self._folder(name) / f"shard-{index:05d}.pt"
+
+
+def read_blocks(folders: Sequence[FeatureShards], name: str) -> torch.Tensor:
+    """The blocks of `name` spread over several folders (a sharded run's), in index order; a
+    missing or doubled block is an error."""
+    paths: dict[int, Path] = {}
+    for shards in folders:
+        for index, path in shards.blocks(name).items():
+            if index in paths:
+                raise ValueError(f"feature block {index} of {name!r} is in two shard folders")
+            paths[index] = path
+    if sorted(paths) != list(range(len(paths))) or not paths:
+        missing = sorted(set(range(max(paths, default=-1) + 1)) - set(paths))
+        raise ValueError(f"feature blocks of {name!r} are incomplete: missing {missing or [0]}")
+    return torch.cat([torch.load(paths[i], weights_only=True) for i in range(len(paths))])

@@ -17,7 +17,9 @@ task's gradients point.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,8 +34,11 @@ from dwbench.methods.gradient_features import (
     RademacherProjector,
     adam_preconditioned,
     less_scores,
+    read_blocks,
     unit_rows,
 )
+
+FEATURES = "less_features"  # the pool's projected gradients, one file per block and snapshot
 
 if TYPE_CHECKING:
     import torch
@@ -95,61 +100,68 @@ class LESS:
         return [pool[i] for i in positions], positions
 
     def score(self, pool: list[Example]) -> pd.DataFrame:
-        import torch
+        folder = self.context.work_dir
+        self.score_units(pool, range(self.shard_units(pool)), folder)
+        return self.merge_units(pool, [folder])
 
-        ctx, cfg = self.context, self.context.method_cfg
+    # Sharded scoring (dwbench.methods.base.ShardableMethod): a unit is one feature block of
+    # `runtime.examples_per_shard` pool examples, in every snapshot; the warm-up fine-tune is
+    # the unsplittable part, and the merge adds the targets' gradients and the scores.
+    def shared_work(self, pool: list[Example]) -> None:
+        self._warmup(pool)
+
+    def shard_units(self, pool: list[Example]) -> int:
+        return -(-len(pool) // self._per_block())
+
+    def score_units(self, pool: list[Example], units: range, work_dir: Path) -> dict[str, float]:
+        start = time.perf_counter()
         run = self._warmup(pool)
-        targets, target_positions = self._targets(pool)
-        model, tokenizer = lm_signals.load_model(
-            ctx.selector_cfg, ctx.cache_dir, ctx.device, run.snapshots[0].adapter_dir, True
-        )
-        params = lm_signals.gradient_parameters(model, "all")
-        dim = sum(p.numel() for _, p in params)
-        projector = RademacherProjector(dim, self.proj_dim, ctx.seed, generator_device="cpu")
-        max_len = int(cfg["max_seq_len"])
-        pool_records = lm_signals.encode(tokenizer, pool, max_len)
-        target_records = lm_signals.encode(tokenizer, targets, max_len)
-        shards = FeatureShards(ctx.work_dir / "less_features")
-        per_shard = int(cfg["runtime"]["examples_per_shard"])
-        pool_features, target_features, lrs = [], [], []
+        model, params, projector = self._gradient_model(run)
+        records = self._encode(model, pool)
+        features = FeatureShards(Path(work_dir) / FEATURES)
+        per_block = self._per_block()
         for snapshot in run.snapshots:
             lm_signals.swap_adapter(model, snapshot.adapter_dir)
             moments = flat_moments(snapshot, params)
-            beta1, beta2 = snapshot.betas
-            for name, records, moment in (
-                (f"pool-epoch{snapshot.epoch}", pool_records, moments),
-                (f"targets-epoch{snapshot.epoch}", target_records, None),
-            ):
-                for index, start in enumerate(range(0, len(records), per_shard)):
-                    if shards.done(name, index):
-                        continue
-                    block = records[start : start + per_shard]
-                    desc = f"LESS {name} {start}-{start + len(block)}"
-                    grads = torch.stack(
-                        list(lm_signals.example_gradients(model, block, params, desc))
-                    )
-                    if moment is not None:
-                        exp_avg, exp_avg_sq, step = moment
-                        grads = adam_preconditioned(
-                            grads,
-                            exp_avg.expand_as(grads),
-                            exp_avg_sq.expand_as(grads),
-                            step,
-                            beta1,
-                            beta2,
-                            snapshot.eps,
-                        )
-                    shards.write(name, index, unit_rows(projector.project(grads)))
-            pool_features.append(shards.read(f"pool-epoch{snapshot.epoch}"))
-            target_features.append(shards.read(f"targets-epoch{snapshot.epoch}"))
+            name = f"pool-epoch{snapshot.epoch}"
+            for index in units:
+                if not features.done(name, index):
+                    block = records[index * per_block : (index + 1) * per_block]
+                    desc = f"LESS {name} {index * per_block}-{index * per_block + len(block)}"
+                    grads = self._gradients(model, block, params, desc, snapshot, moments)
+                    features.write(name, index, unit_rows(projector.project(grads)))
+        return {"feature_blocks": float(len(units)), "seconds": time.perf_counter() - start}
+
+    def merge_units(self, pool: list[Example], shard_dirs: list[Path]) -> pd.DataFrame:
+        import torch
+
+        run = self._warmup(pool)
+        targets, target_positions = self._targets(pool)
+        model, params, projector = self._gradient_model(run)
+        target_records = self._encode(model, targets)
+        pool_features, target_features, lrs = [], [], []
+        for snapshot in run.snapshots:
+            lm_signals.swap_adapter(model, snapshot.adapter_dir)
+            desc = f"LESS targets-epoch{snapshot.epoch}"
+            grads = self._gradients(model, target_records, params, desc, snapshot, None)
+            target_features.append(unit_rows(projector.project(grads)))
+            name = f"pool-epoch{snapshot.epoch}"
+            pool_features.append(
+                read_blocks([FeatureShards(Path(d) / FEATURES) for d in shard_dirs], name)
+            )
             lrs.append(snapshot.mean_lr)
+        if len(pool_features[0]) != len(pool):
+            raise DwbenchError(
+                f"LESS features hold {len(pool_features[0])} pool examples, not {len(pool)}: "
+                "score the missing shard again (python -m dwbench.plan lists it)."
+            )
         scores = less_scores(pool_features, target_features, lrs).numpy().astype(float)
         for j, position in enumerate(target_positions):  # a target is not its own evidence
             others = [t[torch.arange(len(t)) != j] for t in target_features]
             own = [p[position : position + 1] for p in pool_features]
             scores[position] = float(less_scores(own, others, lrs)[0])
         self.stats = {
-            "gradient_dim": float(dim),
+            "gradient_dim": float(sum(p.numel() for _, p in params)),
             "proj_dim": float(self.proj_dim),
             "checkpoints": float(len(run.snapshots)),
             "warmup_examples": float(max(1, math.floor(self.share * len(pool) + 1e-9))),
@@ -161,6 +173,47 @@ class LESS:
                 "score": scores,
                 "is_target": [i in target_positions for i in range(len(pool))],
             }
+        )
+
+    def _per_block(self) -> int:
+        return int(self.context.method_cfg["runtime"]["examples_per_shard"])
+
+    def _gradient_model(self, run: Any) -> tuple[Any, list, RademacherProjector]:
+        """The selector with the warm-up adapter, its LoRA parameters and the projection."""
+        ctx = self.context
+        model, tokenizer = lm_signals.load_model(
+            ctx.selector_cfg, ctx.cache_dir, ctx.device, run.snapshots[0].adapter_dir, True
+        )
+        self._tokenizer = tokenizer
+        params = lm_signals.gradient_parameters(model, "all")
+        dim = sum(p.numel() for _, p in params)
+        projector = RademacherProjector(dim, self.proj_dim, ctx.seed, generator_device="cpu")
+        return model, params, projector
+
+    def _encode(self, model: Any, examples: list[Example]) -> list:
+        return lm_signals.encode(
+            self._tokenizer, examples, int(self.context.method_cfg["max_seq_len"])
+        )
+
+    def _gradients(
+        self, model: Any, records: list, params: list, desc: str, snapshot: Any, moments: Any
+    ) -> torch.Tensor:
+        """The examples' LoRA gradients, Adam-preconditioned when `moments` are given."""
+        import torch
+
+        grads = torch.stack(list(lm_signals.example_gradients(model, records, params, desc)))
+        if moments is None:
+            return grads
+        exp_avg, exp_avg_sq, step = moments
+        beta1, beta2 = snapshot.betas
+        return adam_preconditioned(
+            grads,
+            exp_avg.expand_as(grads),
+            exp_avg_sq.expand_as(grads),
+            step,
+            beta1,
+            beta2,
+            snapshot.eps,
         )
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:

@@ -27,6 +27,7 @@ from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.scorer_model import pick_snapshots, whole_pool_fine_tune
+from dwbench.methods.sharding import PerExampleShards
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,7 +81,7 @@ def golden_scores(zero_shot: np.ndarray, one_shot: np.ndarray, self_anchor: int 
     return float(helped.mean()) if helped.size else 0.0
 
 
-class Nuggets:
+class Nuggets(PerExampleShards):
     needs_selector = True
 
     def __init__(self, context: ScoringContext) -> None:
@@ -102,7 +103,19 @@ class Nuggets:
             adapter = snapshot.adapter_dir
         return lm_signals.load_model(ctx.selector_cfg, ctx.cache_dir, ctx.device, adapter)
 
-    def score(self, pool: list[Example]) -> pd.DataFrame:
+    # Sharded scoring (PerExampleShards): a unit is one candidate; every shard finds the same
+    # anchors and their zero-shot scores (cheap next to the candidates' one-shot passes), and
+    # the fine-tuned scorer, where used, is the unsplittable part.
+    def shared_work(self, pool: list[Example]) -> None:
+        if self.scorer == "fine_tuned":
+            whole_pool_fine_tune(self.context, pool, "nuggets")
+
+    def unit_size(self) -> int:
+        return 1
+
+    def example_values(
+        self, pool: list[Example], units: range | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         ctx, cfg = self.context, self.context.method_cfg
         if self.n_anchors >= len(pool):
             raise ConfigError(
@@ -118,10 +131,11 @@ class Nuggets:
         zero_shot = lm_signals.token_stats(
             model, lm_signals.encode(tokenizer, anchor_examples, max_len), batch, "zero-shot"
         ).sum_logprob
+        rows = np.arange(len(pool)) if units is None else np.arange(units.start, units.stop)
         done = self._resume(anchors)
         log = self._log_path().open("a") if self._log_path() else None
         scores = dict(done)
-        todo = [i for i, ex in enumerate(pool) if ex.id not in scores]
+        todo = [int(i) for i in rows if pool[i].id not in scores]
         for position in tqdm(todo, desc="Nuggets one-shot", unit="candidate"):
             candidate = pool[position]
             history = [(candidate.prompt, candidate.response)]
@@ -135,12 +149,19 @@ class Nuggets:
         if log:
             log.close()
         self.stats = {"n_anchors": float(len(anchors)), "resumed_candidates": float(len(done))}
-        values = [scores[ex.id] for ex in pool]
+        golden = np.array([scores[pool[i].id] for i in rows], dtype=float)
+        return rows, {"golden": golden, "is_anchor": np.isin(rows, anchors)}
+
+    def scores_from_values(
+        self, pool: list[Example], values: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
+        if not self.stats:  # a merge
+            self.stats = {"n_anchors": float(values["is_anchor"].sum())}
         return pd.DataFrame(
             {
                 "id": [ex.id for ex in pool],
-                "score": values,
-                "is_anchor": [i in anchors for i in range(len(pool))],
+                "score": values["golden"],
+                "is_anchor": values["is_anchor"].astype(bool),
             }
         )
 

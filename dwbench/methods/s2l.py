@@ -11,6 +11,8 @@ the `score` column holds the negated mean loss for inspection only; the rule nev
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -18,11 +20,12 @@ from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext
+from dwbench.methods.sharding import PerExampleShards
 from dwbench.methods.staff import proxy_is_selector, proxy_problems
 from dwbench.methods.stratified import s2l_clusters, s2l_select
 
 
-class S2L:
+class S2L(PerExampleShards):
     needs_selector = False  # only the proxy model is loaded
     extra_models = ("proxy_model",)
     config_problems = staticmethod(proxy_problems)
@@ -37,25 +40,40 @@ class S2L:
             raise ConfigError(problems[0])
         self.stats: dict[str, float] = {}
 
-    def trajectories(self, pool: list[Example]) -> np.ndarray:
+    def _proxy_fine_tune(self, pool: list[Example]) -> Any:
+        return self.context.require_fine_tune("s2l")(pool, self.context.method_cfg["proxy_model"])
+
+    def shared_work(self, pool: list[Example]) -> None:
+        self._proxy_fine_tune(pool)
+
+    def unit_size(self) -> int:
+        return int(self.context.method_cfg["runtime"]["batch_size"])
+
+    def example_values(
+        self, pool: list[Example], units: range | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Each example's loss before training (`loss_0`) and after each epoch (`loss_<t>`)."""
         ctx, cfg = self.context, self.context.method_cfg
-        run = ctx.require_fine_tune("s2l")(pool, cfg["proxy_model"])
+        run = self._proxy_fine_tune(pool)
         model, tokenizer = lm_signals.load_model(
             cfg["proxy_model"], ctx.cache_dir, ctx.device, run.snapshots[0].adapter_dir
         )
         records = lm_signals.encode(tokenizer, pool, int(cfg["max_seq_len"]))
-        batch = int(cfg["runtime"]["batch_size"])
-        columns = []
+        batch = self.unit_size()
         with model.disable_adapter():  # the untrained proxy: the trajectory's first point
-            columns.append(lm_signals.token_stats(model, records, batch, "s2l: epoch 0").mean_nll)
+            stats = lm_signals.token_stats(model, records, batch, "s2l: epoch 0", units)
+        rows, values = stats.positions, {"loss_0": stats.mean_nll[stats.positions]}
         for snapshot in run.snapshots:
             lm_signals.swap_adapter(model, snapshot.adapter_dir)
             desc = f"s2l: epoch {snapshot.epoch}"
-            columns.append(lm_signals.token_stats(model, records, batch, desc).mean_nll)
-        return np.stack(columns, axis=1)
+            stats = lm_signals.token_stats(model, records, batch, desc, units)
+            values[f"loss_{len(values)}"] = stats.mean_nll[rows]
+        return rows, values
 
-    def score(self, pool: list[Example]) -> pd.DataFrame:
-        losses = self.trajectories(pool)
+    def scores_from_values(
+        self, pool: list[Example], values: dict[str, np.ndarray]
+    ) -> pd.DataFrame:
+        losses = np.stack([values[f"loss_{t}"] for t in range(len(values))], axis=1)
         clusters = s2l_clusters(losses, self.n_clusters, self.seed)
         self.stats = {
             "trajectory_points": float(losses.shape[1]),

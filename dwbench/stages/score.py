@@ -70,7 +70,8 @@ SHARED = (
 
 
 def shard_count(cfg: DictConfig) -> int:
-    """score.shards, checked with score.shard: S > 1 needs a method that can shard."""
+    """The shards this cell's scoring takes: score.shards, checked with score.shard; 1 for a
+    method that cannot shard (a sweep's score.shards applies to the methods that can)."""
     count, index = cfg.score.shards, cfg.score.shard
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"score.shards={count!r} must be a positive integer (1: no shards).")
@@ -83,10 +84,12 @@ def shard_count(cfg: DictConfig) -> int:
             f"'{SHARED}' (the unsplittable part only), or null (every shard, then the merge)."
         )
     if count > 1 and not is_shardable(get_method(str(cfg.method.name))):
-        raise ConfigError(
-            f"method={cfg.method.name} cannot split its scoring into shards; drop "
-            "score.shards (or set score.shards=1)."
-        )
+        if index is not None:
+            raise ConfigError(
+                f"score.shard={index}: method={cfg.method.name} cannot split its scoring into "
+                "shards, so it has no parts to run; run the cell without score.shard."
+            )
+        return 1  # scored in one piece, as `plan` and the score stage say
     return count
 
 
@@ -134,6 +137,13 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
         logger.info("score: cached %s", key)
         return load(ctx, key)
     count = shard_count(ctx.cfg)
+    if count == 1 and ctx.cfg.score.shards > 1:
+        logger.warning(
+            "score.shards=%s: method=%s cannot split its scoring into shards; scoring it in one "
+            "piece.",
+            ctx.cfg.score.shards,
+            ctx.cfg.method.name,
+        )
     if count > 1:
         shared_s = run_shared_work(ctx, prepared, key)
         for index in range(count):
@@ -226,7 +236,7 @@ def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> st
             with PeakMemory() as memory:
                 stats = method.score_units(prepared.pool, units, work_dir)
             seconds = time.perf_counter() - start
-            keep_work_files(work_dir, out)
+            keep_work_files(work_dir, out, folders=True)
             marker.update(
                 score_key=key,
                 index=shard.index,
@@ -304,12 +314,13 @@ def merge(ctx: RunContext, prepared: Prepared, key: str, count: int, shared_s: f
     return Scored(key, scores, selection_s, peak_rss_mb)
 
 
-def keep_work_files(work_dir: Path, out: Path) -> None:
-    """The method's own records (e.g. Data Whisperer's episodes) stay inspectable."""
+def keep_work_files(work_dir: Path, out: Path, folders: bool = False) -> None:
+    """The method's own records (e.g. Data Whisperer's episodes) stay inspectable; a shard keeps
+    its folders too (LESS's feature blocks), which its merge reads."""
     if not work_dir.is_dir():
         return
     for path in sorted(work_dir.iterdir()):
-        if path.is_file():
+        if path.is_file() or folders:
             shutil.move(str(path), out / path.name)
 
 
