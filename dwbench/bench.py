@@ -1,5 +1,5 @@
 """Benchmarks that later work compares against: `python -m dwbench.bench selection | methods |
-calibrate` (`calibrate`: dwbench/calibrate.py).
+calibrate | gpu` (`calibrate`: dwbench/calibrate.py; `gpu`: dwbench/gpu_bench.py).
 
 `selection` scores a task's pool with a selection method on the selector model (the embedded
 task and SmolLM2-135M-Instruct unless overridden) at one or more pool sizes and prints a markdown
@@ -336,8 +336,10 @@ def parser() -> argparse.ArgumentParser:
     add_override_option(meth)
     meth.set_defaults(handler=methods)
     from dwbench.calibrate import add_parser as add_calibrate
+    from dwbench.gpu_bench import add_parser as add_gpu
 
     add_calibrate(commands, add_override_option)
+    add_gpu(commands)
     return top
 
 

@@ -36,6 +36,7 @@ def eval_batch_size(configured: int | None, device: str) -> int:
         return int(configured)
     return EVAL_BATCH_SIZE.get(device.split(":")[0], EVAL_BATCH_SIZE["cpu"])
 
+
 ADAPTER_CHECK_PROMPTS = 4
 NO_TRAIN = "none (zero-shot)"  # the train key of an evaluation without a fine-tune
 

@@ -401,7 +401,12 @@ class DataWhisperer:
                 f"selector_model={cfg.get('name')} has no fast tokenizer, so token offsets "
                 "(exact demonstration spans) are unavailable; use a model with tokenizer.json."
             )
-        model = load_causal_lm(cfg, cache_dir, self.context.device)
+        return self._ready(load_causal_lm(cfg, cache_dir, self.context.device), tokenizer)
+
+    def _ready(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The attention layer checked against the model, and its attention made readable."""
         layers = int(model.config.get_text_config().num_hidden_layers)
         if self.layer is None:
             self.layer = layers // 2

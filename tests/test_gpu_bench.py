@@ -1,0 +1,47 @@
+"""`python -m dwbench.bench gpu`: a clean exit without CUDA, and its code run on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_cli import REPO
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_without_cuda_it_says_so_and_exits_cleanly() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dwbench.bench", "gpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device here" in done.stdout
+
+
+def test_tiny_runs_every_measurement(cache_dir) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dwbench.bench", "gpu", "--tiny", "--cache-dir", str(cache_dir)],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    labels = [row.split("|")[1].strip() for row in rows[1:]]
+    variants = ["joint-generate", "separate-generate", "joint-likelihood", "separate-likelihood"]
+    assert labels == [
+        *(f"Data Whisperer {v}" for v in variants),
+        "evaluation (greedy generate)",
+        "LoRA step",
+    ]
+    for row in rows[1:]:
+        throughput = row.split("|")[3]
+        assert float(throughput.split()[0]) > 0, row
