@@ -56,7 +56,8 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
         + ", ".join(f"{n} {s}" for s, n in counts.items())
     )
     scored: set[str] = set()
-    planned, chained = [], {}
+    planned, chained, waiting = [], {}, []
+    active = active_jobs(sweep.dir)
     for cell, state in zip(sweep.cells, progress, strict=True):
         if state.state not in (FAILED, MISSING):
             continue
@@ -65,6 +66,10 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
             "requires_gpu": any(bool(m.requires_gpu) for m in models),
             "gpu_memory_gb": max(int(m.gpu_memory_gb) for m in models),
         }
+        chain = score_chain(cell, state.keys, chained, active)
+        if chain is None:  # its score shards still run: planning them again would run them twice
+            waiting.append(cell.key)
+            continue
         planned.append(
             PlannedCell(
                 key=cell.key,
@@ -75,7 +80,7 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
                 **resources,
             )
         )
-        for job in score_chain(cell, state.keys, chained):
+        for job in chain:
             planned.append(PlannedCell(estimate_s=None, **job, **resources))
     meta = {
         "name": sweep.name,
@@ -87,6 +92,11 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
     path = write_plan(sweep.dir, planned, meta)
     _print_cost(sweep.cells, [p for p in planned if p.step == "cells"], console)
     _print_chain(planned, chained, console)
+    if waiting:
+        console.print(
+            f"[yellow]Left out {len(waiting)} cell(s) whose score shards or merge still run on "
+            "SLURM; plan again when those jobs have ended.[/yellow]"
+        )
     cells = sum(p.step == "cells" for p in planned)
     before = len(planned) - cells
     console.print(
@@ -98,9 +108,22 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
     return path
 
 
-def score_chain(cell: Any, keys: dict[str, str], chained: dict[str, int]) -> list[dict]:
+def active_jobs(sweep_dir: Path) -> set[str]:
+    """Keys (cells, shards, merges, shared parts) whose latest SLURM job is still active."""
+    from dwbench.sweep.progress import SLURM_ACTIVE
+    from dwbench.sweep.slurm import job_states, submitted_jobs
+
+    jobs = submitted_jobs(sweep_dir)
+    states = job_states() if jobs else {}
+    return {key for key, job in jobs.items() if states.get(job) in SLURM_ACTIVE}
+
+
+def score_chain(
+    cell: Any, keys: dict[str, str], chained: dict[str, int], active: set[str]
+) -> list[dict] | None:
     """The jobs that sharded scoring needs before this cell: its unsplittable part, the shards
-    not done yet and the merge, once per score key (`chained` collects the keys planned)."""
+    not done yet and the merge, once per score key (`chained` collects the keys planned); None
+    while a job of that chain still runs (`active`)."""
     from dwbench.context import zero_shot
     from dwbench.keys import result_identity, stable_hash
     from dwbench.methods.registry import get_method
@@ -118,12 +141,15 @@ def score_chain(cell: Any, keys: dict[str, str], chained: dict[str, int]) -> lis
     score_key, store = chain["score"], store_of(cfg)
     if score_key in chained or store.is_done("score", score_key):
         return []
+    shard_keys = score.shard_keys(score_key, count)
+    if active & {score_key, f"shared-{score_key}", *shard_keys}:
+        return None
     chained[score_key] = count
     jobs = []
     if callable(getattr(get_method(str(cfg.method.name)), "shared_work", None)):
         shared = [*cell.overrides, f"score.shards={count}", f"score.shard={score.SHARED}"]
         jobs.append({"key": f"shared-{score_key}", "overrides": shared, "step": "shared"})
-    for index, shard_key in enumerate(score.shard_keys(score_key, count)):
+    for index, shard_key in enumerate(shard_keys):
         if not store.is_done("score_shard", shard_key):
             shard = [*cell.overrides, f"score.shards={count}", f"score.shard={index}"]
             jobs.append({"key": shard_key, "overrides": shard, "step": "shards"})
