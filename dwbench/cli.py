@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dwbench.errors import DwbenchError
@@ -24,7 +28,12 @@ def main(cfg: DictConfig) -> None:
         outcome = pipeline.run(cfg)
     except DwbenchError as error:
         print(f"dwbench: {error}", file=sys.stderr)
-        sys.exit(2)
+        if not in_local_multirun():  # a single run, or a SLURM job that SLURM marks failed
+            sys.exit(2)
+        # a local multirun goes on with the other cells and lists this one at its end
+        overrides = HydraConfig.get().overrides.task
+        FAILED_CELLS.append((" ".join(overrides), str(error).splitlines()[0]))
+        return
     ctx = outcome.ctx
     if outcome.summary is None:
         print(f"Stopped after stage '{outcome.last_stage}': {outcome.output_dir}")
@@ -34,6 +43,30 @@ def main(cfg: DictConfig) -> None:
     print_table(cells, metric)
     print(f"Artifacts: {outcome.output_dir}")
     print(f"Open the MLflow UI: {mlflow_ui_command(str(cfg.tracking.uri))}")
+
+
+FAILED_CELLS: list[tuple[str, str]] = []  # (overrides, first line of the error) of this multirun
+
+
+def in_local_multirun() -> bool:
+    """A multirun whose cells run in this process (Hydra's basic launcher), one after another."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    return hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith(".BasicLauncher")
+
+
+class FailedCells(Callback):
+    """At the end of a local multirun, lists the cells stopped by bad input and exits 2."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not FAILED_CELLS:
+            return
+        print(f"dwbench: {len(FAILED_CELLS)} cell(s) stopped on bad input:", file=sys.stderr)
+        for overrides, error in FAILED_CELLS:
+            print(f"  {overrides}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def mlflow_ui_command(uri: str) -> str:

@@ -250,3 +250,32 @@ def test_sigkill_mid_training_resumes_without_redoing_work(
     train_runs = [r for r in runs_of(tmp_path) if r.data.tags["stage"] == "train"]
     assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
     assert not list((tmp_path / "artifacts" / "train").glob(".partial-*"))
+
+
+def test_a_bad_cell_of_a_local_multirun_does_not_stop_the_others(tmp_path, cache_dir) -> None:
+    """The bad cell comes first; the good one still runs; the end lists the bad one, exit 2."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dwbench",
+            "-m",
+            "method=random",
+            "budget=0.0001,0.5",
+            "task.generator.pool_size=20",
+            "task.generator.eval_size=2",
+            "stages=[score,select]",
+            f"results_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "DWBENCH_CACHE": str(cache_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "1 cell(s) stopped on bad input" in done.stderr
+    listed = done.stderr.split("stopped on bad input:")[1]
+    assert "budget=0.0001" in listed and "budget=0.5" not in listed
+    assert len(list((tmp_path / "artifacts" / "select").glob("*/_SUCCESS.json"))) == 1
+    assert "Traceback" not in done.stderr
