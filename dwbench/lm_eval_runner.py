@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
+    from dwbench.models import LoadingArgs
+
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -102,24 +104,22 @@ def _json_safe(obj: Any) -> Any:
 
 
 def run_lm_eval(
-    model_source: str,
+    model: LoadingArgs,
     task_name: str,
     eval_jsonl: Path,
     *,
     adapter_dir: Path | None,
-    device: str,
-    dtype: str,
     batch_size: int,
     max_new_tokens: int,
     apply_chat_template: bool = True,
-    trust_remote_code: bool = False,
     task_manager: TaskManager | None = None,
 ) -> EvalResult:
     """Greedy generation on every example of `eval_jsonl`, scored by the task's metric.
 
-    `model_source` is a local folder or a hub id; `adapter_dir` a peft adapter folder loaded on
-    top of it. Per-sample predictions and scores are matched to the examples by the `id` in the
-    logged document, not by position.
+    `model` says how to load the weights (`dwbench.models.loading_args`: the same folder or hub
+    id, revision and dtype as training); `adapter_dir` is a peft adapter folder loaded on top.
+    Per-sample predictions and scores are matched to the examples by the `id` in the logged
+    document, not by position.
     """
     import lm_eval
 
@@ -134,18 +134,14 @@ def run_lm_eval(
     task = _load_task(task_manager, task_name, Path(eval_jsonl), max_new_tokens)
     metric = _task_metric(task)
 
-    model_args: dict[str, Any] = {
-        "pretrained": model_source,
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
-    }
+    model_args = model.lm_eval_model_args()
     if adapter_dir is not None:
         model_args["peft"] = str(adapter_dir)
     log.info(
         "lm-eval %s on %d examples: %s (adapter: %s)",
         task_name,
         len(ids),
-        model_source,
+        model.source,
         adapter_dir,
     )
     raw = lm_eval.simple_evaluate(
@@ -153,7 +149,7 @@ def run_lm_eval(
         model_args=model_args,
         tasks=[task],
         task_manager=task_manager,
-        device=device,
+        device=model.device,
         batch_size=batch_size,
         log_samples=True,
         apply_chat_template=apply_chat_template,
@@ -189,15 +185,7 @@ def write_results_json(result: EvalResult, path: Path) -> None:
     path.write_text(json.dumps(asdict(result), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def adapter_output_change(
-    model_source: str,
-    adapter_dir: Path,
-    prompts: list[str],
-    *,
-    device: str,
-    dtype: str,
-    trust_remote_code: bool = False,
-) -> float:
+def adapter_output_change(model: LoadingArgs, adapter_dir: Path, prompts: list[str]) -> float:
     """Largest |logit difference| at the next token between base and base+adapter on `prompts`.
 
     About 0 means the adapter did not train (LoRA B is still zero) or did not load, and then a
@@ -207,18 +195,17 @@ def adapter_output_change(
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dwbench.chat import prompt_text, require_chat_template
+    from dwbench.models import causal_lm_from, tokenizer_from
 
     if not prompts:
         raise ValueError("adapter_output_change needs at least one prompt")
-    tokenizer = AutoTokenizer.from_pretrained(model_source, trust_remote_code=trust_remote_code)
-    require_chat_template(tokenizer, model_source)
-    base = AutoModelForCausalLM.from_pretrained(
-        model_source, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+    device = model.device
+    tokenizer = tokenizer_from(model)
+    require_chat_template(tokenizer, model.source)
+    base = causal_lm_from(model, model.source)
+    adapted_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
     max_diff = 0.0
     with torch.inference_mode():
@@ -227,9 +214,9 @@ def adapter_output_change(
             inputs = tokenizer(
                 prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt"
             ).to(device)
-            adapted = model(**inputs).logits[0, -1].float()
-            with model.disable_adapter():
-                original = model(**inputs).logits[0, -1].float()
+            adapted = adapted_model(**inputs).logits[0, -1].float()
+            with adapted_model.disable_adapter():
+                original = adapted_model(**inputs).logits[0, -1].float()
             diff = (adapted - original).abs().max().item()
             if not math.isfinite(diff):
                 raise RuntimeError(f"non-finite logits comparing {adapter_dir} with its base model")

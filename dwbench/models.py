@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,6 @@ from dwbench.errors import ConfigError, DwbenchError
 from dwbench.keys import stable_hash, to_plain
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,6 @@ def _dtype_name(model_cfg: Mapping[str, Any], field: str = "model") -> str:
     if name not in DTYPES:
         raise ConfigError(f"{field}.dtype={name!r} is not one of {', '.join(DTYPES)}.")
     return name
-
-
-def _torch_dtype(model_cfg: Mapping[str, Any], device: str) -> torch.dtype:
-    """The configured dtype; CPUs run float32 because half precision there is slow and lossy."""
-    import torch
-
-    name = _dtype_name(model_cfg)
-    return torch.float32 if device == "cpu" else getattr(torch, name)
 
 
 def _local_path(model_cfg: Mapping[str, Any], field: str = "model") -> Path:
@@ -224,36 +216,96 @@ def resolve_model_source(model_cfg: Mapping[str, Any], cache_dir: Path) -> str:
     return str(model_cfg["id"])
 
 
-def _hub_kwargs(model_cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Arguments shared by model and tokenizer loads; a revision only means something on the hub."""
-    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.get("trust_remote_code"))}
-    if source == model_cfg.get("id") and model_cfg.get("revision"):
-        kwargs["revision"] = str(model_cfg["revision"])
-    return kwargs
+@dataclass(frozen=True)
+class LoadingArgs:
+    """How to load one model config, decided in one place: training, scoring, evaluation
+    (lm-eval) and the adapter check all load through it, so a pinned revision, the dtype and
+    the attention implementation cannot differ between them."""
+
+    source: str  # a local folder (`path`, the converted embedded model) or the hub id
+    revision: str | None  # the hub revision; None for a local folder
+    dtype: str  # torch dtype name; float32 on CPU
+    device: str
+    trust_remote_code: bool
+    attn_implementation: str | None  # model_cfg.attn_implementation; None: transformers' default
+
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` arguments; safetensors only, never a pickled checkpoint."""
+        import torch
+
+        kwargs = {
+            **self.tokenizer_kwargs(),
+            "dtype": getattr(torch, self.dtype),
+            "use_safetensors": True,
+        }
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return kwargs
+
+    def lm_eval_model_args(self) -> dict[str, Any]:
+        """lm-eval's `hf` model arguments for the same weights."""
+        args: dict[str, Any] = {
+            "pretrained": self.source,
+            "dtype": self.dtype,
+            "trust_remote_code": self.trust_remote_code,
+        }
+        if self.revision:
+            args["revision"] = self.revision
+        if self.attn_implementation:
+            args["attn_implementation"] = self.attn_implementation
+        return args
+
+
+def loading_args(model_cfg: Mapping[str, Any], cache_dir: Path, device: str = "cpu") -> LoadingArgs:
+    """The one way a model config turns into loading arguments."""
+    source = resolve_model_source(model_cfg, cache_dir)
+    on_hub = source == model_cfg.get("id") and bool(model_cfg.get("revision"))
+    dtype = "float32" if device == "cpu" else _dtype_name(model_cfg)
+    return LoadingArgs(
+        source=source,
+        revision=str(model_cfg["revision"]) if on_hub else None,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=bool(model_cfg.get("trust_remote_code")),
+        attn_implementation=model_cfg.get("attn_implementation"),
+    )
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a pad token; padding side stays the caller's choice."""
+    return tokenizer_from(loading_args(model_cfg, cache_dir))
+
+
+def tokenizer_from(args: LoadingArgs) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(model_cfg, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(model_cfg, source))
+    tokenizer = AutoTokenizer.from_pretrained(args.source, **args.tokenizer_kwargs())
     _ensure_pad_token(tokenizer)
     return tokenizer
 
 
 def load_causal_lm(model_cfg: Mapping[str, Any], cache_dir: Path, device: str) -> PreTrainedModel:
     """The causal LM on `device` in the configured dtype (float32 on CPU), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    source = resolve_model_source(model_cfg, cache_dir)
-    dtype = _torch_dtype(model_cfg, device)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map=device, **_hub_kwargs(model_cfg, source)
-    )
+    args = loading_args(model_cfg, cache_dir, device)
+    model = causal_lm_from(args, str(model_cfg["name"]))
     if model_cfg.get("keep_layers"):
         keep_first_layers(model, int(model_cfg["keep_layers"]), str(model_cfg["name"]))
+    return model
+
+
+def causal_lm_from(args: LoadingArgs, name: str) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.source, device_map=args.device, **args.model_kwargs()
+    )
     generation = model.generation_config
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         eos = generation.eos_token_id
@@ -261,7 +313,7 @@ def load_causal_lm(model_cfg: Mapping[str, Any], cache_dir: Path, device: str) -
     model.eval()
     seconds = time.perf_counter() - start
     logger.info(
-        "Loaded %s from %s (%s, %s) in %.1f s.", model_cfg["name"], source, dtype, device, seconds
+        "Loaded %s from %s (%s, %s) in %.1f s.", name, args.source, args.dtype, args.device, seconds
     )
     return model
 

@@ -19,6 +19,7 @@ from dwbench.lm_eval_runner import (
     run_lm_eval,
     write_results_json,
 )
+from dwbench.models import LoadingArgs
 
 GSM8K_EXAMPLES = [
     Example(
@@ -134,12 +135,10 @@ def test_run_lm_eval_gsm8k(tiny_llama_dir: Path, gsm8k_jsonl: Path, tmp_path: Pa
     from transformers import AutoTokenizer
 
     result = run_lm_eval(
-        str(tiny_llama_dir),
+        _local(tiny_llama_dir),
         "dwbench_gsm8k",
         gsm8k_jsonl,
         adapter_dir=None,
-        device="cpu",
-        dtype="float32",
         batch_size=4,
         max_new_tokens=8,
     )
@@ -165,12 +164,10 @@ def test_run_lm_eval_rouge_with_adapter(
     tiny_qwen2_dir: Path, rouge_jsonl: Path, qwen2_adapter: Path
 ) -> None:
     result = run_lm_eval(
-        str(tiny_qwen2_dir),
+        _local(tiny_qwen2_dir),
         "dwbench_rouge",
         rouge_jsonl,
         adapter_dir=qwen2_adapter,
-        device="cpu",
-        dtype="float32",
         batch_size=2,
         max_new_tokens=8,
         task_manager=get_task_manager(),
@@ -186,8 +183,18 @@ def test_adapter_output_change(
     tiny_llama_dir: Path, trained_adapter: Path, blank_adapter: Path
 ) -> None:
     prompts = [ex.prompt for ex in GSM8K_EXAMPLES[:2]]
-    kwargs = {"device": "cpu", "dtype": "float32"}
-    assert adapter_output_change(str(tiny_llama_dir), trained_adapter, prompts, **kwargs) > 1e-4
-    assert adapter_output_change(str(tiny_llama_dir), blank_adapter, prompts, **kwargs) == (
-        pytest.approx(0.0, abs=1e-7)
+    model = _local(tiny_llama_dir)
+    assert adapter_output_change(model, trained_adapter, prompts) > 1e-4
+    assert adapter_output_change(model, blank_adapter, prompts) == pytest.approx(0.0, abs=1e-7)
+
+
+def _local(folder: Path) -> LoadingArgs:
+    """A model folder on CPU, as `dwbench.models.loading_args` gives it."""
+    return LoadingArgs(
+        source=str(folder),
+        revision=None,
+        dtype="float32",
+        device="cpu",
+        trust_remote_code=False,
+        attn_implementation=None,
     )

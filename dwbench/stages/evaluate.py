@@ -19,7 +19,7 @@ from dwbench.data.records import read_jsonl
 from dwbench.errors import DwbenchError
 from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
-from dwbench.models import model_identity, resolve_model_source
+from dwbench.models import LoadingArgs, loading_args, model_identity
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.train import Trained
 
@@ -76,25 +76,22 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
         return Evaluated(key, ctx.store.marker("evaluate", key))
     cfg = ctx.cfg
     target = cfg.target_model
-    source = resolve_model_source(target, ctx.cache_dir)
+    model = loading_args(target, ctx.cache_dir, ctx.device)
     params = {"eval": cfg.eval, "train_key": trained.key if trained is not None else NO_TRAIN}
     with ctx.tracker.stage_run("evaluate", key, ctx.tags(), params) as mlflow_run:
         with ctx.store.writing("evaluate", key) as (out, marker):
             if trained is not None:
-                marker["adapter_logit_change"] = check_adapter(ctx, prepared, trained, source)
+                marker["adapter_logit_change"] = check_adapter(ctx, prepared, trained, model)
             start = time.perf_counter()
             with PeakMemory() as memory:
                 result = run_lm_eval(
-                    source,
+                    model,
                     str(cfg.task.lm_eval_task),
                     prepared.eval_path,
                     adapter_dir=trained.adapter_dir if trained is not None else None,
-                    device=ctx.device,
-                    dtype=model_dtype(ctx),
                     batch_size=eval_batch_size(cfg.eval.runtime.batch_size, ctx.device),
                     max_new_tokens=int(cfg.eval.max_new_tokens),
                     apply_chat_template=bool(cfg.eval.apply_chat_template),
-                    trust_remote_code=bool(target.trust_remote_code),
                 )
             eval_s = time.perf_counter() - start
             logger.info(
@@ -120,20 +117,14 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
     return Evaluated(key, ctx.store.marker("evaluate", key))
 
 
-def check_adapter(ctx: RunContext, prepared: Prepared, trained: Trained, source: str) -> float:
+def check_adapter(
+    ctx: RunContext, prepared: Prepared, trained: Trained, model: LoadingArgs
+) -> float:
     """The adapter's largest next-token logit change; an error when it changes nothing."""
     from dwbench.lm_eval_runner import adapter_output_change
 
-    target = ctx.cfg.target_model
     prompts = [ex.prompt for ex in read_jsonl(prepared.eval_path)[:ADAPTER_CHECK_PROMPTS]]
-    change = adapter_output_change(
-        source,
-        trained.adapter_dir,
-        prompts,
-        device=ctx.device,
-        dtype=model_dtype(ctx),
-        trust_remote_code=bool(target.trust_remote_code),
-    )
+    change = adapter_output_change(model, trained.adapter_dir, prompts)
     if change < float(ctx.cfg.eval.min_adapter_logit_change):
         raise DwbenchError(
             f"the LoRA adapter of train/{trained.key} leaves the model's logits unchanged "
@@ -142,8 +133,3 @@ def check_adapter(ctx: RunContext, prepared: Prepared, trained: Trained, source:
             "and finetune.max_steps."
         )
     return change
-
-
-def model_dtype(ctx: RunContext) -> str:
-    """The target's dtype, float32 on CPU (half precision there is slow or unsupported)."""
-    return "float32" if ctx.device == "cpu" else str(ctx.cfg.target_model.dtype)
