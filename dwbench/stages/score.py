@@ -64,9 +64,8 @@ def key_for(ctx: RunContext, prepared: Prepared) -> str:
     )
 
 
-SHARED = (
-    "shared"  # score.shard=shared: only the part that cannot be split (a SLURM chain's first job)
-)
+# score.shard=shared: only the part that cannot be split (a sharded SLURM chain's first job)
+SHARED = "shared"
 
 
 def shard_count(cfg: DictConfig) -> int:
