@@ -310,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
         "--pool-sizes", type=int, nargs="+", default=[64, 128, 256], help="pool sizes to time"
     )
     sel.add_argument("--method", default="data_whisperer", help="registered method name")
-    sel.add_argument("--task", default="embedded_gsm", help="conf/task choice")
+    sel.add_argument("--task", default="embedded_gsm", help="dwbench/conf/task choice")
     sel.add_argument(
         "--variants",
         nargs="+",
@@ -326,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
         description="Run each method's cell of an experiment, then tabulate the finished cells.",
     )
     meth.add_argument("--methods", nargs="+", required=True, help="registered method names")
-    meth.add_argument("--experiment", default="embedded_table2", help="conf/experiment preset")
+    meth.add_argument("--experiment", default="embedded_table2", help="experiment preset")
     meth.add_argument("--budget", type=float, default=0.1, help="share of the pool kept")
     meth.add_argument("--seed", type=int, default=0, help="run seed")
     meth.add_argument(

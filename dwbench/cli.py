@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from dwbench.errors import DwbenchError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # installed with the package
 logger = logging.getLogger("dwbench")
 
 

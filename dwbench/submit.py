@@ -1,10 +1,10 @@
 """`python -m dwbench.submit <plan.txt>`: run a plan on SLURM as one dependency chain of arrays.
 
-Renders slurm/array.sbatch beside a frozen copy of the plan once per step of the chain (the
+Renders dwbench/sweep/array.sbatch beside a frozen copy of the plan once per step of the chain (the
 unsplittable part of sharded scoring, score shards, merges, cells; most plans have only cells)
 with `--array=0-(N-1)%P`, and submits each with sbatch, after the step before it. P is
-`slurm.parallel` from the config (set yours in conf/local/) unless `--parallel` says otherwise.
-Nothing has to stay alive after it returns.
+`slurm.parallel` from the config (set yours in dwbench/conf/local/) unless `--parallel` says
+otherwise. Nothing has to stay alive after it returns.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Selection method registry: name -> "module:attr", imported only when used.
 
 Lazy entries keep `--help`, config checks and light tests free of torch. Adding a method is one
-file in this package, one line here and one YAML in conf/method/.
+file in this package, one line here and one YAML in dwbench/conf/method/.
 """
 
 from __future__ import annotations

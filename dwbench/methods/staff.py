@@ -42,7 +42,7 @@ def proxy_problems(method_cfg: Mapping[str, Any]) -> list[str]:
         name = method_cfg["name"]
         return [
             f"method {name} needs a small same-family proxy model, and method.proxy_model is "
-            "null: pass +model@method.proxy_model=<conf/model name> (a smaller sibling of the "
+            "null: pass +model@method.proxy_model=<model config name> (a smaller sibling of the "
             "selector, e.g. qwen2_5_3b_instruct for qwen2_5_7b_instruct), or leave it at its "
             "default, the selector itself."
         ]

@@ -95,7 +95,7 @@ class ReportGrid:
     """The experiment's grid and its companion cells."""
 
     name: str  # snapshot and output name (default: the experiment)
-    experiment: str  # conf/experiment preset
+    experiment: str  # dwbench/conf/experiment preset
     kind: str  # the paper table or figure it renders: table1 ... table6, fig3
     grid: Sweep
     companions: list[Sweep]
@@ -127,7 +127,7 @@ def experiment_kind(experiment: str) -> str:
     presets = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
     if experiment not in presets:
         raise ConfigError(
-            f"Unknown experiment '{experiment}': there is no conf/experiment/{experiment}.yaml. "
+            f"Unknown experiment '{experiment}': there is no experiment/{experiment}.yaml. "
             f"Available: {', '.join(presets)}."
         )
     kind = experiment.removeprefix("embedded_")
@@ -191,7 +191,7 @@ def _companion_sweep(
 
 
 def models_presets(targets: set[str], relation: str) -> list[str]:
-    """conf/models presets whose target is one of `targets`: selector the same, or another."""
+    """`models` presets whose target is one of `targets`: selector the same, or another."""
     found = []
     for path in sorted((CONF_DIR / "models").glob("*.yaml")):
         roles: dict[str, str] = {}

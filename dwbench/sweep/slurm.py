@@ -29,7 +29,7 @@ import jinja2
 
 from dwbench.errors import DwbenchError
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "array.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
 PLAN_FILE, PLAN_META, JOBS_FILE = "plan.txt", "plan.json", "jobs.jsonl"
 # A sweep's chain: the unsplittable part of sharded scoring (a scorer fine-tune), the score
 # shards, their merges (one per score key), then the cells, each step waiting for the one before.

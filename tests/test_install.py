@@ -1,0 +1,90 @@
+"""A regular (not editable) install carries its configs, lm-eval tasks and SLURM template, and
+runs from an empty folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from test_cli import REPO
+
+
+def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (site / "dwbench" / "conf" / "config.yaml").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),  # ahead of the editable install in this venv
+        "DWBENCH_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+    where = subprocess.run(
+        [sys.executable, "-c", "import dwbench; print(dwbench.__file__)"],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.startswith(str(site)), where.stdout
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dwbench",
+            "task.generator.pool_size=20",
+            "task.generator.eval_size=4",
+            "finetune.max_steps=2",
+            "eval.max_new_tokens=8",
+        ],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert list((empty / "results" / "artifacts" / "evaluate").glob("*/_SUCCESS.json"))
+    plan = subprocess.run(
+        [sys.executable, "-m", "dwbench.plan", "method=random", "seed=0,1"],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    (plan_file,) = (empty / "results" / "sweeps").glob("*/plan.txt")
+    dry = subprocess.run(
+        [sys.executable, "-m", "dwbench.submit", str(plan_file), "--dry-run"],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "Rendered" in dry.stdout
