@@ -110,15 +110,15 @@ def run_selection(
     from dwbench.data.loading import load_task
     from dwbench.memory import PeakMemory
     from dwbench.methods.base import ScoringContext, method_stats
-    from dwbench.methods.registry import get_method
+    from dwbench.methods.registry import method_class
     from dwbench.models import resolve_device, resolve_model_source
 
     logging.basicConfig(level=logging.WARNING)
     cfg = compose(method, task, pool_size, seed, overrides)
     splits = load_task(cfg.task)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
-    method_class = get_method(method)
-    if method_class.needs_selector:
+    method_type = method_class(cfg.method)
+    if method_type.needs_selector:
         resolve_model_source(cfg.selector_model, cache_dir)  # a first conversion is not timed
     with tempfile.TemporaryDirectory() as work_dir:
         context = ScoringContext(
@@ -132,7 +132,7 @@ def run_selection(
             work_dir=Path(work_dir),
             clean_flags=splits.clean_flags,  # read by reference methods (oracle_clean) only
         )
-        instance = method_class(context)
+        instance = method_type(context)
         start = time.perf_counter()
         with PeakMemory() as memory:
             scores = instance.score(splits.pool)

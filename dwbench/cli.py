@@ -14,8 +14,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dwbench.errors import DwbenchError
+from dwbench.methods.registry import register_installed_methods
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # installed with the package
+register_installed_methods()  # entry-point methods compose as method=<name> (dwbench.methods)
 logger = logging.getLogger("dwbench")
 
 

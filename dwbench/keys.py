@@ -1,9 +1,10 @@
 """Content-addressed stage keys.
 
 A key hashes what determines a stage's output: its own config, the keys of the stages it reads,
-and the data fingerprint. Locations (`path`) and knobs that cannot change results (anything under
-a `runtime:` node: batch sizes for inference, worker counts, logging) are left out, so moving a
-results folder or changing a batch size never invalidates finished work.
+and the data fingerprint. Locations (`path`, a method class's `_target_`) and knobs that cannot
+change results (anything under a `runtime:` node: batch sizes for inference, worker counts,
+logging) are left out, so moving a results folder, a class to another module or changing a batch
+size never invalidates finished work.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 KEY_LENGTH = 16
-NON_RESULT_FIELDS = frozenset({"path", "runtime"})
+NON_RESULT_FIELDS = frozenset({"path", "runtime", "_target_"})  # where, not what
 
 
 def to_plain(value: Any) -> Any:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from dwbench.artifacts import ArtifactStore
 from dwbench.context import RunContext, zero_shot
 from dwbench.errors import ConfigError
-from dwbench.methods.registry import check_method_name
+from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, log, prepare, score, select, train
 from dwbench.tracking import Tracker
@@ -38,7 +38,7 @@ def validate(cfg: DictConfig) -> list[str]:
         )
     if not requested:
         raise ConfigError("stages is empty; give at least one of " + ", ".join(STAGES))
-    check_method_name(str(cfg.method.name))
+    check_method(cfg.method)
     score.shard_count(cfg)
     budget = cfg.budget
     if not isinstance(budget, int | float) or not 0.0 <= float(budget) <= 1.0:
@@ -64,9 +64,9 @@ def validate(cfg: DictConfig) -> list[str]:
 
 def check_models(cfg: DictConfig, stages: list[str], cache_dir: Path) -> None:
     """Say everything that stops this run (no GPU, no model access) before loading anything."""
-    from dwbench.methods.registry import get_method
+    from dwbench.methods.registry import method_class
 
-    method = get_method(str(cfg.method.name))
+    method = method_class(cfg.method)
     models: dict[str, Any] = {}
     problems: list[str] = []
     if "score" in stages:

@@ -126,7 +126,7 @@ def score_chain(
     while a job of that chain still runs (`active`)."""
     from dwbench.context import zero_shot
     from dwbench.keys import result_identity, stable_hash
-    from dwbench.methods.registry import get_method
+    from dwbench.methods.registry import method_class
     from dwbench.stages import score
     from dwbench.sweep.progress import stage_keys, store_of
 
@@ -146,7 +146,7 @@ def score_chain(
         return None
     chained[score_key] = count
     jobs = []
-    if callable(getattr(get_method(str(cfg.method.name)), "shared_work", None)):
+    if callable(getattr(method_class(cfg.method), "shared_work", None)):
         shared = [*cell.overrides, f"score.shards={count}", f"score.shard={score.SHARED}"]
         jobs.append({"key": f"shared-{score_key}", "overrides": shared, "step": "shared"})
     for index, shard_key in enumerate(shard_keys):

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from dwbench.cli import CONF_DIR
 from dwbench.errors import ConfigError
-from dwbench.methods.registry import METHODS
 from dwbench.sweep.grid import load_sweep
 
 # preset -> cells (PAPER.md: tasks x models x methods x budgets x seeds, or ablation variants)
@@ -44,6 +43,7 @@ GRIDS = {
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 EMBEDDED = [p for p in PRESETS if p.startswith("embedded_")]
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 ABLATIONS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 
 

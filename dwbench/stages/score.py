@@ -36,7 +36,7 @@ from dwbench.methods.base import (
     method_stats,
     shared_work,
 )
-from dwbench.methods.registry import get_method
+from dwbench.methods.registry import method_class
 from dwbench.models import model_identity
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.train import ScorerTrainer
@@ -82,7 +82,7 @@ def shard_count(cfg: DictConfig) -> int:
             f"score.shard={index!r} must be a shard in 0..{count - 1} (score.shards={count}), "
             f"'{SHARED}' (the unsplittable part only), or null (every shard, then the merge)."
         )
-    if count > 1 and not is_shardable(get_method(str(cfg.method.name))):
+    if count > 1 and not is_shardable(method_class(cfg.method)):
         if index is not None:
             raise ConfigError(
                 f"score.shard={index}: method={cfg.method.name} cannot split its scoring into "
@@ -121,7 +121,7 @@ def build_method(
         fine_tune=scorer_trainer,
         clean_flags=prepared.clean_flags,
     )
-    return get_method(str(cfg.method.name))(scoring)
+    return method_class(cfg.method)(scoring)
 
 
 def load(ctx: RunContext, key: str) -> Scored:

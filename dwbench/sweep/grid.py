@@ -83,8 +83,8 @@ def _methods_named(overrides: list[Override]) -> list[str]:
 def load_sweep(overrides: list[str], name: str | None = None, progress: bool = True) -> Sweep:
     """Compose every cell of the sweep that `python -m dwbench -m <overrides>` would run.
 
-    A method that is not registered stops here with the registry's message, before Hydra would
-    fail on its missing YAML: presets may already name baselines that do not exist yet.
+    A method that no config defines stops here with a did-you-mean, before Hydra would fail on
+    its missing YAML: presets may already name baselines that do not exist yet.
     """
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="dwbench"):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
@@ -94,8 +94,9 @@ def load_sweep(overrides: list[str], name: str | None = None, progress: bool = T
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
         task_overrides = [o.input_line for o in given if not o.is_hydra_override()]
         combined = parser.parse_overrides(params + task_overrides)
+        available = GlobalHydra.instance().config_loader().get_group_options("method")
         for method in dict.fromkeys(_methods_named(combined)):
-            check_method_name(method)
+            check_method_name(method, available)
         jobs = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
         cells = []
         for job in tqdm(jobs, desc="composing cells", unit="cell", disable=not progress):
