@@ -94,14 +94,17 @@ def load_sweep(overrides: list[str], name: str | None = None, progress: bool = T
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
         task_overrides = [o.input_line for o in given if not o.is_hydra_override()]
         combined = parser.parse_overrides(params + task_overrides)
-        available = GlobalHydra.instance().config_loader().get_group_options("method")
+        loader = GlobalHydra.instance().config_loader()  # dwbench's conf, searchpath, ConfigStore
+        available = loader.get_group_options("method", config_name="config", overrides=fixed)
         for method in dict.fromkeys(_methods_named(combined)):
             check_method_name(method, available)
         jobs = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
+        # a user's config folder (hydra.searchpath) must reach every cell and its SLURM line
+        searchpath = [o.input_line for o in given if o.key_or_group == "hydra.searchpath"]
         cells = []
         for job in tqdm(jobs, desc="composing cells", unit="cell", disable=not progress):
-            cfg = compose("config", overrides=job)
-            cells.append(Cell(job, cfg, cell_key(cfg)))
+            cfg = compose("config", overrides=[*searchpath, *job])
+            cells.append(Cell([*job, *searchpath], cfg, cell_key(cfg)))
     sweep_name = name or base.hydra.runtime.choices.get("experiment") or "sweep"
     return Sweep(str(sweep_name), base, cells)
 
