@@ -17,7 +17,7 @@ from dwbench.cli import CONF_DIR
 from dwbench.errors import ConfigError
 from dwbench.sweep.grid import load_sweep
 
-# preset -> cells (PAPER.md: tasks x models x methods x budgets x seeds, or ablation variants)
+# preset -> cells (the paper: tasks x models x methods x budgets x seeds, or ablation variants)
 GRIDS = {
     "table1": 3 * 1 * 7 * 3 * 3,
     "table2": 3 * 3 * 7 * 3 * 3,

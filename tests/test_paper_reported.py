@@ -1,4 +1,4 @@
-"""results/paper_reported.csv: the paper's numbers (PAPER.md) in tidy form, spot-checked by hand."""
+"""results/paper_reported.csv: the paper's numbers in tidy form, spot-checked by hand."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_values_typed_from_paper_md(
 
 
 def test_budget_averages_match_table2_except_the_two_known_cells(paper: pd.DataFrame) -> None:
-    """Table 1/6 "Avg. Score" is the mean of Table 2's 1/5/10% cells (PAPER.md A.3)."""
+    """Table 1/6 "Avg. Score" is the mean of Table 2's 1/5/10% cells (the paper)."""
     table2 = paper[(paper.table == "table2") & paper.budget.isin([0.01, 0.05, 0.1])]
     means = table2.groupby(["model", "task", "method"]).value.mean()
     averages = paper[paper.table.isin(["table1", "table6"]) & paper.budget.isna()]

@@ -45,7 +45,7 @@ TASK_LABELS = {
     "embedded_gsm": "embedded GSM8K-format",
 }
 EMBEDDED_TASKS = {"embedded_gsm": "gsm8k"}  # embedded task -> the paper task of its format
-# Paper notes that qualify the number itself (PAPER.md A.3-A.5): such cells get a footnote.
+# Paper notes that qualify the number itself (the paper): such cells get a footnote.
 CAVEATS = (
     "default config gives",
     "Table 2 mean is",
