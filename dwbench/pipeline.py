@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dwbench.artifacts import ArtifactStore
+from dwbench.cell import cell_key, cell_title
 from dwbench.context import RunContext, zero_shot
 from dwbench.errors import ConfigError
 from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, log, prepare, score, select, train
-from dwbench.tracking import Tracker
+from dwbench.tracking import StageRun, Tracker
 
 logger = logging.getLogger(__name__)
 STAGES = ("score", "select", "train", "evaluate")
@@ -115,22 +116,53 @@ def run(cfg: DictConfig) -> Outcome:
     )
     prepared = prepare.run(cfg.task, ctx.store)
     logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
+    if not zero_shot(cfg) and cfg.score.shard is not None:  # a part of a sharded score stage
+        require(ctx, stages, "score", score.key_for(ctx, prepared))
+        return Outcome(ctx, *score.run_part(ctx, prepared))
+    if "select" in stages and not zero_shot(cfg):
+        select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing
+    with ctx.tracker.cell_run(cell_key(cfg, stages[-1]), cell_title(cfg), ctx.tags()) as cell:
+        if cell.new:
+            log_cell_inputs(cell, cfg, prepared)
+        outcome = run_stages(ctx, stages, prepared, cell)
+        if outcome.summary is not None:
+            cell.log_metrics({k: v for k, v in asdict(outcome.summary).items() if v is not None})
+    return outcome
+
+
+def log_cell_inputs(cell: StageRun, cfg: DictConfig, prepared: prepare.Prepared) -> None:
+    """What a researcher browsing MLflow wants on the cell: its resolved config, and the pool
+    and evaluation problems as dataset inputs (named by task, digested by the prepare key)."""
+    import pandas as pd
+
+    from dwbench.data.records import read_jsonl
+
+    cell.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    name = str(cfg.task.name)
+    pool = pd.DataFrame([asdict(ex) for ex in prepared.pool])
+    problems = pd.DataFrame([asdict(ex) for ex in read_jsonl(prepared.eval_path)])
+    for frame, role, context in ((pool, "pool", "training"), (problems, "eval", "evaluation")):
+        source = str(prepared.dir.resolve())
+        cell.log_dataset(frame, f"{name}-{role}", prepared.key, source, context)
+
+
+def run_stages(
+    ctx: RunContext, stages: list[str], prepared: prepare.Prepared, cell: StageRun
+) -> Outcome:
+    """The stages after prepare, each cached by its key."""
+    cfg = ctx.cfg
     if zero_shot(cfg):
         logger.info("budget=0: zero-shot evaluation of the untuned target model")
         evaluated = evaluate.run(ctx, prepared, None)
         return Outcome(ctx, "evaluate", evaluated.key, log.run_zero_shot(ctx, prepared, evaluated))
     last = stages[-1]
-    if "select" in stages:
-        select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing
-
     require(ctx, stages, "score", score.key_for(ctx, prepared))
-    if cfg.score.shard is not None:  # one part of a sharded score stage, then stop
-        return Outcome(ctx, *score.run_part(ctx, prepared))
     scored = score.run(ctx, prepared)
     if last == "score":
         return Outcome(ctx, "score", scored.key)
     require(ctx, stages, "select", select.key_for(ctx, scored.key))
     selected = select.run(ctx, prepared, scored)
+    cell.log_artifact(ctx.store.stage_dir("select", selected.key) / "selected_ids.json")
     if last == "select":
         return Outcome(ctx, "select", selected.key)
     require(ctx, stages, "train", train.key_for(ctx, selected))

@@ -1,8 +1,12 @@
-"""MLflow logging: one run per stage execution, found again by its stage key.
+"""MLflow logging: one parent run per sweep cell, one nested run per stage execution.
 
-A stage that is re-run after a kill reopens the run of its key instead of creating a second one
+A cell's run is named for what it is (task / method / budget / selector -> target / seed),
+carries its resolved config, selected ids, pool and evaluation data (as MLflow dataset inputs)
+and its summary metrics; the stage runs it executes are nested under it. A stage run serves
+every cell with the same stage key, so it nests under the cell that first ran it. A stage or
+cell that is re-run after a kill reopens the run of its key instead of creating a second one
 (and instead of failing on params, which MLflow refuses to change), so the store holds exactly
-one run per finished stage output.
+one run per finished stage output and one per cell.
 
 Many sweep jobs share one SQLite store, so the default store is made safe for concurrent writers
 (slurm/README.md says why this and not a server or per-job stores):
@@ -22,7 +26,7 @@ import random
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -30,6 +34,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+CELL = "cell"  # the `stage` tag of a cell's parent run
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # the tag MLflow's UI nests runs by
 _MAX_PARAM_CHARS = 6000
 _LOCK_MESSAGES = ("database is locked", "database table is locked", "database is busy")
 _RETRY_DEADLINE_S = 600.0
@@ -165,6 +171,7 @@ class Tracker:
         self.uri = uri
         self.client = _RetryOnLock(MlflowClient(tracking_uri=uri))
         self.experiment_id = self._experiment_id(experiment, artifact_root)
+        self.cell_run_id: str | None = None  # new stage runs nest under it
 
     def _experiment_id(self, name: str, artifact_root: Path) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -188,15 +195,43 @@ class Tracker:
         return runs[0] if runs else None
 
     @contextmanager
+    def cell_run(self, cell_key: str, title: str, tags: Mapping[str, str]) -> Iterator[StageRun]:
+        """Open (or reopen) the parent run of one sweep cell; it ends FINISHED or FAILED."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.stage = '{CELL}' and tags.cell_key = '{cell_key}'",
+            max_results=1,
+        )
+        new = not runs
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {**tags, "stage": CELL, "cell_key": cell_key, "git_sha": git_sha()}
+            run_id = self.client.create_run(
+                self.experiment_id, tags=all_tags, run_name=title
+            ).info.run_id
+        self.cell_run_id = run_id
+        try:
+            yield StageRun(self.client, run_id, new)
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        finally:
+            self.cell_run_id = None
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    @contextmanager
     def stage_run(
         self, stage: str, key: str, tags: Mapping[str, str], params: Mapping[str, Any]
     ) -> Iterator[StageRun]:
         """Open (or reopen) the run of this stage key; it ends FINISHED or FAILED."""
         existing = self.find_run(stage, key)
         if existing is None:
+            nested = {MLFLOW_PARENT_RUN_ID: self.cell_run_id} if self.cell_run_id else {}
             run = self.client.create_run(
                 self.experiment_id,
-                tags={**tags, "stage": stage, "stage_key": key, "git_sha": git_sha()},
+                tags={**tags, **nested, "stage": stage, "stage_key": key, "git_sha": git_sha()},
                 run_name=f"{stage}-{key[:8]}",
             )
             run_id = run.info.run_id
@@ -225,9 +260,10 @@ class Tracker:
 class StageRun:
     """Metrics, tags and artifacts of one open run."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, new: bool = True) -> None:
         self.client = client
         self.run_id = run_id
+        self.new = new  # created now, not reopened after an earlier attempt
 
     def log_metrics(self, metrics: Mapping[str, float | int | None]) -> None:
         from mlflow.entities import Metric
@@ -247,3 +283,32 @@ class StageRun:
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_history(self, history: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> None:
+        """Per-step values of a training log (`{"step": 3, "loss": 0.5, ...}` entries) as metric
+        histories: `names` maps a log field to its metric name."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(metric, float(entry[field]), now, int(entry["step"]))
+            for entry in history
+            for field, metric in names.items()
+            if field in entry and "step" in entry and math.isfinite(float(entry[field]))
+        ]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def log_dataset(self, frame: Any, name: str, digest: str, source: str, context: str) -> None:
+        """A table the run used (the pool, the evaluation problems) as an MLflow dataset input."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+        tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+        entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
+        self.client.log_inputs(self.run_id, datasets=[entity])

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # select imports score, which hands this stage's ScorerTraine
     from dwbench.stages.select import Selected
 
 logger = logging.getLogger(__name__)
+# training-log fields logged per step: the loss curve, the schedule, the gradient norm
+PER_STEP = {"loss": "train_loss_step", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
 ELAPSED_FILE = "elapsed_s.json"
 
 
@@ -78,7 +80,8 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
         with ctx.store.writing("train", key) as (out, marker):
             with PeakMemory() as memory:
                 stats = fine_tune(Recipe.of_target(ctx), subset, scratch, out / "adapter")
-            (out / "train_log.json").write_text(json.dumps(stats.pop("log_history"), indent=1))
+            history = stats.pop("log_history")
+            (out / "train_log.json").write_text(json.dumps(history, indent=1))
             marker.update(
                 stats,
                 group=recipe_group(prepared.key, ctx.cfg.target_model, ctx.cfg.finetune),
@@ -87,6 +90,7 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
                 **memory.as_metrics("train"),
             )
         mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+        mlflow_run.log_history(history, PER_STEP)
     return load(ctx, key)
 
 
@@ -425,7 +429,8 @@ def scorer_fine_tune(
                 )
             (scratch / "snapshots" / SNAPSHOT_LRS).unlink(missing_ok=True)
             (scratch / "snapshots").rename(out / "snapshots")
-            (out / "train_log.json").write_text(json.dumps(stats.pop("log_history"), indent=1))
+            history = stats.pop("log_history")
+            (out / "train_log.json").write_text(json.dumps(history, indent=1))
             marker.update(
                 stats,
                 role="scorer",
@@ -435,4 +440,5 @@ def scorer_fine_tune(
                 **memory.as_metrics("train"),
             )
         mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+        mlflow_run.log_history(history, PER_STEP)
     return load_scorer(ctx, key, cached=False)

@@ -22,10 +22,9 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dwbench.cell import cell_key as cell_identity
 from dwbench.cli import CONF_DIR
-from dwbench.keys import result_identity, stable_hash
 from dwbench.methods.registry import check_method_name
-from dwbench.models import model_identity
 from dwbench.pipeline import validate
 
 
@@ -51,20 +50,8 @@ class Sweep:
 
 
 def cell_key(cfg: DictConfig) -> str:
-    """Identity of a cell's result, computable without data (paths and runtime knobs left out)."""
-    return stable_hash(
-        {
-            "task": result_identity(cfg.task),
-            "method": result_identity(cfg.method),
-            "selector": result_identity(model_identity(cfg.selector_model)),
-            "target": result_identity(model_identity(cfg.target_model)),
-            "finetune": result_identity(cfg.finetune),
-            "eval": result_identity(cfg.eval),
-            "budget": float(cfg.budget),
-            "seed": cfg.seed,
-            "last_stage": validate(cfg)[-1],
-        }
-    )
+    """Identity of a cell's result (dwbench.cell.cell_key at the cell's last stage)."""
+    return cell_identity(cfg, validate(cfg)[-1])
 
 
 def _methods_named(overrides: list[Override]) -> list[str]:
