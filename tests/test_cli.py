@@ -89,7 +89,8 @@ def test_end_to_end_writes_artifacts_runs_and_table(finished_run) -> None:
     )
     assert len(selected) == 12
     runs = runs_of(results)
-    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "score", "select", "train"]
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages == ["cell", "evaluate", "score", "select", "train"]
     evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     assert evaluation.info.status == "FINISHED"
     for tag in ("task", "method", "budget", "selector", "target", "seed", "stage_key", "git_sha"):
@@ -103,6 +104,29 @@ def test_end_to_end_writes_artifacts_runs_and_table(finished_run) -> None:
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
 
 
+def test_mlflow_groups_a_cell_under_one_named_parent(finished_run) -> None:
+    """The parent run: its name, nested stage runs, config, selected ids, datasets, summary;
+    the train run's loss and learning rate per step."""
+    results, _ = finished_run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results}/mlflow.db")
+    runs = runs_of(results)
+    (cell,) = [r for r in runs if r.data.tags["stage"] == "cell"]
+    assert cell.info.run_name == "embedded_gsm / random / 0.5 / tiny_llama -> tiny_llama / seed 0"
+    assert cell.info.status == "FINISHED" and cell.data.tags["cell_key"]
+    for run in runs:
+        if run is not cell:
+            assert run.data.tags["mlflow.parentRunId"] == cell.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(cell.info.run_id)}
+    assert {"config.yaml", "selected_ids.json"} <= artifacts
+    inputs = {(d.dataset.name, d.tags[0].value) for d in cell.inputs.dataset_inputs}
+    assert inputs == {("embedded_gsm-pool", "training"), ("embedded_gsm-eval", "evaluation")}
+    assert 0.0 <= cell.data.metrics["score"] <= 1.0 and "STR" in cell.data.metrics
+    train = next(r for r in runs if r.data.tags["stage"] == "train")
+    losses = client.get_metric_history(train.info.run_id, "train_loss_step")
+    rates = client.get_metric_history(train.info.run_id, "learning_rate")
+    assert [m.step for m in losses] == [1, 2, 3] and len(rates) == 3  # finetune.max_steps=3
+
+
 def test_rerun_skips_finished_stages_and_reuses_runs(
     finished_run, tiny_llama_dir, cache_dir
 ) -> None:
@@ -111,7 +135,7 @@ def test_rerun_skips_finished_stages_and_reuses_runs(
     again = run_cli(tiny_overrides(tiny_llama_dir), results, cache_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {s: finished_keys(results, s) for s in before} == before
-    assert len(runs_of(results)) == 4
+    assert len(runs_of(results)) == 5  # the cell's parent run and its four stage runs
 
 
 def test_budget_one_measures_str_denominator(finished_run, tiny_llama_dir, cache_dir) -> None:
