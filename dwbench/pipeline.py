@@ -21,7 +21,7 @@ from dwbench.context import RunContext, zero_shot
 from dwbench.errors import ConfigError
 from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
-from dwbench.stages import evaluate, log, prepare, score, select, train
+from dwbench.stages import evaluate, keys, log, prepare, score, select, train
 from dwbench.tracking import StageRun, Tracker
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> Outcome:
     prepared = prepare.run(cfg.task, ctx.store)
     logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
     if not zero_shot(cfg) and cfg.score.shard is not None:  # a part of a sharded score stage
-        require(ctx, stages, "score", score.key_for(ctx, prepared))
+        require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
         return Outcome(ctx, *score.run_part(ctx, prepared))
     if "select" in stages and not zero_shot(cfg):
         select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing
@@ -156,16 +156,16 @@ def run_stages(
         evaluated = evaluate.run(ctx, prepared, None)
         return Outcome(ctx, "evaluate", evaluated.key, log.run_zero_shot(ctx, prepared, evaluated))
     last = stages[-1]
-    require(ctx, stages, "score", score.key_for(ctx, prepared))
+    require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
     scored = score.run(ctx, prepared)
     if last == "score":
         return Outcome(ctx, "score", scored.key)
-    require(ctx, stages, "select", select.key_for(ctx, scored.key))
+    require(ctx, stages, "select", keys.select_key(cfg, scored.key))
     selected = select.run(ctx, prepared, scored)
     cell.log_artifact(ctx.store.stage_dir("select", selected.key) / "selected_ids.json")
     if last == "select":
         return Outcome(ctx, "select", selected.key)
-    require(ctx, stages, "train", train.key_for(ctx, selected))
+    require(ctx, stages, "train", keys.train_key(cfg, selected.key))
     trained = train.run(ctx, prepared, selected)
     if last == "train":
         return Outcome(ctx, "train", trained.key)

@@ -17,9 +17,9 @@ from typing import Any
 from dwbench.context import RunContext
 from dwbench.data.records import read_jsonl
 from dwbench.errors import DwbenchError
-from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
-from dwbench.models import LoadingArgs, loading_args, model_identity
+from dwbench.models import LoadingArgs, loading_args
+from dwbench.stages.keys import evaluate_key, zero_shot_key
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.train import Trained
 
@@ -47,30 +47,12 @@ class Evaluated:
     marker: dict[str, Any]
 
 
-def key_for(ctx: RunContext, trained: Trained) -> str:
-    return stage_key(
-        "evaluate", train=trained.key, eval=ctx.cfg.eval, task=ctx.cfg.task.lm_eval_task
-    )
-
-
-def zero_shot_key_for(ctx: RunContext, prepared: Prepared) -> str:
-    """The untuned target on the prepared evaluation split: no train key to inherit those from."""
-    cfg = ctx.cfg
-    return stage_key(
-        "evaluate",
-        zero_shot=True,
-        prepare=prepared.key,
-        target=model_identity(cfg.target_model),
-        eval=cfg.eval,
-        task=cfg.task.lm_eval_task,
-    )
-
-
 def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluated:
     """Evaluate base + `trained`'s adapter, or the base model alone when `trained` is None."""
     from dwbench.lm_eval_runner import run_lm_eval, write_results_json
 
-    key = key_for(ctx, trained) if trained is not None else zero_shot_key_for(ctx, prepared)
+    cfg = ctx.cfg
+    key = evaluate_key(cfg, trained.key) if trained else zero_shot_key(cfg, prepared.key)
     if ctx.store.is_done("evaluate", key):
         logger.info("evaluate: cached %s", key)
         return Evaluated(key, ctx.store.marker("evaluate", key))

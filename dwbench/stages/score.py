@@ -37,7 +37,7 @@ from dwbench.methods.base import (
     shared_work,
 )
 from dwbench.methods.registry import method_class
-from dwbench.models import model_identity
+from dwbench.stages.keys import score_key
 from dwbench.stages.prepare import Prepared
 from dwbench.stages.train import ScorerTrainer
 from dwbench.tracking import flatten
@@ -51,17 +51,6 @@ class Scored:
     scores: pd.DataFrame
     selection_s: float  # wall time of scoring, as first measured (a cached result keeps it)
     peak_rss_mb: float
-
-
-def key_for(ctx: RunContext, prepared: Prepared) -> str:
-    cfg = ctx.cfg
-    return stage_key(
-        "score",
-        prepare=prepared.key,
-        method=cfg.method,
-        selector=model_identity(cfg.selector_model),
-        seed=cfg.seed,
-    )
 
 
 # score.shard=shared: only the part that cannot be split (a sharded SLURM chain's first job)
@@ -131,7 +120,7 @@ def load(ctx: RunContext, key: str) -> Scored:
 
 
 def run(ctx: RunContext, prepared: Prepared) -> Scored:
-    key = key_for(ctx, prepared)
+    key = score_key(ctx.cfg, prepared.key)
     if ctx.store.is_done("score", key):
         logger.info("score: cached %s", key)
         return load(ctx, key)
@@ -188,7 +177,7 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
 
 def run_part(ctx: RunContext, prepared: Prepared) -> tuple[str, str]:
     """`score.shard=i` or `shared`: that part alone (one job of a SLURM chain); (stage, key)."""
-    key = key_for(ctx, prepared)
+    key = score_key(ctx.cfg, prepared.key)
     count, index = shard_count(ctx.cfg), ctx.cfg.score.shard
     if ctx.store.is_done("score", key):
         logger.info("score: cached %s (merged), nothing to do for shard %s", key, index)

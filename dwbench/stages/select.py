@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from dwbench.context import RunContext
 from dwbench.errors import ConfigError, DwbenchError
-from dwbench.keys import stage_key
 from dwbench.stages import score as score_stage
+from dwbench.stages.keys import select_key
 from dwbench.stages.prepare import Prepared
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,6 @@ def precision(ids: list[str], clean_flags: dict[str, bool] | None) -> float | No
     return sum(clean_flags[i] for i in ids) / len(ids)
 
 
-TIE_BREAK = "run_seed"  # ties in the scores are broken by the run seed (methods.base.top_k)
-
-
-def key_for(ctx: RunContext, score_key: str) -> str:
-    return stage_key("select", score=score_key, budget=float(ctx.cfg.budget), ties=TIE_BREAK)
-
-
 def load(ctx: RunContext, key: str) -> Selected:
     marker = ctx.store.marker("select", key)
     ids = json.loads((ctx.store.stage_dir("select", key) / "selected_ids.json").read_text())
@@ -63,7 +56,7 @@ def load(ctx: RunContext, key: str) -> Selected:
 
 
 def run(ctx: RunContext, prepared: Prepared, scored: score_stage.Scored) -> Selected:
-    key = key_for(ctx, scored.key)
+    key = select_key(ctx.cfg, scored.key)
     if ctx.store.is_done("select", key):
         logger.info("select: cached %s", key)
         return load(ctx, key)

@@ -20,6 +20,7 @@ from dwbench.data.records import Example
 from dwbench.keys import result_identity, stable_hash, stage_key
 from dwbench.memory import PeakMemory
 from dwbench.models import model_identity
+from dwbench.stages.keys import train_key
 from dwbench.stages.prepare import Prepared
 
 if TYPE_CHECKING:  # select imports score, which hands this stage's ScorerTrainer to methods
@@ -51,24 +52,13 @@ def recipe_group(
     )
 
 
-def key_for(ctx: RunContext, selected: Selected) -> str:
-    cfg = ctx.cfg
-    return stage_key(
-        "train",
-        select=selected.key,
-        target=model_identity(cfg.target_model),
-        finetune=cfg.finetune,
-        seed=cfg.seed,
-    )
-
-
 def load(ctx: RunContext, key: str) -> Trained:
     folder = ctx.store.stage_dir("train", key)
     return Trained(key, folder / "adapter", ctx.store.marker("train", key))
 
 
 def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
-    key = key_for(ctx, selected)
+    key = train_key(ctx.cfg, selected.key)
     if ctx.store.is_done("train", key):
         logger.info("train: cached %s", key)
         return load(ctx, key)

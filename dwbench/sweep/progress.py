@@ -4,7 +4,7 @@ Done-ness comes from the stage cache, without loading any data: a cell's stage k
 its prepare key, which hashes the task config and the data's fingerprint. Every prepared dataset
 records its fingerprint in its `_SUCCESS.json`, so the prepared datasets of a task config are
 found among those markers by recomputing their keys; from each, the cell's score, select, train
-and evaluate keys follow with the stages' own `key_for`. A cell whose task was never prepared
+and evaluate keys follow (dwbench.stages.keys). A cell whose task was never prepared
 cannot be done. (A hub dataset without a pinned `task.hub.revision` could change under a sweep:
 the jobs always fingerprint what they load, but the plan trusts what is on disk, so pin it.)
 
@@ -18,16 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
-from dwbench.context import zero_shot
 from dwbench.keys import stage_key
 from dwbench.pipeline import validate
-from dwbench.stages import evaluate, score, select, train
+from dwbench.stages import score
+from dwbench.stages.keys import chain
 from dwbench.sweep.grid import Cell
 
 DONE, RUNNING, FAILED, MISSING = "done", "running", "failed", "missing"
@@ -59,17 +58,8 @@ def prepared_keys(cfg: DictConfig) -> list[str]:
 
 
 def stage_keys(cfg: DictConfig, prepare_key: str) -> dict[str, str]:
-    """The cell's stage keys from its prepare key (each `key_for` reads only cfg and its input);
-    a zero-shot cell has only prepare and evaluate."""
-    ctx = SimpleNamespace(cfg=cfg)
-    prepared = SimpleNamespace(key=prepare_key)
-    if zero_shot(cfg):
-        return {"prepare": prepare_key, "evaluate": evaluate.zero_shot_key_for(ctx, prepared)}
-    keys = {"prepare": prepare_key, "score": score.key_for(ctx, prepared)}
-    keys["select"] = select.key_for(ctx, keys["score"])
-    keys["train"] = train.key_for(ctx, SimpleNamespace(key=keys["select"]))
-    keys["evaluate"] = evaluate.key_for(ctx, SimpleNamespace(key=keys["train"]))
-    return keys
+    """The cell's stage keys from its prepare key (dwbench.stages.keys.chain)."""
+    return chain(cfg, prepare_key)
 
 
 def store_runs(uri: str) -> pd.DataFrame:
