@@ -22,6 +22,7 @@ from dwbench.errors import ConfigError
 from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, keys, log, prepare, score, select, train
+from dwbench.stages.records import Prepared, Summary
 from dwbench.tracking import StageRun, Tracker
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Outcome:
     ctx: RunContext
     last_stage: str
     last_key: str
-    summary: log.Summary | None = None
+    summary: Summary | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -130,7 +131,7 @@ def run(cfg: DictConfig) -> Outcome:
     return outcome
 
 
-def log_cell_inputs(cell: StageRun, cfg: DictConfig, prepared: prepare.Prepared) -> None:
+def log_cell_inputs(cell: StageRun, cfg: DictConfig, prepared: Prepared) -> None:
     """What a researcher browsing MLflow wants on the cell: its resolved config, and the pool
     and evaluation problems as dataset inputs (named by task, digested by the prepare key)."""
     import pandas as pd
@@ -146,9 +147,7 @@ def log_cell_inputs(cell: StageRun, cfg: DictConfig, prepared: prepare.Prepared)
         cell.log_dataset(frame, f"{name}-{role}", prepared.key, source, context)
 
 
-def run_stages(
-    ctx: RunContext, stages: list[str], prepared: prepare.Prepared, cell: StageRun
-) -> Outcome:
+def run_stages(ctx: RunContext, stages: list[str], prepared: Prepared, cell: StageRun) -> Outcome:
     """The stages after prepare, each cached by its key."""
     cfg = ctx.cfg
     if zero_shot(cfg):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from dwbench.context import RunContext
 from dwbench.data.records import read_jsonl
@@ -20,8 +18,7 @@ from dwbench.errors import DwbenchError
 from dwbench.memory import PeakMemory
 from dwbench.models import LoadingArgs, loading_args
 from dwbench.stages.keys import evaluate_key, zero_shot_key
-from dwbench.stages.prepare import Prepared
-from dwbench.stages.train import Trained
+from dwbench.stages.records import Evaluated, Prepared, Trained
 
 logger = logging.getLogger(__name__)
 # Prompts per generate call when eval.runtime.batch_size is null. CPU: measured on 2 cores with
@@ -39,12 +36,6 @@ def eval_batch_size(configured: int | None, device: str) -> int:
 
 ADAPTER_CHECK_PROMPTS = 4
 NO_TRAIN = "none (zero-shot)"  # the train key of an evaluation without a fine-tune
-
-
-@dataclass
-class Evaluated:
-    key: str
-    marker: dict[str, Any]
 
 
 def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluated:

@@ -7,26 +7,11 @@ cell (budget 0) selects and trains nothing: its STR is 0 and it has no STR denom
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from dwbench.context import RunContext
-from dwbench.stages.evaluate import NO_TRAIN, Evaluated
-from dwbench.stages.prepare import Prepared
-from dwbench.stages.score import Scored
-from dwbench.stages.select import Selected
-from dwbench.stages.train import Trained
-
-
-@dataclass
-class Summary:
-    score: float
-    selection_s: float
-    train_s: float
-    eval_s: float
-    full_train_s: float | None
-    STR: float
-    peak_memory_mb: float
-    selection_precision: float | None
+from dwbench.stages.evaluate import NO_TRAIN
+from dwbench.stages.records import Evaluated, Prepared, Scored, Selected, Summary, Trained
 
 
 def full_pool_train_seconds(ctx: RunContext, trained: Trained) -> tuple[float, str]:

@@ -7,26 +7,14 @@ changes when the data does, and never when only its location does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
 from dwbench.data.loading import load_task
-from dwbench.data.records import Example, fingerprint, write_jsonl
+from dwbench.data.records import fingerprint, write_jsonl
 from dwbench.keys import stage_key
-
-
-@dataclass
-class Prepared:
-    key: str
-    dir: Path
-    fingerprint: str
-    pool: list[Example]
-    queries: list[Example] | None
-    eval_path: Path
-    clean_flags: dict[str, bool] | None  # the embedded ground truth; only reference methods see it
+from dwbench.stages.records import Prepared
 
 
 def run(task_cfg: DictConfig, store: ArtifactStore) -> Prepared:

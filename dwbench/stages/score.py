@@ -17,7 +17,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -28,8 +27,6 @@ from dwbench.errors import ConfigError, DwbenchError
 from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
 from dwbench.methods.base import (
-    ScoringContext,
-    SelectionMethod,
     Shard,
     is_shardable,
     method_params,
@@ -38,19 +35,12 @@ from dwbench.methods.base import (
 )
 from dwbench.methods.registry import method_class
 from dwbench.stages.keys import score_key
-from dwbench.stages.prepare import Prepared
+from dwbench.stages.method import build_method
+from dwbench.stages.records import Prepared, Scored
 from dwbench.stages.train import ScorerTrainer
 from dwbench.tracking import flatten
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Scored:
-    key: str
-    scores: pd.DataFrame
-    selection_s: float  # wall time of scoring, as first measured (a cached result keeps it)
-    peak_rss_mb: float
 
 
 # score.shard=shared: only the part that cannot be split (a sharded SLURM chain's first job)
@@ -88,29 +78,6 @@ def shard_key(score_key: str, shard: Shard) -> str:
 
 def shard_keys(score_key: str, count: int) -> list[str]:
     return [shard_key(score_key, Shard(i, count)) for i in range(count)]
-
-
-def build_method(
-    ctx: RunContext,
-    prepared: Prepared,
-    key: str,
-    scorer_trainer: ScorerTrainer | None = None,
-    work_dir: Path | None = None,
-) -> SelectionMethod:
-    cfg = ctx.cfg
-    scoring = ScoringContext(
-        method_cfg=cfg.method,
-        task_cfg=cfg.task,
-        selector_cfg=cfg.selector_model,
-        queries=prepared.queries,
-        seed=int(cfg.seed),
-        device=ctx.device,
-        cache_dir=ctx.cache_dir,
-        work_dir=work_dir or ctx.store.scratch_dir("score", key, create=False),
-        fine_tune=scorer_trainer,
-        clean_flags=prepared.clean_flags,
-    )
-    return method_class(cfg.method)(scoring)
 
 
 def load(ctx: RunContext, key: str) -> Scored:

@@ -11,23 +11,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 from dwbench.context import RunContext
 from dwbench.errors import ConfigError, DwbenchError
-from dwbench.stages import score as score_stage
 from dwbench.stages.keys import select_key
-from dwbench.stages.prepare import Prepared
+from dwbench.stages.method import build_method
+from dwbench.stages.records import Prepared, Scored, Selected
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Selected:
-    key: str
-    ids: list[str]
-    select_s: float
-    selection_precision: float | None
 
 
 def subset_size(budget: float, pool_size: int) -> int:
@@ -55,13 +46,13 @@ def load(ctx: RunContext, key: str) -> Selected:
     return Selected(key, ids, marker["select_s"], marker["selection_precision"])
 
 
-def run(ctx: RunContext, prepared: Prepared, scored: score_stage.Scored) -> Selected:
+def run(ctx: RunContext, prepared: Prepared, scored: Scored) -> Selected:
     key = select_key(ctx.cfg, scored.key)
     if ctx.store.is_done("select", key):
         logger.info("select: cached %s", key)
         return load(ctx, key)
     k = subset_size(float(ctx.cfg.budget), len(prepared.pool))
-    method = score_stage.build_method(ctx, prepared, scored.key)
+    method = build_method(ctx, prepared, scored.key)
     params = {"budget": ctx.cfg.budget, "k": k, "score_key": scored.key}
     with ctx.tracker.stage_run("select", key, ctx.tags(), params) as mlflow_run:
         with ctx.store.writing("select", key) as (out, marker):

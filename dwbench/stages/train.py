@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dwbench.context import RunContext
 from dwbench.data.records import Example
@@ -21,22 +21,12 @@ from dwbench.keys import result_identity, stable_hash, stage_key
 from dwbench.memory import PeakMemory
 from dwbench.models import model_identity
 from dwbench.stages.keys import train_key
-from dwbench.stages.prepare import Prepared
-
-if TYPE_CHECKING:  # select imports score, which hands this stage's ScorerTrainer to methods
-    from dwbench.stages.select import Selected
+from dwbench.stages.records import Prepared, Selected, Trained
 
 logger = logging.getLogger(__name__)
 # training-log fields logged per step: the loss curve, the schedule, the gradient norm
 PER_STEP = {"loss": "train_loss_step", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
 ELAPSED_FILE = "elapsed_s.json"
-
-
-@dataclass
-class Trained:
-    key: str
-    adapter_dir: Path
-    marker: dict[str, Any]
 
 
 def recipe_group(

@@ -1,0 +1,35 @@
+"""The selection method of a run, built with everything it may use: the score stage scores
+with it, the select stage selects with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dwbench.context import RunContext
+from dwbench.methods.base import ScoringContext, SelectionMethod
+from dwbench.methods.registry import method_class
+from dwbench.stages.records import Prepared
+from dwbench.stages.train import ScorerTrainer
+
+
+def build_method(
+    ctx: RunContext,
+    prepared: Prepared,
+    key: str,
+    scorer_trainer: ScorerTrainer | None = None,
+    work_dir: Path | None = None,
+) -> SelectionMethod:
+    cfg = ctx.cfg
+    scoring = ScoringContext(
+        method_cfg=cfg.method,
+        task_cfg=cfg.task,
+        selector_cfg=cfg.selector_model,
+        queries=prepared.queries,
+        seed=int(cfg.seed),
+        device=ctx.device,
+        cache_dir=ctx.cache_dir,
+        work_dir=work_dir or ctx.store.scratch_dir("score", key, create=False),
+        fine_tune=scorer_trainer,
+        clean_flags=prepared.clean_flags,
+    )
+    return method_class(cfg.method)(scoring)
