@@ -43,7 +43,7 @@ FEATURES = "less_features"  # the pool's projected gradients, one file per block
 if TYPE_CHECKING:
     import torch
 
-    from dwbench.stages.train import Snapshot
+    from dwbench.lora import Snapshot
 
 
 def flat_moments(

@@ -16,7 +16,7 @@ from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext
 
 if TYPE_CHECKING:
-    from dwbench.stages.train import ScorerFineTune, Snapshot
+    from dwbench.lora import ScorerFineTune, Snapshot
 
 
 def whole_pool_fine_tune(
