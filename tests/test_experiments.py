@@ -79,7 +79,7 @@ def test_embedded_presets_run_on_cpu_with_the_embedded_model(experiment: str) ->
     for role in ("selector_model", "target_model"):
         assert cfg[role].name == "smollm2_135m" and not cfg[role].requires_gpu
     assert {"smollm2_135m"} == {
-        o.split("=")[1] for c in _axes(experiment) for o in c if "models=" in o
+        o.split("=")[1] for c in _axes(experiment) for o in c if "model_pair=" in o
     }
 
 
@@ -94,11 +94,11 @@ def test_embedded_cells_compose_and_validate(experiment: str) -> None:
 
 
 def test_models_axis_moves_both_models_and_the_papers_learning_rate() -> None:
-    cfg = _base("+experiment=table2", "models=qwen2_5_7b")
+    cfg = _base("+experiment=table2", "model_pair=qwen2_5_7b")
     assert cfg.selector_model.name == cfg.target_model.name == "qwen2_5_7b_instruct"
     assert cfg.finetune.lr == 1e-5 and cfg.finetune.epochs == 5
     assert _base("+experiment=table2").finetune.lr == 1e-4
-    weak = _base("+experiment=fig3", "models=mistral_7b_to_nemo")
+    weak = _base("+experiment=fig3", "model_pair=mistral_7b_to_nemo")
     assert weak.selector_model.name == "mistral_7b_instruct_v0_2"
     assert weak.target_model.name == "mistral_nemo_instruct"
 

@@ -55,17 +55,17 @@ class Companion:
     preset: str  # preset name without the embedded_ prefix
     keep: tuple[str, ...]  # sweep axes taken over from the experiment (and the command line)
     fixed: dict[str, str] = field(default_factory=dict)  # axes the companion sets itself
-    models: str | None = None  # "same" | "weaker": models presets for the grid's target models
+    models: str | None = None  # "same" | "weaker": model_pair presets for the grid's targets
 
 
-_RANDOM = Companion("table2", ("task", "models", "budget", "seed"), {"method": "random"})
-_ZERO_SHOT = Companion("table2_zero_shot", ("task", "models"))  # greedy decoding: one seed
+_RANDOM = Companion("table2", ("task", "model_pair", "budget", "seed"), {"method": "random"})
+_ZERO_SHOT = Companion("table2_zero_shot", ("task", "model_pair"))  # greedy decoding: one seed
 COMPANIONS: dict[str, list[Companion]] = {
     "table2": [
-        Companion("table2_reference", ("task", "models", "seed")),
+        Companion("table2_reference", ("task", "model_pair", "seed")),
         _ZERO_SHOT,
     ],
-    "table3": [Companion("table3_reference", ("task", "models", "seed"))],
+    "table3": [Companion("table3_reference", ("task", "model_pair", "seed"))],
     "table4": [_RANDOM, _ZERO_SHOT],
     "table5": [_RANDOM],
     "fig3": [
@@ -183,17 +183,17 @@ def _companion_sweep(
         presets = models_presets(targets, companion.models)
         if not presets:
             return None
-        fixed.append(f"models={','.join(presets)}")
-        dropped.add("models")
+        fixed.append(f"model_pair={','.join(presets)}")
+        dropped.add("model_pair")
     passed = [o for o in overrides if _key(o) not in dropped]
     preset = f"{prefix}{companion.preset}"
     return load_sweep([f"+experiment={preset}", *axes, *fixed, *passed], preset, progress=False)
 
 
 def models_presets(targets: set[str], relation: str) -> list[str]:
-    """`models` presets whose target is one of `targets`: selector the same, or another."""
+    """`model_pair` presets whose target is one of `targets`: selector the same, or another."""
     found = []
-    for path in sorted((CONF_DIR / "models").glob("*.yaml")):
+    for path in sorted((CONF_DIR / "model_pair").glob("*.yaml")):
         roles: dict[str, str] = {}
         for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
             if isinstance(entry, dict):
