@@ -41,8 +41,15 @@ LLAMA3_8B = {  # meta-llama/Meta-Llama-3-8B-Instruct's config.json
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
-TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-TINY.update(num_attention_heads=4, num_key_value_heads=2)
+TINY = {  # the same family, small enough for a CPU smoke test (the tokenizer's vocabulary)
+    **LLAMA3_8B,
+    "vocab_size": 49152,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 VARIANTS = {
     "joint-generate": ("method.query_layout=joint", "method.query_scoring=generate"),
     "separate-generate": ("method.query_layout=separate", "method.query_scoring=generate"),
@@ -240,7 +247,8 @@ def lora_row(model: Any, device: str) -> dict[str, Any]:
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49152, (LORA_BATCH, LORA_TOKENS), generator=generator).to(device)
+    vocab = min(model.config.vocab_size, 49152)  # ids the embedded tokenizer could give
+    ids = torch.randint(0, vocab, (LORA_BATCH, LORA_TOKENS), generator=generator).to(device)
 
     def step() -> None:
         loss = peft_model(input_ids=ids, labels=ids).loss
