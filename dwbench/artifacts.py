@@ -3,11 +3,20 @@
 A stage writes into a private staging folder and renames it into place with `_SUCCESS.json`
 already inside, so a folder that exists under its key is finished: a killed job never leaves a
 half-written output that a later run could mistake for a result.
+
+The marker lists every file of the output with its size, sha256 and, for line-based files, its
+row count, and an output is only ever reused after they check out. A folder that fails the check
+(a file cut short by a disk fault or a partial copy, edited by hand, missing, or a marker that
+is not JSON) is reported with its path, moved aside to `.damaged-<key>-<time>` (nothing is
+deleted), and computed again; a folder without a marker is replaced by the fresh output.
+Outputs written before markers carried the list are trusted as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -16,7 +25,61 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dwbench.errors import DataError
+
+logger = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS.json"
+LINE_FILES = (".csv", ".jsonl")  # files whose row count the marker records
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size, sha256 and (line-based files) row count of one output file."""
+    digest = hashlib.sha256()
+    rows = 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            rows += block.count(b"\n")
+    record: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    if path.suffix in LINE_FILES:
+        record["rows"] = rows
+    return record
+
+
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `folder` (but the marker), by its path relative to it."""
+    return {
+        str(path.relative_to(folder)): file_record(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != SUCCESS_MARKER
+    }
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a finished output folder, or None when it checks out."""
+    marker_path = folder / SUCCESS_MARKER
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (OSError, ValueError) as error:
+        return f"its marker {marker_path} cannot be read ({error})"
+    listed = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(marker, dict):
+        return f"its marker {marker_path} is not a JSON object"
+    if listed is None:
+        return None  # written before markers listed their files
+    for name, expected in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, not the {expected['bytes']} written"
+        found = file_record(path)
+        if found["sha256"] != expected["sha256"]:
+            rows = ""
+            if "rows" in expected:
+                rows = f" ({found['rows']} rows, {expected['rows']} written)"
+            return f"{path} changed since it was written{rows}"
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -34,20 +97,53 @@ class ArtifactStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._checked: set[tuple[str, str]] = set()  # outputs verified in this process
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def is_done(self, stage: str, key: str) -> bool:
+        """Finished: its marker exists (cheap, for status and plans; `reusable` checks it)."""
         return (self.stage_dir(stage, key) / SUCCESS_MARKER).is_file()
 
+    def reusable(self, stage: str, key: str) -> bool:
+        """Finished and intact, checked once per process before a stage reuses its output; a
+        damaged output is reported, moved aside and so not reusable."""
+        folder = self.stage_dir(stage, key)
+        if not (folder / SUCCESS_MARKER).is_file():
+            return False
+        if (stage, key) in self._checked:
+            return True
+        problem = damage(folder)
+        if problem is None:
+            self._checked.add((stage, key))
+            return True
+        self._set_aside(folder, problem)
+        return False
+
     def marker(self, stage: str, key: str) -> dict[str, Any]:
-        return json.loads((self.stage_dir(stage, key) / SUCCESS_MARKER).read_text())
+        path = self.stage_dir(stage, key) / SUCCESS_MARKER
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(
+                f"{path} cannot be read ({error}); run the cell again, which checks the stage "
+                "output and computes it afresh."
+            ) from error
+
+    def _set_aside(self, folder: Path, problem: str) -> Path:
+        aside = folder.with_name(f".damaged-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        logger.warning(
+            "%s is damaged: %s. Moved to %s; computing it again.", folder, problem, aside
+        )
+        os.replace(folder, aside)
+        return aside
 
     def markers(self, stage: str) -> Iterator[dict[str, Any]]:
-        """Every finished output of a stage (used to find, e.g., a measured full-pool fine-tune)."""
+        """Every finished, intact output of a stage (e.g. a measured full-pool fine-tune)."""
         for marker in sorted((self.root / stage).glob(f"*/{SUCCESS_MARKER}")):
-            yield json.loads(marker.read_text())
+            if self.reusable(stage, marker.parent.name):
+                yield json.loads(marker.read_text())
 
     def scratch_dir(self, stage: str, key: str, create: bool = True) -> Path:
         """Work in progress that survives a kill (training checkpoints), removed on success.
@@ -81,10 +177,14 @@ class ArtifactStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         marker["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        marker["files"] = manifest(staging)
         (staging / SUCCESS_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
         final = self.stage_dir(stage, key)
-        if final.exists():  # another job finished the same key first: keep its output
-            shutil.rmtree(staging, ignore_errors=True)
+        if final.exists() and self.reusable(stage, key):
+            shutil.rmtree(staging, ignore_errors=True)  # another job finished it first: keep it
         else:
+            if final.exists():  # no marker: an interrupted copy or a hand edit, never a result
+                self._set_aside(final, "it has no marker")
             os.replace(staging, final)
+            self._checked.add((stage, key))
         shutil.rmtree(stage_root / f".partial-{key}", ignore_errors=True)

@@ -223,15 +223,34 @@ class Tracker:
 
     @contextmanager
     def stage_run(
-        self, stage: str, key: str, tags: Mapping[str, str], params: Mapping[str, Any]
+        self,
+        stage: str,
+        key: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        amend: bool = False,
     ) -> Iterator[StageRun]:
-        """Open (or reopen) the run of this stage key; it ends FINISHED or FAILED."""
+        """Open the run of this stage key, reopening one a killed attempt left; it ends FINISHED
+        or FAILED. A FINISHED run is reopened only to `amend` it (the log stage's summary);
+        otherwise its output is being computed again, and it gets a new run, so nothing already
+        logged is overwritten."""
         existing = self.find_run(stage, key)
+        recomputed = {}
+        if existing is not None and existing.info.status == "FINISHED" and not amend:
+            # its output was damaged and is computed again: a new run, the old one kept as it is
+            recomputed, existing = {"recomputes": existing.info.run_id}, None
         if existing is None:
             nested = {MLFLOW_PARENT_RUN_ID: self.cell_run_id} if self.cell_run_id else {}
             run = self.client.create_run(
                 self.experiment_id,
-                tags={**tags, **nested, "stage": stage, "stage_key": key, "git_sha": git_sha()},
+                tags={
+                    **tags,
+                    **nested,
+                    **recomputed,
+                    "stage": stage,
+                    "stage_key": key,
+                    "git_sha": git_sha(),
+                },
                 run_name=f"{stage}-{key[:8]}",
             )
             run_id = run.info.run_id

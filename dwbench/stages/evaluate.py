@@ -44,7 +44,7 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
 
     cfg = ctx.cfg
     key = evaluate_key(cfg, trained.key) if trained else zero_shot_key(cfg, prepared.key)
-    if ctx.store.is_done("evaluate", key):
+    if ctx.store.reusable("evaluate", key):
         logger.info("evaluate: cached %s", key)
         return Evaluated(key, ctx.store.marker("evaluate", key))
     cfg = ctx.cfg

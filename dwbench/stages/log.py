@@ -82,6 +82,8 @@ def record(
 ) -> None:
     """The summary's metrics and `tags` (plus the metric's name) on the cell's evaluation run."""
     params = {"eval": ctx.cfg.eval, "train_key": train_key}
-    with ctx.tracker.stage_run("evaluate", evaluated.key, ctx.tags(), params) as mlflow_run:
+    with ctx.tracker.stage_run(
+        "evaluate", evaluated.key, ctx.tags(), params, amend=True
+    ) as mlflow_run:
         mlflow_run.log_metrics(asdict(summary))
         mlflow_run.set_tags({**tags, "metric": evaluated.marker["metric"]})

@@ -21,7 +21,7 @@ def run(task_cfg: DictConfig, store: ArtifactStore) -> Prepared:
     splits = load_task(task_cfg)
     data_fingerprint = fingerprint(splits)
     key = stage_key("prepare", task=task_cfg, data=data_fingerprint)
-    if not store.is_done("prepare", key):
+    if not store.reusable("prepare", key):
         with store.writing("prepare", key) as (out, marker):
             write_jsonl(out / "pool.jsonl", splits.pool)
             write_jsonl(out / "eval.jsonl", splits.eval)

@@ -80,17 +80,19 @@ def shard_keys(score_key: str, count: int) -> list[str]:
     return [shard_key(score_key, Shard(i, count)) for i in range(count)]
 
 
-def load(ctx: RunContext, key: str) -> Scored:
+def load(ctx: RunContext, key: str, prepared: Prepared) -> Scored:
+    """The cached scores, checked against the pool: one finite score per example, in order."""
     marker = ctx.store.marker("score", key)
     scores = pd.read_csv(ctx.store.stage_dir("score", key) / "scores.csv", dtype={"id": str})
+    check_scores(scores, prepared)
     return Scored(key, scores, marker["selection_s"], marker["peak_rss_mb"])
 
 
 def run(ctx: RunContext, prepared: Prepared) -> Scored:
     key = score_key(ctx.cfg, prepared.key)
-    if ctx.store.is_done("score", key):
+    if ctx.store.reusable("score", key):
         logger.info("score: cached %s", key)
-        return load(ctx, key)
+        return load(ctx, key, prepared)
     count = shard_count(ctx.cfg)
     if count == 1 and ctx.cfg.score.shards > 1:
         logger.warning(
@@ -146,7 +148,7 @@ def run_part(ctx: RunContext, prepared: Prepared) -> tuple[str, str]:
     """`score.shard=i` or `shared`: that part alone (one job of a SLURM chain); (stage, key)."""
     key = score_key(ctx.cfg, prepared.key)
     count, index = shard_count(ctx.cfg), ctx.cfg.score.shard
-    if ctx.store.is_done("score", key):
+    if ctx.store.reusable("score", key):
         logger.info("score: cached %s (merged), nothing to do for shard %s", key, index)
         return "score", key
     if index == SHARED:
@@ -166,7 +168,7 @@ def run_shared_work(ctx: RunContext, prepared: Prepared, key: str) -> float:
 def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> str:
     """Score one shard of the pool's units into its own cached artifact; returns its key."""
     skey = shard_key(key, shard)
-    if ctx.store.is_done("score_shard", skey):
+    if ctx.store.reusable("score_shard", skey):
         logger.info("score shard %d/%d: cached %s", shard.index + 1, shard.count, skey)
         return skey
     work_dir = ctx.store.scratch_dir("score_shard", skey, create=False)
@@ -210,7 +212,7 @@ def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> st
 def merge(ctx: RunContext, prepared: Prepared, key: str, count: int, shared_s: float) -> Scored:
     """Every shard's output -> the score stage's output, under the unsharded key."""
     keys = shard_keys(key, count)
-    missing = [i for i, k in enumerate(keys) if not ctx.store.is_done("score_shard", k)]
+    missing = [i for i, k in enumerate(keys) if not ctx.store.reusable("score_shard", k)]
     if missing:
         raise DwbenchError(
             f"score shard(s) {missing} of {count} are not done (score_shard/{keys[missing[0]]}); "

@@ -13,7 +13,7 @@ import math
 import time
 
 from dwbench.context import RunContext
-from dwbench.errors import ConfigError, DwbenchError
+from dwbench.errors import ConfigError, DataError, DwbenchError
 from dwbench.stages.keys import select_key
 from dwbench.stages.method import build_method
 from dwbench.stages.records import Prepared, Scored, Selected
@@ -40,17 +40,28 @@ def precision(ids: list[str], clean_flags: dict[str, bool] | None) -> float | No
     return sum(clean_flags[i] for i in ids) / len(ids)
 
 
-def load(ctx: RunContext, key: str) -> Selected:
+def load(ctx: RunContext, key: str, pool_ids: set[str]) -> Selected:
+    """The cached selection, its ids checked against the pool they were chosen from."""
     marker = ctx.store.marker("select", key)
-    ids = json.loads((ctx.store.stage_dir("select", key) / "selected_ids.json").read_text())
+    path = ctx.store.stage_dir("select", key) / "selected_ids.json"
+    try:
+        ids = json.loads(path.read_text())
+    except ValueError as error:
+        raise DataError(f"{path} is not JSON ({error}); delete its folder and run again.") from None
+    unknown = [i for i in ids if i not in pool_ids]
+    if unknown:
+        raise DataError(
+            f"{path} holds ids that are not in the pool ({unknown[:3]}); delete its folder and "
+            "run again."
+        )
     return Selected(key, ids, marker["select_s"], marker["selection_precision"])
 
 
 def run(ctx: RunContext, prepared: Prepared, scored: Scored) -> Selected:
     key = select_key(ctx.cfg, scored.key)
-    if ctx.store.is_done("select", key):
+    if ctx.store.reusable("select", key):
         logger.info("select: cached %s", key)
-        return load(ctx, key)
+        return load(ctx, key, {ex.id for ex in prepared.pool})
     k = subset_size(float(ctx.cfg.budget), len(prepared.pool))
     method = build_method(ctx, prepared, scored.key)
     params = {"budget": ctx.cfg.budget, "k": k, "score_key": scored.key}

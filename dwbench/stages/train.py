@@ -46,7 +46,7 @@ def load(ctx: RunContext, key: str) -> Trained:
 
 def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
     key = train_key(ctx.cfg, selected.key)
-    if ctx.store.is_done("train", key):
+    if ctx.store.reusable("train", key):
         logger.info("train: cached %s", key)
         return load(ctx, key)
     chosen = set(selected.ids)
@@ -143,7 +143,7 @@ def scorer_fine_tune(
     ctx: RunContext, prepared: Prepared, subset: list[Example], recipe: Recipe
 ) -> ScorerFineTune:
     key = scorer_key(prepared, subset, recipe)
-    if ctx.store.is_done("train", key):
+    if ctx.store.reusable("train", key):
         logger.info("train: cached scorer fine-tune %s", key)
         return load_scorer(ctx, key, cached=True)
     logger.info(
