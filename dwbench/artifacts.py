@@ -145,6 +145,25 @@ class ArtifactStore:
             if self.reusable(stage, marker.parent.name):
                 yield json.loads(marker.read_text())
 
+    @contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """One process at a time computes a stage key: a second identical command waits here,
+        then finds the output finished and reuses it, instead of doing the work twice."""
+        from filelock import FileLock
+
+        folder = self.root / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f".lock-{key}"))
+        try:
+            lock.acquire(timeout=1)
+        except TimeoutError:
+            logger.info("%s/%s is being computed by another process; waiting for it.", stage, key)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def scratch_dir(self, stage: str, key: str, create: bool = True) -> Path:
         """Work in progress that survives a kill (training checkpoints), removed on success.
 

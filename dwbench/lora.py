@@ -55,7 +55,6 @@ def fine_tune(
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from dwbench.chat import encode_supervised, require_chat_template
     from dwbench.models import load_causal_lm, load_tokenizer
@@ -106,7 +105,7 @@ def fine_tune(
         disable_tqdm=False,
     )
     elapsed_file = scratch / ELAPSED_FILE
-    resume_from = get_last_checkpoint(str(scratch)) if scratch.exists() else None
+    resume_from = last_complete_checkpoint(scratch)
     elapsed_before = 0.0
     if resume_from and elapsed_file.exists():
         elapsed_before = json.loads(elapsed_file.read_text()).get(Path(resume_from).name, 0.0)
@@ -145,10 +144,54 @@ def fine_tune(
         "epochs": float(ft.epochs),
         "steps": int(trainer.state.global_step),
         "examples_per_s": examples_seen / train_s,
-        "train_loss": float(result.training_loss),
+        "train_loss": mean_training_loss(trainer.state.log_history, result.training_loss),
         "resumed": resume_from is not None,
         "log_history": trainer.state.log_history,
     }
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "adapter_model.safetensors")
+
+
+def last_complete_checkpoint(scratch: Path) -> str | None:
+    """The newest `checkpoint-N` holding everything a resume reads. One that a kill or a full
+    disk cut short is set aside (`.incomplete-checkpoint-N`), never resumed from, never deleted."""
+    if not scratch.is_dir():
+        return None
+    found = sorted(
+        (p for p in scratch.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for checkpoint in reversed(found):
+        missing = [f for f in CHECKPOINT_FILES if not (checkpoint / f).is_file()]
+        readable = not missing and _json_ok(checkpoint / "trainer_state.json")
+        if readable:
+            return str(checkpoint)
+        aside = checkpoint.with_name(f".incomplete-{checkpoint.name}")
+        logger.warning(
+            "train: %s is incomplete (missing or unreadable: %s); resuming from an earlier one. "
+            "Moved to %s.",
+            checkpoint,
+            ", ".join(missing) or "trainer_state.json",
+            aside,
+        )
+        checkpoint.replace(aside)
+    return None
+
+
+def _json_ok(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def mean_training_loss(history: list[dict[str, Any]], this_attempt: float) -> float:
+    """The mean logged loss over every step of the run, the steps before a resume included
+    (the trainer's own figure covers only the steps after it)."""
+    losses = [float(entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
+    return sum(losses) / len(losses) if losses else float(this_attempt)
 
 
 class PadCollator:

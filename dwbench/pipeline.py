@@ -148,27 +148,36 @@ def log_cell_inputs(cell: StageRun, cfg: DictConfig, prepared: Prepared) -> None
 
 
 def run_stages(ctx: RunContext, stages: list[str], prepared: Prepared, cell: StageRun) -> Outcome:
-    """The stages after prepare, each cached by its key."""
-    cfg = ctx.cfg
+    """The stages after prepare, each cached by its key and computed by one process at a time
+    (a second identical command waits, then reuses the output)."""
+    cfg, store = ctx.cfg, ctx.store
     if zero_shot(cfg):
         logger.info("budget=0: zero-shot evaluation of the untuned target model")
-        evaluated = evaluate.run(ctx, prepared, None)
+        with store.lock("evaluate", keys.zero_shot_key(cfg, prepared.key)):
+            evaluated = evaluate.run(ctx, prepared, None)
         return Outcome(ctx, "evaluate", evaluated.key, log.run_zero_shot(ctx, prepared, evaluated))
     last = stages[-1]
-    require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
-    scored = score.run(ctx, prepared)
+    score_key = keys.score_key(cfg, prepared.key)
+    require(ctx, stages, "score", score_key)
+    with store.lock("score", score_key):
+        scored = score.run(ctx, prepared)
     if last == "score":
         return Outcome(ctx, "score", scored.key)
-    require(ctx, stages, "select", keys.select_key(cfg, scored.key))
-    selected = select.run(ctx, prepared, scored)
-    cell.log_artifact(ctx.store.stage_dir("select", selected.key) / "selected_ids.json")
+    select_key = keys.select_key(cfg, scored.key)
+    require(ctx, stages, "select", select_key)
+    with store.lock("select", select_key):
+        selected = select.run(ctx, prepared, scored)
+    cell.log_artifact(store.stage_dir("select", selected.key) / "selected_ids.json")
     if last == "select":
         return Outcome(ctx, "select", selected.key)
-    require(ctx, stages, "train", keys.train_key(cfg, selected.key))
-    trained = train.run(ctx, prepared, selected)
+    train_key = keys.train_key(cfg, selected.key)
+    require(ctx, stages, "train", train_key)
+    with store.lock("train", train_key):
+        trained = train.run(ctx, prepared, selected)
     if last == "train":
         return Outcome(ctx, "train", trained.key)
-    evaluated = evaluate.run(ctx, prepared, trained)
+    with store.lock("evaluate", keys.evaluate_key(cfg, trained.key)):
+        evaluated = evaluate.run(ctx, prepared, trained)
     return Outcome(
         ctx, "evaluate", evaluated.key, log.run(ctx, scored, selected, trained, evaluated)
     )

@@ -155,7 +155,9 @@ def run_part(ctx: RunContext, prepared: Prepared) -> tuple[str, str]:
         seconds = run_shared_work(ctx, prepared, key)
         logger.info("score: the unsplittable part of %s took %.1f s", key, seconds)
         return "score", key
-    return "score_shard", run_shard(ctx, prepared, key, Shard(int(index), count))
+    shard = Shard(int(index), count)
+    with ctx.store.lock("score_shard", shard_key(key, shard)):
+        return "score_shard", run_shard(ctx, prepared, key, shard)
 
 
 def run_shared_work(ctx: RunContext, prepared: Prepared, key: str) -> float:

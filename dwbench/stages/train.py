@@ -143,6 +143,13 @@ def scorer_fine_tune(
     ctx: RunContext, prepared: Prepared, subset: list[Example], recipe: Recipe
 ) -> ScorerFineTune:
     key = scorer_key(prepared, subset, recipe)
+    with ctx.store.lock("train", key):  # methods sharing one fine-tune never train it twice
+        return _scorer_fine_tune(ctx, prepared, subset, recipe, key)
+
+
+def _scorer_fine_tune(
+    ctx: RunContext, prepared: Prepared, subset: list[Example], recipe: Recipe, key: str
+) -> ScorerFineTune:
     if ctx.store.reusable("train", key):
         logger.info("train: cached scorer fine-tune %s", key)
         return load_scorer(ctx, key, cached=True)
