@@ -116,7 +116,12 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
                 scores = method.score(prepared.pool)
             # a scorer fine-tune made earlier (and shared) is still this method's cost (STR)
             scorer_train_s = sum(run.train_s for run in scorer_trainer.runs)
-            selection_s = time.perf_counter() - start + scorer_trainer.seconds_not_spent_here()
+            # time an interrupted attempt already spent on what is reused (Data Whisperer's
+            # finished episodes) counts too, so a resumed cell reports an uninterrupted one's STR
+            earlier_s = float(method_stats(method).get("resumed_seconds", 0.0))
+            selection_s = (
+                time.perf_counter() - start + scorer_trainer.seconds_not_spent_here() + earlier_s
+            )
             check_scores(scores, prepared)
             scores.to_csv(out / "scores.csv", index=False)
             keep_work_files(ctx.store.scratch_dir("score", key, create=False), out)
@@ -194,7 +199,7 @@ def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> st
             start = time.perf_counter()
             with PeakMemory() as memory:
                 stats = method.score_units(prepared.pool, units, work_dir)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start + float(stats.get("resumed_seconds", 0.0))
             keep_work_files(work_dir, out, folders=True)
             marker.update(
                 score_key=key,

@@ -191,6 +191,7 @@ class DataWhisperer:
         self.stats: dict[str, float] = {}
         self.params: dict[str, Any] = {}
         self._single_score = 0.0  # the score every example shares, when they all share one
+        self.resumed_seconds = 0.0  # decoding time of episodes an earlier attempt finished
 
     def _configured_layer(self) -> int | None:
         """selector_model.attention_layer, checked against num_layers when the config has it."""
@@ -243,6 +244,7 @@ class DataWhisperer:
         )
         scores = self._scores(pool, plan, log.records)
         self.stats.update(
+            resumed_seconds=self.resumed_seconds,
             resumed_episodes=float(resumed),
             load_seconds=load_s,
             seconds_per_example=(time.perf_counter() - start - load_s) / len(pool),
@@ -266,6 +268,7 @@ class DataWhisperer:
         _, load_s, resumed = self._run_episodes(pool, queries, plan, episodes, plan_id, work_dir)
         return {
             "episodes": float(len(episodes)),
+            "resumed_seconds": self.resumed_seconds,
             "resumed_episodes": float(resumed),
             "load_seconds": load_s,
             "seconds": time.perf_counter() - start,
@@ -320,6 +323,12 @@ class DataWhisperer:
         resumed = len(episodes) - len(pending)
         if resumed:
             logger.info("Resuming Data Whisperer: %d of %d episodes done.", resumed, len(episodes))
+        # what the finished episodes cost an earlier attempt: selection time, so STR, counts it
+        self.resumed_seconds += sum(
+            float(log.records[e.index].get("seconds", 0.0))
+            for e in episodes
+            if e.index in log.records
+        )
         load_s = self._run(pool, queries, pending, log) if pending else 0.0
         return log, load_s, resumed
 
