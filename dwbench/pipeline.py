@@ -24,6 +24,7 @@ from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, keys, log, prepare, score, select, train
 from dwbench.stages.records import Prepared, Summary
 from dwbench.tracking import StageRun, Tracker
+from dwbench.validate import validate_config
 
 logger = logging.getLogger(__name__)
 STAGES = ("score", "select", "train", "evaluate")
@@ -31,6 +32,7 @@ STAGES = ("score", "select", "train", "evaluate")
 
 def validate(cfg: DictConfig) -> list[str]:
     """Check the config before any work; returns the stages to run, in pipeline order."""
+    validate_config(cfg)
     requested = [str(s) for s in cfg.stages]
     unknown = [s for s in requested if s not in STAGES]
     if unknown:

@@ -310,6 +310,12 @@ def _finish(
 
     flags = None if clean is None else {ex.id: ok for ex, ok in zip(pool, clean, strict=True)}
     seed = cfg["shuffle_seed"]
+    for field, split in (("pool_limit", pool), ("eval_limit", eval_examples)):
+        if cfg[field] is not None and cfg[field] > len(split):
+            raise ConfigError(
+                f"task.{field}={cfg[field]} is above the {len(split)} examples the split has; "
+                f"lower it, or set task.{field}=null to keep them all."
+            )
     pool = _shuffled(pool, seed)[: cfg["pool_limit"]]
     eval_examples = _shuffled(eval_examples, seed)[: cfg["eval_limit"]]
     return TaskSplits(

@@ -162,7 +162,9 @@ def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Su
     frozen = folder / PLAN_FILE
     shutil.copy(plan, frozen)
     shutil.copy(plan.with_name(PLAN_META), folder / PLAN_META)
-    width = parallel or int(meta["slurm"]["parallel"])
+    width = int(meta["slurm"]["parallel"]) if parallel is None else parallel
+    if width < 1:
+        raise DwbenchError(f"--parallel={width}: give at least 1 array task at a time.")
     scripts = []
     for step, first_line, group in steps_of(cells):
         name = "array.sbatch" if step == "cells" else f"array-{step}.sbatch"
