@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> Outcome:
     stages = validate(cfg)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     check_models(cfg, stages, cache_dir)
-    results_dir = Path(str(cfg.results_dir))
+    results_dir = writable_results_dir(Path(str(cfg.results_dir)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = RunContext(
         cfg=cfg,
@@ -183,6 +183,20 @@ def run_stages(ctx: RunContext, stages: list[str], prepared: Prepared, cell: Sta
     return Outcome(
         ctx, "evaluate", evaluated.key, log.run(ctx, scored, selected, trained, evaluated)
     )
+
+
+def writable_results_dir(results_dir: Path) -> Path:
+    """results_dir, created if needed; a clear error when it cannot be (a file, /proc, ...)."""
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"results_dir={results_dir} cannot be created ({error.strerror}); point results_dir "
+            "at a folder you can write."
+        ) from None
+    if not results_dir.is_dir():
+        raise ConfigError(f"results_dir={results_dir} is not a folder; point it at one.")
+    return results_dir
 
 
 def require(ctx: RunContext, stages: list[str], stage: str, key: str) -> None:

@@ -190,7 +190,13 @@ def _find_file(folder: Path, stem: str) -> Path:
 
 def _read_records(path: Path) -> _Rows:
     """A JSON array (the authors' format) or JSON Lines, detected from the first character."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)."
+        ) from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -63,8 +63,13 @@ def read_plan(plan: Path) -> tuple[list[PlannedCell], dict[str, Any]]:
             f"{plan} (with {PLAN_META} beside it) does not exist; write it with "
             "python -m dwbench.plan +experiment=<name>"
         )
-    meta = json.loads(meta_path.read_text())
-    cells = [PlannedCell(**c) for c in meta.pop("cells")]
+    try:
+        meta = json.loads(meta_path.read_text())
+        cells = [PlannedCell(**c) for c in meta.pop("cells")]
+    except (ValueError, TypeError, KeyError) as error:
+        raise DwbenchError(
+            f"{meta_path} is damaged ({error}); write the plan again with python -m dwbench.plan"
+        ) from None
     keys = [line.split(" ", 1)[0] for line in plan.read_text().splitlines()]
     if keys != [c.key for c in cells]:
         raise DwbenchError(f"{plan} does not match {meta_path}; write both again with plan")
