@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dwbench.artifacts import ArtifactStore
 from dwbench.cell import cell_key, cell_title
 from dwbench.context import RunContext, zero_shot
+from dwbench.data.loading import load_task
 from dwbench.errors import ConfigError
 from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
@@ -106,6 +107,9 @@ def run(cfg: DictConfig) -> Outcome:
     stages = validate(cfg)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     check_models(cfg, stages, cache_dir)
+    splits = load_task(cfg.task)  # read and checked before anything is written
+    if "select" in stages and not zero_shot(cfg):
+        select.subset_size(float(cfg.budget), len(splits.pool))  # a budget that keeps nothing
     results_dir = writable_results_dir(Path(str(cfg.results_dir)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = RunContext(
@@ -117,13 +121,11 @@ def run(cfg: DictConfig) -> Outcome:
         device=resolve_device(str(cfg.device)),
         cache_dir=cache_dir,
     )
-    prepared = prepare.run(cfg.task, ctx.store)
+    prepared = prepare.run(cfg.task, ctx.store, splits)
     logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
     if not zero_shot(cfg) and cfg.score.shard is not None:  # a part of a sharded score stage
         require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
         return Outcome(ctx, *score.run_part(ctx, prepared))
-    if "select" in stages and not zero_shot(cfg):
-        select.subset_size(float(cfg.budget), len(prepared.pool))  # a budget that keeps nothing
     with ctx.tracker.cell_run(cell_key(cfg, stages[-1]), cell_title(cfg), ctx.tags()) as cell:
         if cell.new:
             log_cell_inputs(cell, cfg, prepared)

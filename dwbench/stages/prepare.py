@@ -12,14 +12,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
-from dwbench.data.loading import load_task
+from dwbench.data.loading import TaskSplits, load_task
 from dwbench.data.records import fingerprint, write_jsonl
 from dwbench.keys import stage_key
 from dwbench.stages.records import Prepared
 
 
-def run(task_cfg: DictConfig, store: ArtifactStore) -> Prepared:
-    splits = load_task(task_cfg)
+def run(task_cfg: DictConfig, store: ArtifactStore, splits: TaskSplits | None = None) -> Prepared:
+    """Freeze the splits (loaded here unless the caller already checked them)."""
+    splits = load_task(task_cfg) if splits is None else splits
     data_fingerprint = fingerprint(splits)
     key = stage_key("prepare", task=task_cfg, data=data_fingerprint)
     with store.lock("prepare", key):
