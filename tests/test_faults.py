@@ -1,0 +1,93 @@
+"""Faults never turn into wrong results or stuck cells: checkpoints cut short are skipped, times
+and losses add up across attempts, and two identical commands do the work once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli import REPO, runs_of, tiny_overrides
+from test_data_whisperer import _method, _pool
+
+from dwbench.lora import CHECKPOINT_FILES, last_complete_checkpoint, mean_training_loss
+from dwbench.methods.data_whisperer import episodes as ep
+
+
+def _checkpoint(scratch: Path, step: int, files: tuple[str, ...] = CHECKPOINT_FILES) -> Path:
+    folder = scratch / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_text("{}" if name.endswith(".json") else "x")
+    return folder
+
+
+def test_a_checkpoint_cut_short_is_set_aside_and_the_last_complete_one_used(tmp_path) -> None:
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 4, files=("trainer_state.json",))  # a kill while saving
+    (_checkpoint(tmp_path, 6) / "trainer_state.json").write_text('{"glob')  # a full disk
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".incomplete-checkpoint-4",
+        ".incomplete-checkpoint-6",
+        "checkpoint-2",
+    ]
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_the_training_loss_covers_every_step_of_every_attempt() -> None:
+    history = [{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}, {"train_runtime": 3.0}]
+    assert mean_training_loss(history, this_attempt=0.5) == 0.75
+    assert mean_training_loss([], this_attempt=0.25) == 0.25
+
+
+def test_a_resumed_data_whisperer_counts_the_earlier_attempts_episodes(
+    tmp_path: Path, tiny_qwen2_dir: Path, tiny_model_cfg: Callable[..., dict[str, Any]]
+) -> None:
+    selector = tiny_model_cfg(tiny_qwen2_dir, "qwen2")
+    settings = {
+        "n_demos": 3,
+        "n_queries": 2,
+        "max_new_tokens_per_answer": 2,
+        "runtime": {"prompts_per_call": 4},  # several episodes per generate call
+    }
+    _method(tmp_path, selector, **settings).score(_pool(12))
+    log = tmp_path / ep.CHECKPOINT_FILE
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:3]) + "\n")  # a kill after two episodes of the call
+    kept = [json.loads(line)["seconds"] for line in lines[1:3]]
+    again = _method(tmp_path, selector, **settings)
+    again.score(_pool(12))
+    assert again.stats["resumed_episodes"] == 2
+    assert again.stats["resumed_seconds"] == pytest.approx(sum(kept))
+
+
+def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir, cache_dir):
+    args = [
+        *tiny_overrides(tiny_llama_dir),
+        "method=data_whisperer_separate",
+        "stages=[score,select]",
+        "task.generator.pool_size=96",
+        "method.n_demos=3",
+        "method.n_queries=2",
+        "task.answer_max_tokens=16",
+        f"results_dir={tmp_path}",
+    ]
+    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "dwbench", *args]
+    first, second = (
+        subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    )
+    outputs = [p.communicate(timeout=600)[1] for p in (first, second)]
+    assert first.returncode == second.returncode == 0, outputs
+    assert sum("being computed by another process" in out for out in outputs) >= 1
+    scores = [r for r in runs_of(tmp_path) if r.data.tags["stage"] == "score"]
+    assert len(scores) == 1 and scores[0].info.status == "FINISHED"
+    episodes = (next((tmp_path / "artifacts" / "score").glob("*/episodes.jsonl"))).read_text()
+    assert len(episodes.splitlines()) == 1 + 32  # the header and each episode once
