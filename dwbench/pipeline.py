@@ -126,7 +126,11 @@ def run(cfg: DictConfig) -> Outcome:
     if not zero_shot(cfg) and cfg.score.shard is not None:  # a part of a sharded score stage
         require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
         return Outcome(ctx, *score.run_part(ctx, prepared))
-    with ctx.tracker.cell_run(cell_key(cfg, stages[-1]), cell_title(cfg), ctx.tags()) as cell:
+    key = cell_key(cfg, stages[-1])
+    with (
+        ctx.store.lock("cell", key),
+        ctx.tracker.cell_run(key, cell_title(cfg), ctx.tags()) as cell,
+    ):
         if cell.new:
             log_cell_inputs(cell, cfg, prepared)
         outcome = run_stages(ctx, stages, prepared, cell)
