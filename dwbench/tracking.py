@@ -26,6 +26,7 @@ import random
 import sqlite3
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
@@ -327,7 +328,9 @@ class StageRun:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice
+            warnings.filterwarnings("ignore", message="The specified dataset source can be")
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
         tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
         entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
         self.client.log_inputs(self.run_id, datasets=[entity])
