@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dwbench.errors import DataError
+from dwbench.errors import DataError, DwbenchError
 
 logger = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS.json"
@@ -95,8 +95,9 @@ def _pid_alive(pid: int) -> bool:
 class ArtifactStore:
     """Content-addressed stage outputs under one root folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, read_only: bool = False) -> None:
         self.root = Path(root)
+        self.read_only = read_only  # serve finished outputs; computing anything is an error
         self._checked: set[tuple[str, str]] = set()  # outputs verified in this process
 
     def stage_dir(self, stage: str, key: str) -> Path:
@@ -132,6 +133,11 @@ class ArtifactStore:
             ) from error
 
     def _set_aside(self, folder: Path, problem: str) -> Path:
+        if self.read_only:
+            raise DwbenchError(
+                f"{folder} is damaged ({problem}), and {self.root} is read-only, so it cannot be "
+                "computed again; run it where the results folder can be written."
+            )
         aside = folder.with_name(f".damaged-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         logger.warning(
             "%s is damaged: %s. Moved to %s; computing it again.", folder, problem, aside
@@ -140,10 +146,13 @@ class ArtifactStore:
         return aside
 
     def markers(self, stage: str) -> Iterator[dict[str, Any]]:
-        """Every finished, intact output of a stage (e.g. a measured full-pool fine-tune)."""
+        """Every finished output's marker (e.g. a measured full-pool fine-tune); reading them
+        changes nothing, and an unreadable one is skipped (reusing that output checks it)."""
         for marker in sorted((self.root / stage).glob(f"*/{SUCCESS_MARKER}")):
-            if self.reusable(stage, marker.parent.name):
+            try:
                 yield json.loads(marker.read_text())
+            except (OSError, ValueError):
+                logger.warning("%s cannot be read; skipped.", marker)
 
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
@@ -151,6 +160,9 @@ class ArtifactStore:
         then finds the output finished and reuses it, instead of doing the work twice."""
         from filelock import FileLock
 
+        if self.read_only:  # nothing can be written, so nothing is computed: no lock needed
+            yield
+            return
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / f".lock-{key}"))
@@ -181,6 +193,12 @@ class ArtifactStore:
         The caller fills the marker dict with what later stages and the log need (timings, sizes);
         it is written last, then the folder is renamed into place in one step.
         """
+        if self.read_only:
+            raise DwbenchError(
+                f"{stage}/{key} is not in the results folder and must be computed, but "
+                f"{self.root} is read-only; run it where the results folder can be written "
+                "(results_dir=...)."
+            )
         stage_root = self.root / stage
         stage_root.mkdir(parents=True, exist_ok=True)
         for stale in stage_root.glob(f".tmp-{key}-*"):

@@ -24,7 +24,7 @@ logger = logging.getLogger("dwbench")
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from dwbench import pipeline
-    from dwbench.results_table import evaluated_cells, print_table
+    from dwbench.results_table import evaluated_cells, print_table, summary_row
 
     try:
         outcome = pipeline.run(cfg)
@@ -40,7 +40,10 @@ def main(cfg: DictConfig) -> None:
     if outcome.summary is None:
         print(f"Stopped after stage '{outcome.last_stage}': {outcome.output_dir}")
         return
-    cells = evaluated_cells(ctx.tracker, ctx.tags())
+    if ctx.store.read_only:  # no MLflow to read the other cells from: this cell alone
+        cells = summary_row(ctx.tags(), outcome.summary)
+    else:
+        cells = evaluated_cells(ctx.tracker, ctx.tags())
     metric = "exact match" if cfg.task.metric == "exact_match_number" else "ROUGE-L F1"
     print_table(cells, metric)
     print(f"Artifacts: {outcome.output_dir}")

@@ -24,7 +24,7 @@ from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, keys, log, prepare, score, select, train
 from dwbench.stages.records import Prepared, Summary
-from dwbench.tracking import StageRun, Tracker
+from dwbench.tracking import ReadOnlyTracker, StageRun, Tracker
 from dwbench.validate import validate_config
 
 logger = logging.getLogger(__name__)
@@ -110,12 +110,14 @@ def run(cfg: DictConfig) -> Outcome:
     splits = load_task(cfg.task)  # read and checked before anything is written
     if "select" in stages and not zero_shot(cfg):
         select.subset_size(float(cfg.budget), len(splits.pool))  # a budget that keeps nothing
-    results_dir = writable_results_dir(Path(str(cfg.results_dir)))
+    results_dir, read_only = results_folder(Path(str(cfg.results_dir)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = RunContext(
         cfg=cfg,
-        store=ArtifactStore(results_dir / "artifacts"),
-        tracker=Tracker(
+        store=ArtifactStore(results_dir / "artifacts", read_only=read_only),
+        tracker=ReadOnlyTracker()
+        if read_only
+        else Tracker(
             str(cfg.tracking.uri), str(cfg.tracking.experiment), results_dir / "mlartifacts"
         ),
         device=resolve_device(str(cfg.device)),
@@ -191,8 +193,16 @@ def run_stages(ctx: RunContext, stages: list[str], prepared: Prepared, cell: Sta
     )
 
 
-def writable_results_dir(results_dir: Path) -> Path:
-    """results_dir, created if needed; a clear error when it cannot be (a file, /proc, ...)."""
+def results_folder(results_dir: Path) -> tuple[Path, bool]:
+    """results_dir, created if needed, and whether it is read-only (then cached results are
+    served and nothing is logged); a clear error when it cannot be created."""
+    if results_dir.is_dir() and not os.access(results_dir, os.W_OK):
+        logger.warning(
+            "results_dir=%s is read-only: finished results are served, nothing is logged to "
+            "MLflow, and a stage that is not finished stops the run.",
+            results_dir,
+        )
+        return results_dir, True
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -202,7 +212,7 @@ def writable_results_dir(results_dir: Path) -> Path:
         ) from None
     if not results_dir.is_dir():
         raise ConfigError(f"results_dir={results_dir} is not a folder; point it at one.")
-    return results_dir
+    return results_dir, False
 
 
 def require(ctx: RunContext, stages: list[str], stage: str, key: str) -> None:

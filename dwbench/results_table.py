@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -49,6 +51,23 @@ def evaluated_cells(tracker: Tracker, tags: dict[str, str]) -> pd.DataFrame:
         seeds=("seed", "nunique"),
     )
     return table.reset_index().sort_values(["budget", "method"])
+
+
+def summary_row(tags: dict[str, str], summary: Any) -> pd.DataFrame:
+    """One cell's summary as a table row, in the columns `evaluated_cells` gives."""
+    row = {
+        "task": tags["task"],
+        "method": tags["method"],
+        "budget": tags["budget"],
+        "selector": tags["selector"],
+        "score": summary.score * 100,
+        "selection s": summary.selection_s,
+        "fine-tune s": summary.train_s,
+        "STR": summary.STR,
+        "selection precision": summary.selection_precision,
+        "seeds": 1,
+    }
+    return pd.DataFrame([row])
 
 
 def print_table(cells: pd.DataFrame, metric: str, console: Console | None = None) -> None:

@@ -277,6 +277,32 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + 100])
 
 
+class ReadOnlyTracker:
+    """For a results folder that cannot be written: cached results are served, nothing is
+    logged (the MLflow store cannot record anything there)."""
+
+    uri = ""
+    experiment_id = ""
+    cell_run_id = None
+
+    @contextmanager
+    def cell_run(self, cell_key: str, title: str, tags: Mapping[str, str]) -> Iterator[Any]:
+        yield _NoRun()
+
+    @contextmanager
+    def stage_run(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        yield _NoRun()
+
+
+class _NoRun:
+    """A run that records nothing (ReadOnlyTracker)."""
+
+    new = False
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 class StageRun:
     """Metrics, tags and artifacts of one open run."""
 

@@ -15,6 +15,7 @@ of one of its stages failed. Estimates use the throughput that earlier runs logg
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from dwbench.stages import score
 from dwbench.stages.keys import chain
 from dwbench.sweep.grid import Cell
 
+logger = logging.getLogger(__name__)
 DONE, RUNNING, FAILED, MISSING = "done", "running", "failed", "missing"
 STATES = (DONE, RUNNING, FAILED, MISSING)
 SLURM_ACTIVE = frozenset(
@@ -68,12 +70,21 @@ def store_runs(uri: str) -> pd.DataFrame:
         return pd.DataFrame()
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    if not ids:
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        if not ids:
+            return pd.DataFrame()
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_ids=ids, output_format="pandas")
+    except Exception as error:  # noqa: BLE001 - a store that cannot be read: the cache still can
+        logger.warning(
+            "MLflow store %s cannot be read (%s); done-ness comes from the stage cache alone, "
+            "and running or failed cells cannot be told apart from missing ones.",
+            uri,
+            str(error).splitlines()[0],
+        )
         return pd.DataFrame()
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_ids=ids, output_format="pandas")
     return runs if "tags.stage_key" in runs else pd.DataFrame()
 
 
