@@ -91,3 +91,45 @@ def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir,
     assert len(scores) == 1 and scores[0].info.status == "FINISHED"
     episodes = (next((tmp_path / "artifacts" / "score").glob("*/episodes.jsonl"))).read_text()
     assert len(episodes.splitlines()) == 1 + 32  # the header and each episode once
+
+
+def test_a_read_only_results_folder_serves_finished_results(tmp_path: Path, cache_dir) -> None:
+    """Mounted read-only (a bind mount; skipped where mounting is not allowed): the finished
+    cell is served, status works, and a cell that needs computing says so in one line."""
+    from test_cli import run_cli
+
+    cell = [
+        "method=random",
+        "stages=[score,select]",
+        "task.generator.pool_size=20",
+        "task.generator.eval_size=5",
+        "budget=0.5",
+    ]
+    results = tmp_path / "results"
+    assert run_cli(cell, results, cache_dir).returncode == 0
+    view = tmp_path / "read_only"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(results), str(view)]).returncode:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(view)])
+        if remount.returncode:
+            pytest.skip("read-only remounts are not allowed here")
+        served = run_cli(cell, view, cache_dir)
+        assert served.returncode == 0, served.stderr[-2000:]
+        assert "is read-only: finished results are served" in served.stderr
+        missing = run_cli([*cell, "budget=0.25"], view, cache_dir)
+        assert missing.returncode == 2
+        assert "must be computed, but" in missing.stderr and "Traceback" not in missing.stderr
+        status = subprocess.run(
+            [sys.executable, "-m", "dwbench.status", *cell, f"results_dir={view}"],
+            cwd=REPO,
+            env={**os.environ, "DWBENCH_CACHE": str(cache_dir)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert "1 done" in status.stdout
+    finally:
+        subprocess.run(["umount", str(view)])
