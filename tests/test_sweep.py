@@ -146,3 +146,10 @@ def test_commands_have_help(command, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         command.main(["--help"])
     assert exit_info.value.code == 0 and "usage: python -m dwbench." in capsys.readouterr().out
+
+
+def test_two_submissions_in_one_second_get_their_own_folders(tmp_path) -> None:
+    from dwbench.sweep.slurm import new_submission_folder
+
+    folders = {new_submission_folder(tmp_path) for _ in range(3)}
+    assert len(folders) == 3 and all((f / "logs").is_dir() for f in folders)

@@ -162,8 +162,7 @@ def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Su
     cells, meta = read_plan(plan)
     if not cells:
         raise DwbenchError(f"{plan} has no cells to run: every cell is done or running")
-    folder = plan.parent / "submissions" / time.strftime("%Y%m%d-%H%M%S")
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    folder = new_submission_folder(plan.parent / "submissions")
     frozen = folder / PLAN_FILE
     shutil.copy(plan, frozen)
     shutil.copy(plan.with_name(PLAN_META), folder / PLAN_META)
@@ -195,6 +194,20 @@ def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Su
                 record = {"cell": cell.key, "job": f"{job}_{index}", "script": str(script)}
                 records.write(json.dumps({**record, "step": step}) + "\n")
     return submitted
+
+
+def new_submission_folder(root: Path) -> Path:
+    """A folder of its own for each submission, even two in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        folder = root / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        (folder / "logs").mkdir()
+        return folder
+    raise DwbenchError(f"{root}: no free submission folder for {stamp}")
 
 
 def jobs_file(sweep_dir: Path) -> Path:
