@@ -185,11 +185,11 @@ def test_sharded_scoring_runs_as_a_chain_and_a_cancelled_shard_alone_runs_again(
         *tiny,
         "method=data_whisperer_separate",
         "budget=0.5",
-        "task.generator.pool_size=96",
+        "task.generator.pool_size=300",
         "method.n_demos=3",
         "method.n_queries=2",
-        "method.runtime.prompts_per_call=1",  # 32 episodes, one unit each
-        "task.answer_max_tokens=8",
+        "method.runtime.prompts_per_call=1",  # 100 episodes, one unit each: seconds per shard
+        "task.answer_max_tokens=64",
         "slurm.cpus_per_task=1",
         "slurm.mem_gb=2",
         "slurm.parallel=1",
