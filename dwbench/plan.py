@@ -164,8 +164,13 @@ def _print_chain(planned: list, chained: dict[str, int], console: Console) -> No
     if steps["merge"]:
         console.print(
             f"Sharded scoring first: {steps['shards']} shard job(s) for {steps['merge']} score "
-            f"key(s), then a merge each; {steps['shared']} unsplittable part(s) (a scorer "
-            "fine-tune) run once, before their shards."
+            f"key(s), then a merge each."
+        )
+    shared = sorted({_method_of(p.overrides) for p in planned if p.step == "shared"})
+    if shared:
+        console.print(
+            f"Run once before their shards, since it cannot be split (the scorer fine-tune or "
+            f"warm-up): {', '.join(shared)}."
         )
     unsharded = sorted(k.removeprefix("unsharded:") for k in chained if k.startswith("unsharded:"))
     if unsharded:
@@ -173,6 +178,12 @@ def _print_chain(planned: list, chained: dict[str, int], console: Console) -> No
             f"Scored in one piece inside their cells (the method cannot shard): "
             f"{', '.join(unsharded)}."
         )
+
+
+def _method_of(overrides: list[str]) -> str:
+    """The method a job's overrides select (the last `method=` wins, as in Hydra)."""
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
+    return names[-1] if names else "?"
 
 
 def _print_cost(cells: list, planned: list, console: Console) -> None:
