@@ -1,18 +1,22 @@
-"""A regular (not editable) install carries its configs, lm-eval tasks and SLURM template, and
-runs from an empty folder."""
+"""What users run first, as they get it: a regular (not editable) install carries its configs,
+lm-eval tasks and SLURM template, and runs the embedded default (SmolLM2-135M, the generated
+task, shrunk to seconds) end to end from an empty folder. (This test also holds what the former
+test_embedded_default checked: every stage finished once, the SmolLM2 target, an adapter that
+changes the logits, non-empty predictions.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from test_cli import REPO
+from test_cli import REPO, finished_keys, runs_of
 
 
 def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
-    tmp_path: Path, cache_dir: Path
+    tmp_path: Path, smollm2_dir: Path, cache_dir: Path
 ) -> None:
     site = tmp_path / "site"
     install = subprocess.run(
@@ -55,10 +59,11 @@ def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
             sys.executable,
             "-m",
             "dwbench",
-            "task.generator.pool_size=20",
-            "task.generator.eval_size=4",
+            "task.generator.pool_size=16",
+            "task.generator.eval_size=3",
+            "budget=0.5",
             "finetune.max_steps=2",
-            "eval.max_new_tokens=8",
+            "eval.max_new_tokens=48",
         ],
         cwd=empty,
         env=env,
@@ -67,7 +72,16 @@ def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert list((empty / "results" / "artifacts" / "evaluate").glob("*/_SUCCESS.json"))
+    assert "embedded_gsm" in run.stdout and "random" in run.stdout
+    results = empty / "results"
+    for stage in ("prepare", "score", "select", "train", "evaluate"):
+        assert len(finished_keys(results, stage)) == 1, stage
+    evaluation = next(r for r in runs_of(results) if r.data.tags["stage"] == "evaluate")
+    assert evaluation.data.tags["target"] == "smollm2_135m"
+    assert evaluation.data.metrics["adapter_logit_change"] > 1e-4
+    samples = next((results / "artifacts/evaluate").glob("*/samples.jsonl")).read_text()
+    predictions = [json.loads(line)["prediction"] for line in samples.splitlines()]
+    assert len(predictions) == 3 and all(p.strip() for p in predictions)
     plan = subprocess.run(
         [sys.executable, "-m", "dwbench.plan", "method=random", "seed=0,1"],
         cwd=empty,
