@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_cli import REPO, finished_keys, runs_of
 
 
+@pytest.mark.slow
 def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
     tmp_path: Path, smollm2_dir: Path, cache_dir: Path
 ) -> None:
