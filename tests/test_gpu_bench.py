@@ -45,3 +45,12 @@ def test_tiny_runs_every_measurement(cache_dir) -> None:
     for row in rows[1:]:
         throughput = row.split("|")[3]
         assert float(throughput.split()[0]) > 0, row
+
+
+def test_runtime_defaults_follow_the_device() -> None:
+    from dwbench.methods.data_whisperer.method import EPISODES_PER_CALL
+    from dwbench.stages.evaluate import eval_batch_size
+
+    assert [eval_batch_size(None, d) for d in ("cpu", "cuda:0", "mps")] == [32, 64, 16]
+    assert eval_batch_size(4, "cuda") == 4  # a configured size wins
+    assert EPISODES_PER_CALL["cuda"]["generate"] > EPISODES_PER_CALL["cpu"]["generate"]
