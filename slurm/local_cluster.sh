@@ -105,17 +105,26 @@ start() {
   alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
   alive "$DIR/slurmd.pid" || slurmd -f "$CONF"
   # The controller schedules a few seconds after it starts: wait until a probe job has run.
+  # Jobs recovered from $DIR/state (a queue left by an earlier run) may hold the node, so the
+  # probe never waits for resources: a running job shows the scheduler works just as well.
   for _ in $(seq 60); do
     if sinfo --noheader --format=%t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
-      if srun --quiet --time=1 true 2>/dev/null; then
+      if [[ -n "$(squeue --noheader --states=RUNNING --format=%i 2>/dev/null)" ]] ||
+        timeout 20 srun --immediate=10 --quiet --time=1 true 2>/dev/null; then
         echo "local SLURM is up ($CONF)" >&2
+        queued="$(squeue --noheader --array --format=%i 2>/dev/null | wc -l)"
+        if ((queued > 0)); then
+          echo "it recovered $queued queued or running job(s) from $DIR/state;" \
+            "scancel them, or use a fresh DWBENCH_SLURM_DIR, to start empty" >&2
+        fi
         exports
         return
       fi
     fi
     sleep 1
   done
-  echo "SLURM did not come up; see $DIR/log/" >&2
+  echo "SLURM did not come up; see $DIR/log/ (tail follows)" >&2
+  tail -n 20 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
   exit 1
 }
 

@@ -29,15 +29,22 @@ CLUSTER = REPO / "slurm" / "local_cluster.sh"
 TIMEOUT_S = 300
 
 
-def _cluster(action: str) -> subprocess.CompletedProcess:
+def _cluster(action: str, state_dir: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if state_dir is not None:
+        env["DWBENCH_SLURM_DIR"] = str(state_dir)
     return subprocess.run(
-        ["bash", str(CLUSTER), action], capture_output=True, text=True, timeout=120
+        ["bash", str(CLUSTER), action], capture_output=True, text=True, timeout=180, env=env
     )
 
 
 @pytest.fixture(scope="module")
-def local_slurm():
-    """Start the local cluster (stopped again afterwards unless it was already running)."""
+def local_slurm(tmp_path_factory):
+    """Start the local cluster (stopped again afterwards unless it was already running).
+
+    A cluster this test starts keeps its state in a fresh folder: jobs queued in the default
+    state folder by an earlier sweep would otherwise be recovered and run before the test's.
+    """
     missing = [b for b in ("slurmctld", "slurmd", "munged") if shutil.which(b) is None]
     if missing:
         pytest.skip(
@@ -47,7 +54,8 @@ def local_slurm():
     if os.geteuid() != 0:
         pytest.skip("starting munge and slurmd needs root")
     was_running = _cluster("status").returncode == 0
-    started = _cluster("start")
+    state_dir = None if was_running else tmp_path_factory.mktemp("slurm-state")
+    started = _cluster("start", state_dir)
     assert started.returncode == 0, started.stderr
     exports = dict(
         line.removeprefix("export ").split("=", 1)
@@ -60,7 +68,7 @@ def local_slurm():
         yield
         if not was_running:  # a cluster this test started: nothing of it may outlive the test
             subprocess.run(["scancel", "--me"], check=False)
-            _cluster("stop")
+            _cluster("stop", state_dir)
 
 
 def _wait(job: str, until) -> dict[str, str]:
