@@ -25,6 +25,9 @@ install: $(STAMP)
 demo: install
 	$(PY) -m dwbench.demo $(ARGS)
 
+# Two pytest workers, one test file each at a time (a file's fixtures, such as the local SLURM
+# cluster, stay in one process); PYTEST_ARGS="-n 0" runs everything in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -159,6 +159,9 @@ def data_whisperer_row(
             return self._ready(model, tokenizer)
 
     per_call = 32 if device == "cuda" else 8  # EPISODES_PER_CALL's generate default
+    answer_cap = 128
+    if args.tiny:  # a smoke test of the code path: two calls of two short episodes
+        per_call, answer_cap = 2, 16
     pool_size = 2 * per_call * 10  # n_d = 10: about two calls of episodes
     cfg = compose(
         "data_whisperer",
@@ -168,7 +171,7 @@ def data_whisperer_row(
         [
             *overrides,
             "task.generator.difficulty=multi_step",
-            "task.answer_max_tokens=128",
+            f"task.answer_max_tokens={answer_cap}",
             f"method.runtime.prompts_per_call={per_call}",
             f"selector_model.num_layers={model.config.num_hidden_layers}",
             f"selector_model.attention_layer={model.config.num_hidden_layers // 2}",

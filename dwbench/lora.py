@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ def fine_tune(
     resume_from = last_complete_checkpoint(scratch)
     elapsed_before = 0.0
     if resume_from and elapsed_file.exists():
-        elapsed_before = json.loads(elapsed_file.read_text()).get(Path(resume_from).name, 0.0)
+        elapsed_before = _read_elapsed(elapsed_file).get(Path(resume_from).name, 0.0)
         logger.info("train: resuming from %s (%.1f s already trained)", resume_from, elapsed_before)
     attempt_start = time.perf_counter()
 
@@ -117,9 +118,11 @@ def fine_tune(
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             done = elapsed_before + time.perf_counter() - attempt_start
-            elapsed = json.loads(elapsed_file.read_text()) if elapsed_file.exists() else {}
+            elapsed = _read_elapsed(elapsed_file)
             elapsed[f"checkpoint-{state.global_step}"] = done
-            elapsed_file.write_text(json.dumps(elapsed))
+            staging = elapsed_file.with_suffix(".tmp")  # a full disk never leaves it half-written
+            staging.write_text(json.dumps(elapsed))
+            os.replace(staging, elapsed_file)
 
     callbacks: list[Any] = [RecordElapsed()]
     if snapshots_dir is not None:
@@ -177,6 +180,15 @@ def last_complete_checkpoint(scratch: Path) -> str | None:
         )
         checkpoint.replace(aside)
     return None
+
+
+def _read_elapsed(path: Path) -> dict[str, float]:
+    """Training seconds reached at each checkpoint; an unreadable record counts as none."""
+    try:
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+    except (OSError, ValueError):
+        logger.warning("train: %s cannot be read; earlier training time is not counted.", path)
+        return {}
 
 
 def _json_ok(path: Path) -> bool:

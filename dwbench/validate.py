@@ -86,6 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
         found, value = _lookup(cfg, field)
         if found and not check(value):
             raise ConfigError(f"{field}={value!r} is not {text}; pass e.g. {field}={example}.")
+    check_method_named(cfg)
     for path, siblings in added_keys(cfg):
         name = path.rsplit(".", 1)[-1]
         close = difflib.get_close_matches(name, siblings, n=3)
@@ -94,6 +95,24 @@ def validate_config(cfg: DictConfig) -> None:
             f"+{path}: no config defines the key {path!r}, so nothing would read it and the "
             f"run would go on with the defaults.{hint} Drop the + and correct the name."
         )
+
+
+def check_method_named(cfg: DictConfig) -> None:
+    """`method.name` labels every tag, table and figure, so it must be a method config's name
+    (`method.name=randon` would run Random's class under another name)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from dwbench.methods.registry import check_method_name
+
+    if not HydraConfig.initialized() or "method" not in cfg:
+        return
+    given = HydraConfig.get().overrides
+    searchpath = [o for o in given.hydra if o.startswith("hydra.searchpath=")]  # your conf
+    overrides = [*given.task, *searchpath]
+    loader = GlobalHydra.instance().config_loader()
+    available = loader.get_group_options("method", config_name="config", overrides=overrides)
+    check_method_name(str(cfg.method.name), available)
 
 
 def _lookup(cfg: DictConfig, field: str) -> tuple[bool, Any]:

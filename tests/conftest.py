@@ -7,11 +7,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each (and in every process they start), or their
+    # thread pools oversubscribe the cores and each worker runs several times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny_models import build_tiny_model, model_config
 from tiny_models import tiny_model_cfg as _tiny_model_cfg
 
-from dwbench.models import embedded_model_dir
+from dwbench.models import embedded_model_dir  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

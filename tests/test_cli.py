@@ -188,7 +188,7 @@ def test_stages_list_stops_after_selection(tmp_path, tiny_llama_dir, cache_dir) 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("budget=1.5", "budget=1.5 is outside [0, 1]"),
+        ("budget=1.5", "budget=1.5 is not a share in [0, 1]"),
         ("budget=0.01", "selects nothing"),
         ("budget=0", "leaves out evaluate"),  # with stages=[score,select] below
         ("method.name=randon", "Did you mean: random"),

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,58 @@ def test_a_read_only_results_folder_serves_finished_results(tmp_path: Path, cach
         assert "1 done" in status.stdout
     finally:
         subprocess.run(["umount", str(view)])
+
+
+def test_a_full_disk_during_training_resumes_once_space_is_back(
+    tmp_path: Path, tiny_llama_dir, cache_dir
+) -> None:
+    """A small tmpfs (skipped where mounting is not allowed) is filled up while the cell trains:
+    the run fails, and once space is back the rerun resumes from the last complete checkpoint
+    and ends with the train_loss of an uninterrupted run."""
+    from test_cli import finished_keys, run_cli
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    args = [
+        *tiny_overrides(tiny_llama_dir),
+        "finetune.max_steps=40",
+        "finetune.runtime.save_every_steps=2",
+        "task.generator.pool_size=64",
+    ]
+    results = disk / "results"
+    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 300
+        while not list((results / "artifacts" / "train").glob(".partial-*/checkpoint-*")):
+            assert process.poll() is None, "finished before a checkpoint was seen"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        filler = disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+        failed = process.communicate(timeout=300)[1]
+        assert process.returncode != 0, "training went on with a full disk"
+        assert "No space left on device" in failed or "disk" in failed.lower(), failed[-2000:]
+        assert not finished_keys(results, "train")
+        filler.unlink()
+        resumed = run_cli(args, results, cache_dir)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        marker = json.loads(next((results / "artifacts/train").glob("*/_SUCCESS.json")).read_text())
+        assert marker["resumed"] is True and marker["steps"] == 40
+    finally:
+        subprocess.run(["umount", str(disk)])
+    clean = run_cli(args, tmp_path / "clean", cache_dir)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    uninterrupted = json.loads(
+        next((tmp_path / "clean/artifacts/train").glob("*/_SUCCESS.json")).read_text()
+    )
+    assert marker["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)

@@ -67,7 +67,9 @@ def test_a_pinned_revision_reaches_every_consumer(recorded, tmp_path: Path) -> N
     with pytest.raises(Stop):  # the adapter check before evaluation
         lm_eval_runner.adapter_output_change(args, tmp_path, ["a prompt"])
     eval_jsonl = tmp_path / "eval.jsonl"
-    eval_jsonl.write_text('{"id": "e0", "prompt": "1+1?", "response": "#### 2"}\n')
+    eval_jsonl.write_text(
+        '{"id": "e0", "prompt": "1+1?", "response": "#### 2", "references": ["#### 2"]}\n'
+    )
     with pytest.raises(Stop):
         lm_eval_runner.run_lm_eval(
             args, "dwbench_gsm8k", eval_jsonl, adapter_dir=None, batch_size=1, max_new_tokens=4
@@ -84,6 +86,7 @@ def test_a_pinned_revision_reaches_every_consumer(recorded, tmp_path: Path) -> N
 
 
 def test_a_local_folder_has_no_revision_and_cpu_runs_float32(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a Hugging Face model folder
     cfg = OmegaConf.create({**PINNED, "path": str(tmp_path)})
     args = models.loading_args(cfg, tmp_path, "cpu")
     assert (args.source, args.revision, args.dtype) == (str(tmp_path), None, "float32")

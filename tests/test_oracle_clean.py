@@ -9,7 +9,7 @@ import pytest
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext
-from dwbench.methods.registry import get_method
+from dwbench.methods.oracle_clean import OracleClean
 
 _POOL = [Example(f"id{i:02d}", "q", "a", ("a",)) for i in range(40)]
 _FLAGS = {ex.id: i % 4 != 0 for i, ex in enumerate(_POOL)}  # 30 clean, 10 corrupted
@@ -18,7 +18,7 @@ _CLEAN = {i for i, ok in _FLAGS.items() if ok}
 
 def _select(seed: int, k: int, tmp_path) -> list[str]:
     context = ScoringContext({}, {}, {}, None, seed, "cpu", tmp_path, tmp_path, clean_flags=_FLAGS)
-    method = get_method("oracle_clean")(context)
+    method = OracleClean(context)
     return method.select(method.score(_POOL), k)
 
 
@@ -46,5 +46,5 @@ def test_refuses_a_task_without_clean_flags(tmp_path) -> None:
     context = ScoringContext({}, {}, {}, None, 0, "cpu", tmp_path, tmp_path)
     message = "method=oracle_clean selects by the task's is_clean flags, and this task has none"
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
-        get_method("oracle_clean")(context)
+        OracleClean(context)
     assert "embedded" in str(error.value)

@@ -1,4 +1,4 @@
-"""results/paper_reported.csv: the paper's numbers in tidy form, spot-checked by hand."""
+"""dwbench/report/paper_reported.csv: the paper's numbers in tidy form, spot-checked by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-CSV = Path(__file__).resolve().parents[1] / "results" / "paper_reported.csv"
+CSV = Path(__file__).resolve().parents[1] / "dwbench" / "report" / "paper_reported.csv"
 COLUMNS = ["table", "model", "task", "method", "budget", "metric", "value", "note"]
 KEY = ["table", "model", "task", "method", "budget", "metric", "note"]
 METHODS = {

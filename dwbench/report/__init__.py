@@ -6,7 +6,7 @@ One module per concern, in the order the report runs them:
   Random for the ablation tables) and what each cell is (task, models, method, setting);
 - `collect`: MLflow and the stage cache -> one row per cell and per-example scores;
 - `snapshot`: the two CSVs under `results/`, written and read back (the only input of what follows);
-- `paper`: `results/paper_reported.csv` and which paper number stands beside which cell;
+- `paper`: `paper_reported.csv` and which paper number stands beside which cell;
 - `bootstrap`: paired bootstrap intervals of each method's difference to Random;
 - `tables` and `figures`: Markdown / LaTeX tables and seaborn figures.
 

@@ -59,7 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paper",
         type=Path,
-        help="the paper's numbers (default: results/paper_reported.csv of this repository)",
+        help="the paper's numbers (default: the paper_reported.csv installed with dwbench.report)",
     )
     parser.add_argument(
         "--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)"

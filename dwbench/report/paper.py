@@ -1,4 +1,4 @@
-"""Which of the paper's numbers (`results/paper_reported.csv`) stands beside which measured cell.
+"""Which of the paper's numbers (`paper_reported.csv`, beside this module) stands beside which cell.
 
 A cell matches the paper row of the same table, target model (`<selector>-><target>` when a
 weaker model selects), task, method and budget; the whole-dataset run (budget 1.0) is the
@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dwbench.cli import CONF_DIR
 from dwbench.errors import DataError
 
-PAPER_CSV = CONF_DIR.parent / "results" / "paper_reported.csv"
+PAPER_CSV = Path(__file__).resolve().parent / "paper_reported.csv"  # installed with the package
 SCORE_METRICS = ("exact_match_pct", "rouge_l_pct")
 PAPER_MODELS = ("llama3_8b_instruct", "qwen2_5_7b_instruct", "mistral_nemo_instruct")
 MODEL_LABELS = {
@@ -97,7 +96,7 @@ class Paper:
         if not path.is_file():
             raise DataError(
                 f"{path} does not exist: the paper's numbers ship with the repository "
-                "(results/paper_reported.csv); pass --paper with its location."
+                "(dwbench/report/paper_reported.csv); pass --paper with its location."
             )
         self.frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
         self.frame["note"] = self.frame["note"].fillna("")
