@@ -21,8 +21,12 @@ exports() {
   echo "export PATH=$DIR/bin:\$PATH"
 }
 
-alive() {  # alive PIDFILE: the daemon whose pid is in the file runs
-  [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE: the daemon whose pid is in the file runs (a pid file left by an
+  # earlier boot may name a pid that another program has since been given: its name must match)
+  local pid
+  [[ -s "$1" ]] || return 1
+  pid="$(cat "$1")"
+  kill -0 "$pid" 2>/dev/null && [[ "$(ps -o comm= -p "$pid")" == "$(basename "$1" .pid)"* ]]
 }
 
 start_munge() {
