@@ -245,6 +245,7 @@ def test_sharded_scoring_runs_as_a_chain_and_a_cancelled_shard_alone_runs_again(
     assert states[f"{submitted.jobs['cells']}_0"] != "COMPLETED", states
     finished = _shard_markers(tmp_path / "three")
     assert len(finished) == 2
+    assert not (tmp_path / "three" / "artifacts" / "score").is_dir()  # no part merges alone
     out = Console(record=True, width=250)
     status_command.status(three, None, out)
     assert "score shards 2/3 done" in out.export_text()
