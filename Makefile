@@ -26,8 +26,9 @@ demo: install
 	$(PY) -m dwbench.demo $(ARGS)
 
 # Two pytest workers, one test file each at a time (a file's fixtures, such as the local SLURM
-# cluster, stay in one process); PYTEST_ARGS="-n 0" runs everything in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# cluster, stay in one process), longest files first (tests/conftest.py orders them);
+# PYTEST_ARGS="-n 0" runs everything in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
