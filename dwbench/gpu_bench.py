@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         for label, overrides in VARIANTS.items()
     ]
     rows.append(evaluation_row(model, tokenizer, device, args.tiny))
-    rows.append(lora_row(model, device))
+    rows.append(lora_row(model, device, *((2, 64) if args.tiny else (LORA_BATCH, LORA_TOKENS))))
     from dwbench.bench import markdown_table
 
     print(markdown_table(rows, ("what", "setting", "throughput", "seconds", "peak GPU MB")))
@@ -238,8 +238,9 @@ def evaluation_row(model: Any, tokenizer: Any, device: str, tiny: bool) -> dict[
     }
 
 
-def lora_row(model: Any, device: str) -> dict[str, Any]:
-    """LoRA steps as the train stage takes them: r = 8, all linear layers, AdamW, checkpointing."""
+def lora_row(model: Any, device: str, batch: int, tokens: int) -> dict[str, Any]:
+    """LoRA steps as the train stage takes them: r = 8, all linear layers, AdamW, checkpointing
+    (`--tiny`: a short batch, as a smoke test of the code path)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -251,7 +252,7 @@ def lora_row(model: Any, device: str) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 49152)  # ids the embedded tokenizer could give
-    ids = torch.randint(0, vocab, (LORA_BATCH, LORA_TOKENS), generator=generator).to(device)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=generator).to(device)
 
     def step() -> None:
         loss = peft_model(input_ids=ids, labels=ids).loss
@@ -269,8 +270,8 @@ def lora_row(model: Any, device: str) -> dict[str, Any]:
         seconds = (time.perf_counter() - start) / LORA_STEPS
     return {
         "what": "LoRA step",
-        "setting": f"r=8 all-linear, batch {LORA_BATCH} x {LORA_TOKENS} tokens, AdamW",
-        "throughput": f"{LORA_BATCH * LORA_TOKENS / seconds:.0f} tok/s",
+        "setting": f"r=8 all-linear, batch {batch} x {tokens} tokens, AdamW",
+        "throughput": f"{batch * tokens / seconds:.0f} tok/s",
         "seconds": seconds,
         "peak GPU MB": peak(),
     }

@@ -240,7 +240,7 @@ def test_sigkill_mid_training_resumes_without_redoing_work(
 ) -> None:
     args = [
         *tiny_overrides(tiny_llama_dir),
-        "finetune.max_steps=40",
+        "finetune.max_steps=16",
         "finetune.runtime.save_every_steps=2",
         "task.generator.pool_size=64",
     ]
@@ -270,7 +270,7 @@ def test_sigkill_mid_training_resumes_without_redoing_work(
     train_marker = json.loads(
         next((tmp_path / "artifacts/train").glob("*/_SUCCESS.json")).read_text()
     )
-    assert train_marker["resumed"] is True and train_marker["steps"] == 40
+    assert train_marker["resumed"] is True and train_marker["steps"] == 16
     train_runs = [r for r in runs_of(tmp_path) if r.data.tags["stage"] == "train"]
     assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
     assert not list((tmp_path / "artifacts" / "train").glob(".partial-*"))

@@ -150,7 +150,7 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
         pytest.skip("mounting a tmpfs is not allowed here")
     args = [
         *tiny_overrides(tiny_llama_dir),
-        "finetune.max_steps=40",
+        "finetune.max_steps=16",
         "finetune.runtime.save_every_steps=2",
         "task.generator.pool_size=64",
     ]
@@ -180,7 +180,7 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
         resumed = run_cli(args, results, cache_dir)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         marker = json.loads(next((results / "artifacts/train").glob("*/_SUCCESS.json")).read_text())
-        assert marker["resumed"] is True and marker["steps"] == 40
+        assert marker["resumed"] is True and marker["steps"] == 16
     finally:
         subprocess.run(["umount", str(disk)])
     clean = run_cli(args, tmp_path / "clean", cache_dir)

@@ -28,6 +28,7 @@ def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
             "pip",
             "install",
             "--quiet",
+            "--no-compile",
             "--no-deps",
             "--no-build-isolation",
             "--target",
