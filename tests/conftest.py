@@ -86,10 +86,10 @@ def smollm2_dir(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A 2-layer Llama with SmolLM2's tokenizer."""
-    with FileLock(cache_dir / "models" / "convert.lock"):  # the tokenizer converts SmolLM2
-        embedded_model_dir(model_config("smollm2_135m"), cache_dir)
+def tiny_llama_dir(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, smollm2_dir: Path
+) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer (from `smollm2_dir`, converted under its lock)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", cache_dir)
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -40,19 +41,49 @@ def tiny_overrides(model_dir: Path) -> list[str]:
     ]
 
 
+def _cli(args: list[str], results: Path, cache_dir: Path) -> dict:
+    """What `python -m dwbench` needs to run offline on this test run's model cache."""
+    return {
+        "args": [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
+        "cwd": REPO,
+        "env": {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
+    }
+
+
 def run_cli(
     args: list[str], results: Path, cache_dir: Path, **kwargs
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
+        **_cli(args, results, cache_dir), capture_output=True, text=True, timeout=600, **kwargs
     )
+
+
+def start_cli(args: list[str], results: Path, cache_dir: Path, **kwargs) -> subprocess.Popen:
+    """`python -m dwbench` in the background, for tests that interrupt it."""
+    return subprocess.Popen(**_cli(args, results, cache_dir), **kwargs)
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, ended: str) -> None:
+    """Poll until `condition()` holds; `ended` is the failure if the process ends first."""
+    deadline = time.time() + 300
+    while not condition():
+        assert process.poll() is None, ended
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def resumable_training(model_dir: Path) -> list[str]:
+    """A cell whose training writes a checkpoint every two of its 16 steps."""
+    return [
+        *tiny_overrides(model_dir),
+        "finetune.max_steps=16",
+        "finetune.runtime.save_every_steps=2",
+        "task.generator.pool_size=64",
+    ]
+
+
+def a_checkpoint_in(results: Path) -> Callable[[], bool]:
+    return lambda: bool(list((results / "artifacts" / "train").glob(".partial-*/checkpoint-*")))
 
 
 def runs_of(results: Path) -> list:
@@ -238,25 +269,11 @@ def test_cfg_job_prints_the_resolved_config(tmp_path, cache_dir) -> None:
 def test_sigkill_mid_training_resumes_without_redoing_work(
     tmp_path, tiny_llama_dir, cache_dir
 ) -> None:
-    args = [
-        *tiny_overrides(tiny_llama_dir),
-        "finetune.max_steps=16",
-        "finetune.runtime.save_every_steps=2",
-        "task.generator.pool_size=64",
-    ]
-    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dwbench", f"results_dir={tmp_path}", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    args = resumable_training(tiny_llama_dir)
+    process = start_cli(
+        args, tmp_path, cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 300
-    while not list((tmp_path / "artifacts" / "train").glob(".partial-*/checkpoint-*")):
-        assert process.poll() is None, "finished before a checkpoint was seen"
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_until(a_checkpoint_in(tmp_path), process, "finished before a checkpoint was seen")
     time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
     process.wait()

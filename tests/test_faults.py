@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import REPO, runs_of, tiny_overrides
+from test_cli import REPO, runs_of, start_cli, tiny_overrides, wait_until
 from test_data_whisperer import _method, _pool
 
 from dwbench.lora import CHECKPOINT_FILES, last_complete_checkpoint, mean_training_loss
@@ -69,14 +68,6 @@ def test_a_resumed_data_whisperer_counts_the_earlier_attempts_episodes(
     assert again.stats["resumed_seconds"] == pytest.approx(sum(kept))
 
 
-def _poll(condition: Callable[[], bool], process: subprocess.Popen) -> None:
-    deadline = time.time() + 300
-    while not condition():
-        assert process.poll() is None, "the command ended before the awaited moment"
-        assert time.time() < deadline
-        time.sleep(0.05)
-
-
 def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir, cache_dir):
     args = [
         *tiny_overrides(tiny_llama_dir),
@@ -86,25 +77,25 @@ def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir,
         "method.n_demos=3",
         "method.n_queries=2",
         "task.answer_max_tokens=16",
-        f"results_dir={tmp_path}",
     ]
-    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "dwbench", *args]
+    ended = "the command ended before the awaited moment"
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     # The second command starts while the first is frozen mid-scoring (SIGSTOP), so it finds
     # the stage taken whatever the machine's load, and waits; then the first goes on.
-    first = subprocess.Popen(command, cwd=REPO, env=env, stderr=logs[0].open("w"))
+    first = start_cli(args, tmp_path, cache_dir, stderr=logs[0].open("w"))
     episodes = tmp_path / "artifacts" / "score"
-    _poll(
+    wait_until(
         lambda: any(
             len(p.read_text().splitlines()) > 1 for p in episodes.glob(".partial-*/episodes.jsonl")
         ),
         first,
+        ended,
     )
     first.send_signal(signal.SIGSTOP)
     try:
-        second = subprocess.Popen(command, cwd=REPO, env=env, stderr=logs[1].open("w"))
-        _poll(lambda: "being computed by another process" in logs[1].read_text(), second)
+        second = start_cli(args, tmp_path, cache_dir, stderr=logs[1].open("w"))
+        waiting = "being computed by another process"
+        wait_until(lambda: waiting in logs[1].read_text(), second, ended)
     finally:
         first.send_signal(signal.SIGCONT)
     for process in (first, second):
@@ -165,34 +156,19 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
     """A small tmpfs (skipped where mounting is not allowed) is filled up while the cell trains:
     the run fails, and once space is back the rerun resumes from the last complete checkpoint
     and ends with the train_loss of an uninterrupted run."""
-    from test_cli import finished_keys, run_cli
+    from test_cli import a_checkpoint_in, finished_keys, resumable_training, run_cli, start_cli
 
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode:
         pytest.skip("mounting a tmpfs is not allowed here")
-    args = [
-        *tiny_overrides(tiny_llama_dir),
-        "finetune.max_steps=16",
-        "finetune.runtime.save_every_steps=2",
-        "task.generator.pool_size=64",
-    ]
+    args = resumable_training(tiny_llama_dir)
     results = disk / "results"
-    env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        process = start_cli(
+            args, results, cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        deadline = time.time() + 300
-        while not list((results / "artifacts" / "train").glob(".partial-*/checkpoint-*")):
-            assert process.poll() is None, "finished before a checkpoint was seen"
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_until(a_checkpoint_in(results), process, "finished before a checkpoint was seen")
         filler = disk / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         failed = process.communicate(timeout=300)[1]
