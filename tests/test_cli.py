@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -56,6 +57,19 @@ def run_cli(
     return subprocess.run(
         **_cli(args, results, cache_dir), capture_output=True, text=True, timeout=600, **kwargs
     )
+
+
+def run_in_process(args: list[str], results: Path) -> Any:
+    """A cell run by `pipeline.run` in this test process: what `python -m dwbench` runs, without
+    a new process's imports, for tests whose subject comes after it (a damaged output, a rerun)."""
+    from hydra import compose, initialize_config_dir
+
+    from dwbench import pipeline
+    from dwbench.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*args, f"results_dir={results}"])
+    return pipeline.run(cfg)
 
 
 def start_cli(args: list[str], results: Path, cache_dir: Path, **kwargs) -> subprocess.Popen:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_cli import run_cli
+from test_cli import run_cli, run_in_process
 
 CELL = [
     "method=random",
@@ -30,9 +30,9 @@ def _set_aside(results: Path, stage: str) -> list[Path]:
 
 @pytest.fixture
 def finished(tmp_path: Path, cache_dir: Path) -> Path:
+    """The finished cell each test damages (run in this process; the rerun is the CLI's)."""
     results = tmp_path / "results"
-    done = run_cli(CELL, results, cache_dir)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_in_process(CELL, results)
     return results
 
 

@@ -111,7 +111,7 @@ def test_two_identical_commands_do_the_work_once(tmp_path: Path, tiny_llama_dir,
 def test_a_read_only_results_folder_serves_finished_results(tmp_path: Path, cache_dir) -> None:
     """Mounted read-only (a bind mount; skipped where mounting is not allowed): the finished
     cell is served, status works, and a cell that needs computing says so in one line."""
-    from test_cli import run_cli
+    from test_cli import run_cli, run_in_process
 
     cell = [
         "method=random",
@@ -121,7 +121,7 @@ def test_a_read_only_results_folder_serves_finished_results(tmp_path: Path, cach
         "budget=0.5",
     ]
     results = tmp_path / "results"
-    assert run_cli(cell, results, cache_dir).returncode == 0
+    run_in_process(cell, results)
     view = tmp_path / "read_only"
     view.mkdir()
     if subprocess.run(["mount", "--bind", str(results), str(view)]).returncode:

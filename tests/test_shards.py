@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from test_cli import run_cli, tiny_overrides
+from test_cli import run_cli, run_in_process, tiny_overrides
 from test_data_whisperer import _method, _pool
 
 from dwbench.methods.base import Shard
@@ -97,8 +97,7 @@ def test_a_sharded_cell_equals_the_unsharded_cell(tmp_path: Path, tiny_llama_dir
         "task.answer_max_tokens=4",
         "method.runtime.prompts_per_call=2",  # 8 episodes: 4 units of 2
     ]
-    plain = run_cli(cell, tmp_path / "plain", cache_dir)
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    run_in_process(cell, tmp_path / "plain")
     two = run_cli([*cell, "score.shards=2"], tmp_path / "two", cache_dir)
     assert two.returncode == 0, two.stderr[-3000:]
     assert _scores_csv(tmp_path / "two") == _scores_csv(tmp_path / "plain")
@@ -120,29 +119,33 @@ def test_a_method_that_cannot_shard_scores_in_one_piece_and_has_no_parts(
     assert not (tmp_path / "artifacts" / "score_shard").exists()
 
 
-@pytest.mark.parametrize(
-    ("method", "extra"),
-    [
-        ("perplexity_middle", ["method.runtime.batch_size=2"]),  # 6 batches of the 12 examples
-        ("el2n", ["method.runtime.batch_size=4"]),
-        ("ccs", []),
-        ("grand", []),  # a unit per example
-        ("less", ["method.runtime.examples_per_shard=4"]),  # 3 feature blocks
-        ("s2l", ["method.runtime.batch_size=4"]),
-        ("nuggets", []),  # a unit per candidate
-    ],
-)
+# Per-example methods and the overrides that cut their scoring into several units.
+PER_EXAMPLE_SHARDING = {
+    "perplexity_middle": ["method.runtime.batch_size=2"],  # 6 batches of the 12 examples
+    "el2n": ["method.runtime.batch_size=4"],
+    "ccs": [],
+    "grand": [],  # a unit per example
+    "less": ["method.runtime.examples_per_shard=4"],  # 3 feature blocks
+    "s2l": ["method.runtime.batch_size=4"],
+    "nuggets": [],  # a unit per candidate
+}
+
+
+@pytest.mark.parametrize(("method", "extra"), PER_EXAMPLE_SHARDING.items())
 def test_per_example_methods_merge_to_the_unsharded_scores(
     method: str, extra: list[str], tmp_path: Path, tiny_llama_dir: Path, cache_dir: Path
 ) -> None:
     """Three shards run one by one as SLURM jobs would (the scorer fine-tune first), then the
-    merge: the same scores.csv as one unsharded run, and the same selection."""
-    from test_baselines import _config
+    merge: the same scores.csv as one unsharded run, and the same selection. The sharded run
+    is a second run with the same seed (its own scorer fine-tune included), so this is also the
+    method's same-seed check (tests/test_baselines.py)."""
+    from test_baselines import _config, checked_selection
 
     from dwbench import pipeline
 
     plain = tmp_path / "plain"
     pipeline.run(_config(method, plain, tiny_llama_dir, *extra))
+    checked_selection(method, plain)
     sharded = tmp_path / "sharded"
     parts = ["shared", 0, 1, 2] if method != "perplexity_middle" else [2, 0, 1]
     for part in parts:
@@ -158,3 +161,4 @@ def test_per_example_methods_merge_to_the_unsharded_scores(
     (plain_ids,) = (plain / "artifacts" / "select").glob("*/selected_ids.json")
     (sharded_ids,) = (sharded / "artifacts" / "select").glob("*/selected_ids.json")
     assert plain_ids.read_text() == sharded_ids.read_text()
+    checked_selection(method, sharded)

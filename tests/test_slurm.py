@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from rich.console import Console
-from test_cli import REPO
+from test_cli import REPO, run_in_process
 from test_sweep import sweep_args
 
 from dwbench import plan as plan_command
@@ -196,21 +195,10 @@ def test_sharded_scoring_runs_as_a_chain_and_a_cancelled_shard_alone_runs_again(
         "slurm.mem_gb=2",
         "slurm.parallel=1",
     ]
-    plain = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dwbench",
-            *(a for a in cell if not a.startswith("stages=")),
-            f"results_dir={tmp_path / 'plain'}",
-            "stages=[score]",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
+    # the unsharded reference, scored in this process (one thread, like the SLURM jobs)
+    run_in_process(
+        [*(a for a in cell if not a.startswith("stages=")), "stages=[score]"], tmp_path / "plain"
     )
-    assert plain.returncode == 0, plain.stderr[-3000:]
     expected = _scores_csv(tmp_path / "plain")
 
     three = [*cell, f"results_dir={tmp_path / 'three'}", "score.shards=3"]
