@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import forked_cli
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,13 +109,11 @@ def test_demo_compares_each_method_with_random(tmp_path, tiny_llama_dir, cache_d
     """The demo's three cells on a tiny model: one table, every method paired with Random."""
     results = tmp_path / "results"
     env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
+    done = forked_cli.run(
         [sys.executable, "-m", "dwbench.demo", f"results_dir={results}"]
         + tiny_overrides(tiny_llama_dir),
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import forked_cli
 import mlflow
 import pytest
 
@@ -45,18 +46,15 @@ def tiny_overrides(model_dir: Path) -> list[str]:
 def _cli(args: list[str], results: Path, cache_dir: Path) -> dict:
     """What `python -m dwbench` needs to run offline on this test run's model cache."""
     return {
-        "args": [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
+        "command": [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
         "cwd": REPO,
         "env": {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
     }
 
 
-def run_cli(
-    args: list[str], results: Path, cache_dir: Path, **kwargs
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        **_cli(args, results, cache_dir), capture_output=True, text=True, timeout=600, **kwargs
-    )
+def run_cli(args: list[str], results: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    """`python -m dwbench`, its output captured (forked: tests/forked_cli.py)."""
+    return forked_cli.run(**_cli(args, results, cache_dir), timeout=600)
 
 
 def run_in_process(args: list[str], results: Path) -> Any:
@@ -72,9 +70,10 @@ def run_in_process(args: list[str], results: Path) -> Any:
     return pipeline.run(cfg)
 
 
-def start_cli(args: list[str], results: Path, cache_dir: Path, **kwargs) -> subprocess.Popen:
-    """`python -m dwbench` in the background, for tests that interrupt it."""
-    return subprocess.Popen(**_cli(args, results, cache_dir), **kwargs)
+def start_cli(args: list[str], results: Path, cache_dir: Path, **streams: Any) -> Any:
+    """`python -m dwbench` in the background, for tests that interrupt it; `streams` are
+    Popen's stdout and stderr (forked: tests/forked_cli.py)."""
+    return forked_cli.popen(**_cli(args, results, cache_dir), **streams)
 
 
 def wait_until(condition: Callable[[], bool], process: subprocess.Popen, ended: str) -> None:
@@ -309,25 +308,16 @@ def test_sigkill_mid_training_resumes_without_redoing_work(
 
 def test_a_bad_cell_of_a_local_multirun_does_not_stop_the_others(tmp_path, cache_dir) -> None:
     """The bad cell comes first; the good one still runs; the end lists the bad one, exit 2."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dwbench",
-            "-m",
-            "method=random",
-            "budget=0.0001,0.5",
-            "task.generator.pool_size=20",
-            "task.generator.eval_size=2",
-            "stages=[score,select]",
-            f"results_dir={tmp_path}",
-        ],
-        cwd=REPO,
-        env={**os.environ, "DWBENCH_CACHE": str(cache_dir)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    multirun = [
+        "method=random",
+        "budget=0.0001,0.5",
+        "task.generator.pool_size=20",
+        "task.generator.eval_size=2",
+        "stages=[score,select]",
+    ]
+    cli = _cli(multirun, tmp_path, cache_dir)
+    cli["command"].insert(3, "-m")  # python -m dwbench -m ...
+    done = forked_cli.run(**cli, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "1 cell(s) stopped on bad input" in done.stderr
     listed = done.stderr.split("stopped on bad input:")[1]

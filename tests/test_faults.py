@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import forked_cli
 import pytest
 from test_cli import REPO, runs_of, start_cli, tiny_overrides, wait_until
 from test_data_whisperer import _method, _pool
@@ -136,12 +137,10 @@ def test_a_read_only_results_folder_serves_finished_results(tmp_path: Path, cach
         missing = run_cli([*cell, "budget=0.25"], view, cache_dir)
         assert missing.returncode == 2
         assert "must be computed, but" in missing.stderr and "Traceback" not in missing.stderr
-        status = subprocess.run(
+        status = forked_cli.run(
             [sys.executable, "-m", "dwbench.status", *cell, f"results_dir={view}"],
             cwd=REPO,
-            env={**os.environ, "DWBENCH_CACHE": str(cache_dir)},
-            capture_output=True,
-            text=True,
+            env={**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
             timeout=300,
         )
         assert status.returncode == 0, status.stderr[-2000:]
@@ -166,7 +165,7 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
     results = disk / "results"
     try:
         process = start_cli(
-            args, results, cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            args, results, cache_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         wait_until(a_checkpoint_in(results), process, "finished before a checkpoint was seen")
         filler = disk / "filler"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
+import forked_cli
 import pytest
 import torch
 from test_cli import REPO
@@ -13,11 +13,10 @@ from test_cli import REPO
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_it_says_so_and_exits_cleanly() -> None:
-    done = subprocess.run(
+    done = forked_cli.run(
         [sys.executable, "-m", "dwbench.bench", "gpu"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -25,12 +24,10 @@ def test_without_cuda_it_says_so_and_exits_cleanly() -> None:
 
 
 def test_tiny_runs_every_measurement(cache_dir) -> None:
-    done = subprocess.run(
+    done = forked_cli.run(
         [sys.executable, "-m", "dwbench.bench", "gpu", "--tiny", "--cache-dir", str(cache_dir)],
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked_cli
 import pytest
 from rich.console import Console
 from test_cli import REPO, tiny_overrides
@@ -43,12 +44,10 @@ def swept(tmp_path_factory, tiny_llama_dir, cache_dir) -> list[str]:
     """Two cells run by Hydra's multirun; returns the sweep's overrides without its budgets."""
     results = tmp_path_factory.mktemp("sweep")
     args = sweep_args(tiny_llama_dir, results)
-    done = subprocess.run(
+    done = forked_cli.run(
         [sys.executable, "-m", "dwbench", "-m", *args, "budget=0.25,0.5"],
         cwd=REPO,
         env={**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
