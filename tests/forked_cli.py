@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import io
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import runpy
 import shutil
