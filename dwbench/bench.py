@@ -121,16 +121,8 @@ def run_selection(
     if method_type.needs_selector:
         resolve_model_source(cfg.selector_model, cache_dir)  # a first conversion is not timed
     with tempfile.TemporaryDirectory() as work_dir:
-        context = ScoringContext(
-            method_cfg=cfg.method,
-            task_cfg=cfg.task,
-            selector_cfg=cfg.selector_model,
-            queries=splits.queries,
-            seed=int(cfg.seed),
-            device=resolve_device(str(cfg.device)),
-            cache_dir=cache_dir,
-            work_dir=Path(work_dir),
-            clean_flags=splits.clean_flags,  # read by reference methods (oracle_clean) only
+        context = ScoringContext.for_cell(
+            cfg, splits, resolve_device(str(cfg.device)), cache_dir, Path(work_dir)
         )
         instance = method_type(context)
         start = time.perf_counter()

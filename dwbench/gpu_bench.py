@@ -179,16 +179,7 @@ def data_whisperer_row(
     )
     splits = load_task(cfg.task)
     with tempfile.TemporaryDirectory() as work_dir:
-        context = ScoringContext(
-            method_cfg=cfg.method,
-            task_cfg=cfg.task,
-            selector_cfg=cfg.selector_model,
-            queries=splits.queries,
-            seed=0,
-            device=device,
-            cache_dir=args.cache_dir,
-            work_dir=Path(work_dir),
-        )
+        context = ScoringContext.for_cell(cfg, splits, device, args.cache_dir, Path(work_dir))
         method = Prebuilt(context)
         with peak_gpu(device) as peak:
             start = time.perf_counter()

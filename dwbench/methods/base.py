@@ -20,6 +20,13 @@ from dwbench.data.records import Example
 from dwbench.errors import DwbenchError
 
 
+class CellData(Protocol):
+    """What a method may read of a cell's prepared data besides the pool."""
+
+    queries: list[Example] | None
+    clean_flags: dict[str, bool] | None
+
+
 @dataclass
 class ScoringContext:
     """Everything a method may use besides the pool."""
@@ -38,6 +45,31 @@ class ScoringContext:
     # the embedded task's id -> is_clean (None for other tasks); only reference methods
     # (oracle_clean) may read it, a competing method never does
     clean_flags: dict[str, bool] | None = None
+
+    @classmethod
+    def for_cell(
+        cls,
+        cfg: Mapping[str, Any],
+        data: CellData,
+        device: str,
+        cache_dir: Path,
+        work_dir: Path,
+        fine_tune: Callable[..., Any] | None = None,
+    ) -> ScoringContext:
+        """A composed cell's method context: its method, task, selector and seed from `cfg`, its
+        queries and clean flags (read by reference methods only) from `data`."""
+        return cls(
+            method_cfg=cfg["method"],
+            task_cfg=cfg["task"],
+            selector_cfg=cfg["selector_model"],
+            queries=data.queries,
+            seed=int(cfg["seed"]),
+            device=device,
+            cache_dir=Path(cache_dir),
+            work_dir=Path(work_dir),
+            fine_tune=fine_tune,
+            clean_flags=data.clean_flags,
+        )
 
     def require_fine_tune(self, method: str) -> Callable[..., Any]:
         if self.fine_tune is None:

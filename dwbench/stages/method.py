@@ -19,17 +19,12 @@ def build_method(
     scorer_trainer: ScorerTrainer | None = None,
     work_dir: Path | None = None,
 ) -> SelectionMethod:
-    cfg = ctx.cfg
-    scoring = ScoringContext(
-        method_cfg=cfg.method,
-        task_cfg=cfg.task,
-        selector_cfg=cfg.selector_model,
-        queries=prepared.queries,
-        seed=int(cfg.seed),
-        device=ctx.device,
-        cache_dir=ctx.cache_dir,
-        work_dir=work_dir or ctx.store.scratch_dir("score", key, create=False),
+    scoring = ScoringContext.for_cell(
+        ctx.cfg,
+        prepared,
+        ctx.device,
+        ctx.cache_dir,
+        work_dir or ctx.store.scratch_dir("score", key, create=False),
         fine_tune=scorer_trainer,
-        clean_flags=prepared.clean_flags,
     )
-    return method_class(cfg.method)(scoring)
+    return method_class(ctx.cfg.method)(scoring)
