@@ -77,10 +77,12 @@ def _forkable(env: dict[str, str]) -> bool:
     return all(env.get(k) == _server_env.get(k) for k in keys)
 
 
-def _run_module(
-    module: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str
+def _in_child(
+    env: dict[str, str], cwd: str, out: str, err: str, function: Any, args: tuple
 ) -> None:
-    """The forked child: `python -m module args` with this environment, folder and output."""
+    """The forked child: `function(*args)` with this environment, folder and output, ending as
+    the interpreter ends a program (SystemExit's code, a traceback and 1, then the exit
+    handlers)."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -91,10 +93,9 @@ def _run_module(
     sys.stdin = open(os.devnull)  # noqa: SIM115
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-    sys.argv = [module, *args]
     code: Any = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        function(*args)
     except SystemExit as stop:
         code = stop.code
     except BaseException:  # what the interpreter prints for an uncaught exception
@@ -107,6 +108,12 @@ def _run_module(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+def _run_module(module: str, args: list[str]) -> None:
+    """`python -m module args`."""
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 class ForkedProcess:
@@ -159,12 +166,24 @@ def popen(
     the environment allows (text mode: what `communicate` returns is text)."""
     if command[:2] != [sys.executable, "-m"] or not _forkable(env):
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
+    return start(_run_module, (command[2], command[3:]), cwd, env, stdout, stderr)
+
+
+def start(
+    function: Any,
+    args: tuple,
+    cwd: Path | str,
+    env: dict[str, str],
+    stdout: Any = None,
+    stderr: Any = None,
+) -> ForkedProcess:
+    """`function(*args)` (a module-level function) in a process forked from the forkserver."""
     pipes = subprocess.PIPE in (stdout, stderr)
     scratch = Path(tempfile.mkdtemp(prefix="forked-cli-")) if pipes else None
     out = _output_path(stdout, scratch, "stdout")
     err = _output_path(stderr, scratch, "stderr")
     process = _forkserver().Process(
-        target=_run_module, args=(command[2], command[3:], env, str(cwd), str(out), str(err))
+        target=_in_child, args=(env, str(cwd), str(out), str(err), function, args)
     )
     process.start()
     return ForkedProcess(process, out, err, scratch)

@@ -88,11 +88,16 @@ def test_embedded_cells_compose_and_validate(experiment: str) -> None:
     methods = {o.split("=")[1] for c in _axes(experiment) for o in c if o.startswith("method=")}
     if not methods <= set(METHODS):
         pytest.skip(f"method(s) {sorted(methods - set(METHODS))} not registered yet")
-    # one seed: every method, setting and budget composes (seeds only set a value, and
-    # test_grid_size counts the full grid); distinct keys within it
-    seeds = {o for c in _axes(experiment) for o in c if o.startswith("seed=")}
-    sweep = load_sweep([f"+experiment={experiment}", "seed=0"], progress=False)
-    assert len(sweep.cells) == GRIDS[experiment] // max(len(seeds), 1)
+    # one seed and one budget: every method and setting composes and validates (seeds and
+    # budgets only set a value, checked here without composing, and test_grid_size counts the
+    # full grid); distinct keys within it
+    axes = _axes(experiment)
+    seeds = {o for c in axes for o in c if o.startswith("seed=")}
+    budgets = sorted({o for c in axes for o in c if o.startswith("budget=")})
+    assert all(0 <= float(b.removeprefix("budget=")) <= 1 for b in budgets), budgets
+    one = [f"+experiment={experiment}", "seed=0", *budgets[:1]]
+    sweep = load_sweep(one, progress=False)
+    assert len(sweep.cells) == GRIDS[experiment] // max(len(seeds), 1) // max(len(budgets), 1)
     assert len({c.key for c in sweep.cells}) == len(sweep.cells)
 
 

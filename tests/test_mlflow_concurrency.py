@@ -6,53 +6,54 @@ Before the store was made safe, seven of eight such processes died on their firs
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forked_cli
 import mlflow
 
 PROCESSES = 8
 CELLS = 3
 STAGES = ("score", "select", "train", "evaluate")
 
-WORKER = """
-import sys, time
-from pathlib import Path
-import mlflow
-from dwbench.tracking import Tracker
 
-root, worker, cells = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-while not (root / "go").exists():  # start together, after the imports
-    time.sleep(0.01)
-tracker = Tracker(f"sqlite:///{root}/mlflow.db", "sweep", root / "mlartifacts")
-artifact = root / f"scores-{worker}.csv"
-artifact.write_text("id,score\\n")
-for cell in range(cells):
-    for stage in ("score", "select", "train", "evaluate"):
-        key = f"{stage}-{worker}-{cell}"
-        tags = {"cell": f"{worker}-{cell}", "seed": str(cell)}
-        params = {"finetune": {"lr": 1e-4, "lora": {"r": 8}}, "worker": worker}
-        with tracker.stage_run(stage, key, tags, params) as run:
-            run.log_metrics({"score": 0.5, "train_s": 1.0 + cell})
-            run.set_tags({"full_train_s_source": "estimated"})
-            run.log_artifact(artifact)
-"""
+def log_cells(root: Path, worker: int, cells: int) -> None:
+    """One sweep job: wait for the others, then log its cells' stage runs into the shared store."""
+    from dwbench.tracking import Tracker
+
+    while not (root / "go").exists():  # start together
+        time.sleep(0.01)
+    tracker = Tracker(f"sqlite:///{root}/mlflow.db", "sweep", root / "mlartifacts")
+    artifact = root / f"scores-{worker}.csv"
+    artifact.write_text("id,score\n")
+    for cell in range(cells):
+        for stage in STAGES:
+            key = f"{stage}-{worker}-{cell}"
+            tags = {"cell": f"{worker}-{cell}", "seed": str(cell)}
+            params = {"finetune": {"lr": 1e-4, "lora": {"r": 8}}, "worker": worker}
+            with tracker.stage_run(stage, key, tags, params) as run:
+                run.log_metrics({"score": 0.5, "train_s": 1.0 + cell})
+                run.set_tags({"full_train_s_source": "estimated"})
+                run.log_artifact(artifact)
 
 
 def test_eight_processes_log_into_one_store(tmp_path: Path) -> None:
+    """Eight forked processes (tests/forked_cli.py: separate processes, their imports done)."""
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path), str(i), str(CELLS)],
+        forked_cli.start(
+            log_cells,
+            (tmp_path, i, CELLS),
+            tmp_path,
+            dict(os.environ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
         )
         for i in range(PROCESSES)
     ]
-    time.sleep(2.0)
+    time.sleep(1.0)
     (tmp_path / "go").touch()
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, stderr) in zip(workers, outputs, strict=True):
