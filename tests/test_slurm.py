@@ -185,10 +185,10 @@ def test_sharded_scoring_runs_as_a_chain_and_a_cancelled_shard_alone_runs_again(
         *tiny,
         "method=data_whisperer_separate",
         "budget=0.5",
-        "task.generator.pool_size=300",
+        "task.generator.pool_size=150",
         "method.n_demos=3",
         "method.n_queries=2",
-        "method.runtime.prompts_per_call=1",  # 100 episodes, one unit each: seconds per shard
+        "method.runtime.prompts_per_call=1",  # 50 episodes, one unit each: seconds per shard
         "task.answer_max_tokens=64",
         "stages=[score,select]",  # the chain's last step runs the cell: no need to train here
         "slurm.cpus_per_task=1",
