@@ -43,10 +43,11 @@ def tiny_overrides(model_dir: Path) -> list[str]:
     ]
 
 
-def _cli(args: list[str], results: Path, cache_dir: Path) -> dict:
-    """What `python -m dwbench` needs to run offline on this test run's model cache."""
+def _cli(args: list[str], results: Path, cache_dir: Path, multirun: bool = False) -> dict:
+    """What `python -m dwbench [-m]` needs to run offline on this test run's model cache."""
+    flags = ["-m"] if multirun else []
     return {
-        "command": [sys.executable, "-m", "dwbench", f"results_dir={results}", *args],
+        "command": [sys.executable, "-m", "dwbench", *flags, f"results_dir={results}", *args],
         "cwd": REPO,
         "env": {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
     }
@@ -308,16 +309,14 @@ def test_sigkill_mid_training_resumes_without_redoing_work(
 
 def test_a_bad_cell_of_a_local_multirun_does_not_stop_the_others(tmp_path, cache_dir) -> None:
     """The bad cell comes first; the good one still runs; the end lists the bad one, exit 2."""
-    multirun = [
+    cells = [
         "method=random",
         "budget=0.0001,0.5",
         "task.generator.pool_size=20",
         "task.generator.eval_size=2",
         "stages=[score,select]",
     ]
-    cli = _cli(multirun, tmp_path, cache_dir)
-    cli["command"].insert(3, "-m")  # python -m dwbench -m ...
-    done = forked_cli.run(**cli, timeout=300)
+    done = forked_cli.run(**_cli(cells, tmp_path, cache_dir, multirun=True), timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "1 cell(s) stopped on bad input" in done.stderr
     listed = done.stderr.split("stopped on bad input:")[1]

@@ -195,7 +195,7 @@ def test_sharded_scoring_runs_as_a_chain_and_a_cancelled_shard_alone_runs_again(
         "slurm.mem_gb=2",
         "slurm.parallel=1",
     ]
-    # the unsharded reference, scored in this process (one thread, like the SLURM jobs)
+    # the unsharded reference, scored in this process (under `make test` one thread, as the jobs)
     run_in_process(
         [*(a for a in cell if not a.startswith("stages=")), "stages=[score]"], tmp_path / "plain"
     )
