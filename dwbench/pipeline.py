@@ -118,7 +118,10 @@ def run(cfg: DictConfig) -> Outcome:
         tracker=ReadOnlyTracker()
         if read_only
         else Tracker(
-            str(cfg.tracking.uri), str(cfg.tracking.experiment), results_dir / "mlartifacts"
+            str(cfg.tracking.uri),
+            str(cfg.tracking.experiment),
+            results_dir / "mlartifacts",
+            cache_dir,
         ),
         device=resolve_device(str(cfg.device)),
         cache_dir=cache_dir,

@@ -11,7 +11,9 @@ one run per finished stage output and one per cell.
 Many sweep jobs share one SQLite store, so the default store is made safe for concurrent writers
 (slurm/README.md says why this and not a server or per-job stores):
 - the first use of a new store (MLflow creates its tables then, racing other jobs into "table
-  already exists") happens under a file lock next to the database;
+  already exists") happens under a file lock next to the database; a new store starts as a copy
+  of an empty one that MLflow migrated once per MLflow version (kept in the model cache), since
+  running MLflow's schema migrations takes about a second for every new store;
 - the database is switched to write-ahead logging, so readers never block the one writer;
   not on a network file system, where WAL is unsafe and a tracking server is the answer;
 - every MLflow call that still meets a lock ("database is locked") is retried with backoff, and
@@ -23,8 +25,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -99,8 +103,38 @@ def _filesystem_type(path: Path) -> str:
     return kind
 
 
-def _initialize_sqlite(db: Path, uri: str) -> None:
-    """Create a new store's schema (racing jobs would each try) with WAL on local disks.
+def empty_store(cache_dir: Path) -> Path | None:
+    """A store with MLflow's whole schema and no experiment, made by MLflow once per version
+    under `cache_dir`; None where that folder cannot be written.
+
+    The Default experiment MLflow creates is deleted from it, so each copy gets its own (with
+    that store's artifact root) when MLflow first opens it, as a store MLflow made would.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    template = cache_dir / "mlflow" / f"empty-store-{mlflow.__version__}.db"
+    if template.is_file():
+        return template
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=template.parent) as staging:
+            made = Path(staging) / "store.db"
+            MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments(max_results=1)
+            with sqlite3.connect(made) as connection:
+                connection.execute("DELETE FROM experiment_tags")
+                connection.execute("DELETE FROM experiments")
+            connection.close()
+            made.replace(template)  # atomic: a racing process sees no half-written template
+    except (OSError, sqlite3.Error) as error:  # a read-only or full cache: MLflow migrates anew
+        logger.debug("No empty store in %s (%s)", cache_dir, error)
+        return None
+    return template
+
+
+def _initialize_sqlite(db: Path, uri: str, template: Path | None = None) -> None:
+    """Create a new store's schema (racing jobs would each try) with WAL on local disks; from
+    `template` (`empty_store`) where one is given.
 
     Holds a file lock beside the database only for as long as it takes to see that the schema
     exists, so jobs using an initialized store do not wait for each other.
@@ -114,6 +148,10 @@ def _initialize_sqlite(db: Path, uri: str) -> None:
         connection.close()
         if {"experiments", "alembic_version"} <= tables:
             return
+        if template is not None:  # no table yet: nothing of this store is lost
+            for leftover in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+                leftover.unlink(missing_ok=True)
+            shutil.copyfile(template, db)
         fs = _filesystem_type(db.parent)
         if fs in _NETWORK_FS:
             logger.warning(
@@ -160,14 +198,21 @@ def _retry_on_lock(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 class Tracker:
     """A thin MLflow client for one experiment."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path) -> None:
+    def __init__(
+        self, uri: str, experiment: str, artifact_root: Path, cache_dir: Path | None = None
+    ) -> None:
+        """`cache_dir` keeps the empty store a new SQLite store is copied from (`empty_store`)."""
         import mlflow
         from mlflow.tracking import MlflowClient
 
         if uri.startswith("sqlite:///"):
             db = Path(uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
-            _initialize_sqlite(db, uri)
+            if not db.is_file() or db.stat().st_size == 0:
+                template = empty_store(cache_dir) if cache_dir is not None else None
+            else:
+                template = None
+            _initialize_sqlite(db, uri, template)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
         self.client = _RetryOnLock(MlflowClient(tracking_uri=uri))

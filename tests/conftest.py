@@ -57,9 +57,10 @@ def _shared_tmp(factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh model cache, also exported as DWBENCH_CACHE so code under test finds it.
+    """A fresh model cache, also exported as DWBENCH_CACHE so code under test finds it (for
+    every test: none writes into the user's cache, such as the MLflow empty store).
 
     Its `models` folder is shared by this run's workers: the embedded model is converted once
     (the conversion renames its folder into place atomically, and a lock keeps a second worker

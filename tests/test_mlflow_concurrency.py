@@ -71,3 +71,40 @@ def test_eight_processes_log_into_one_store(tmp_path: Path) -> None:
         assert client.list_artifacts(run.info.run_id)
     with sqlite3.connect(tmp_path / "mlflow.db") as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _schema_and_rows(db: Path) -> tuple[list[tuple[str, str, str]], dict[str, int], str]:
+    with sqlite3.connect(db) as connection:
+        schema = connection.execute(
+            "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+        ).fetchall()
+        tables = [name for kind, name, _ in schema if kind == "table"]
+        rows = {t: connection.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
+        (version,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    connection.close()
+    return schema, rows, version
+
+
+def test_a_store_copied_from_the_empty_store_is_the_store_mlflow_makes(tmp_path: Path) -> None:
+    """A new store starts as a copy of an empty store MLflow migrated once (tracking.empty_store):
+    same tables, indexes, rows and schema version as a store MLflow creates itself, and its own
+    Default experiment."""
+    from dwbench.tracking import Tracker
+
+    made, copied, cache = tmp_path / "made", tmp_path / "copied", tmp_path / "cache"
+    Tracker(f"sqlite:///{made}/mlflow.db", "sweep", made / "mlartifacts")
+    Tracker(f"sqlite:///{copied}/mlflow.db", "sweep", copied / "mlartifacts", cache)
+    (template,) = (cache / "mlflow").glob("empty-store-*.db")
+    assert mlflow.__version__ in template.name
+    assert _schema_and_rows(template)[1]["experiments"] == 0
+    assert _schema_and_rows(copied / "mlflow.db") == _schema_and_rows(made / "mlflow.db")
+    defaults = []
+    for store in (made, copied):
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+        names = {e.name: e.artifact_location for e in client.search_experiments()}
+        assert set(names) == {"Default", "sweep"}
+        assert names["sweep"] == (store / "mlartifacts" / "sweep").resolve().as_uri()
+        defaults.append(names["Default"])
+    assert defaults[0] == defaults[1]  # where MLflow puts the Default experiment's artifacts
+    Tracker(f"sqlite:///{tmp_path}/third/mlflow.db", "sweep", tmp_path / "mlartifacts", cache)
+    assert [template] == list((cache / "mlflow").glob("*"))  # made once, then copied

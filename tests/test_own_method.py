@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forked_cli
 from test_cli import REPO, tiny_overrides
 
 DOC = REPO / "docs" / "compare-your-method.md"
@@ -111,7 +112,7 @@ def test_a_task_and_a_model_from_your_own_config_folder(
     )
     env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     tiny = [o for o in tiny_overrides(tiny_llama_dir) if o.startswith(("finetune.", "eval."))]
-    done = subprocess.run(
+    done = forked_cli.run(  # your config folder is read when the cell composes, not at import
         [
             sys.executable,
             "-m",
@@ -126,8 +127,6 @@ def test_a_task_and_a_model_from_your_own_config_folder(
         ],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]

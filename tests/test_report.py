@@ -65,7 +65,12 @@ def fake_sweep(
     prepared = prepare.run(cfg.task, store)
     ids = [json.loads(line)["id"] for line in prepared.eval_path.read_text().splitlines()]
     assert len(ids) == N_EVAL
-    tracker = Tracker(str(cfg.tracking.uri), str(cfg.tracking.experiment), results / "mlartifacts")
+    tracker = Tracker(
+        str(cfg.tracking.uri),
+        str(cfg.tracking.experiment),
+        results / "mlartifacts",
+        Path(str(cfg.cache_dir)),
+    )
     for index, cell in enumerate(cells):
         if index == skip:
             continue
