@@ -100,7 +100,7 @@ def _local_path(model_cfg: Mapping[str, Any], field: str = "model") -> Path:
     return path
 
 
-def _gguf_path(model_cfg: Mapping[str, Any], field: str = "model") -> Path:
+def gguf_path(model_cfg: Mapping[str, Any], field: str = "model") -> Path:
     """The GGUF file inside its package, found without importing the package."""
     embedded = model_cfg["embedded"]
     package, gguf_file = embedded["package"], embedded["gguf_file"]
@@ -145,18 +145,27 @@ def _remove_stale_staging(target: Path) -> None:
             continue
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF file into a float32 safetensors folder with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file carries, with a pad token (as its converted folder holds it,
+    but for the length limit, which comes from the model)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
     _ensure_pad_token(tokenizer)
     if not tokenizer.chat_template:
         logger.warning("%s carries no chat template; chat prompts will fail with it.", gguf.name)
+    return tokenizer
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file into a float32 safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = gguf_tokenizer(gguf)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # The GGUF tokenizer reports an effectively unlimited length; the model's own limit is what
     # truncation needs.
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -179,7 +188,7 @@ def embedded_model_dir(model_cfg: Mapping[str, Any], cache_dir: Path) -> Path:
     its package version), so changing e.g. `attention_layer` reuses the conversion. The folder
     appears by an atomic rename, so it is either complete or absent.
     """
-    gguf = _gguf_path(model_cfg)
+    gguf = gguf_path(model_cfg)
     embedded = to_plain(model_cfg["embedded"])
     source = {
         "id": model_cfg.get("id"),
@@ -432,7 +441,7 @@ def preflight(model_cfg: Mapping[str, Any], role: str, cache_dir: Path) -> list[
         if model_cfg.get("path"):
             _local_path(model_cfg, role)
         elif model_cfg.get("embedded"):
-            _gguf_path(model_cfg, role)
+            gguf_path(model_cfg, role)
     except DwbenchError as exc:
         problems.append(f"{label}: {exc}")
     if not model_cfg.get("path") and not model_cfg.get("embedded"):

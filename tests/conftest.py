@@ -87,11 +87,9 @@ def smollm2_dir(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(
-    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, smollm2_dir: Path
-) -> Path:
-    """A 2-layer Llama with SmolLM2's tokenizer (from `smollm2_dir`, converted under its lock)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", cache_dir)
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer (read from the GGUF file, no conversion)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
 
 
 @pytest.fixture(scope="session")

@@ -73,11 +73,17 @@ def test_eight_processes_log_into_one_store(tmp_path: Path) -> None:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def _schema_and_rows(db: Path) -> tuple[list[tuple[str, str, str]], dict[str, int], str]:
+def _schema_and_rows(db: Path) -> tuple[list[tuple], dict[str, int], str]:
+    """Each table's and index's definition (its lines in sorted order: MLflow's migrations emit a
+    table's constraints in an order that varies from one store to the next), each table's row
+    count, and the schema version."""
     with sqlite3.connect(db) as connection:
-        schema = connection.execute(
-            "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
-        ).fetchall()
+        schema = [
+            (kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+            for kind, name, sql in connection.execute(
+                "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+            )
+        ]
         tables = [name for kind, name, _ in schema if kind == "table"]
         rows = {t: connection.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
         (version,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()

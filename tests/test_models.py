@@ -60,7 +60,7 @@ def test_converted_model_matches_gguf(cache_dir: Path, smollm2_dir: Path) -> Non
     from transformers import AutoModelForCausalLM
 
     cfg = model_config("smollm2_135m")
-    gguf = models._gguf_path(cfg)
+    gguf = models.gguf_path(cfg)
     original = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )

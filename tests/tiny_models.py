@@ -23,14 +23,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Tokenizer,
     LlamaConfig,
     PreTrainedTokenizerBase,
     Qwen2Config,
 )
 
-from dwbench.models import default_cache_dir, embedded_model_dir
+from dwbench.models import gguf_path, gguf_tokenizer
 
 MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "dwbench" / "conf" / "model"
 SEED = 0
@@ -66,10 +65,10 @@ def tiny_model_cfg(folder: Path, arch: str = "llama") -> dict[str, Any]:
     }
 
 
-def _smollm2_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(
-        embedded_model_dir(model_config("smollm2_135m"), cache_dir)
-    )
+def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer straight from its GGUF file: seconds, where converting the model
+    takes about 20 s (tests that need SmolLM2 itself convert it once: conftest.smollm2_dir)."""
+    return gguf_tokenizer(gguf_path(model_config("smollm2_135m")))
 
 
 def _gpt2_tokenizer() -> PreTrainedTokenizerBase:
@@ -90,16 +89,13 @@ def _gpt2_tokenizer() -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_tiny_model(folder: Path, arch: str = "llama", cache_dir: Path | None = None) -> Path:
-    """Write a deterministic 2-layer causal LM and its tokenizer to `folder` (created if needed).
-
-    `cache_dir` holds the converted SmolLM2 whose tokenizer the llama variant borrows.
-    """
+def build_tiny_model(folder: Path, arch: str = "llama") -> Path:
+    """Write a deterministic 2-layer causal LM and its tokenizer to `folder` (created if needed)."""
     config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
     if arch not in config_classes:
         raise ValueError(f"arch must be one of {sorted(config_classes)}, not {arch!r}")
     if arch == "llama":
-        tokenizer = _smollm2_tokenizer(cache_dir or default_cache_dir())
+        tokenizer = _smollm2_tokenizer()
     else:
         tokenizer = _gpt2_tokenizer()
     config = config_classes[arch](
@@ -122,5 +118,6 @@ def build_tiny_model(folder: Path, arch: str = "llama", cache_dir: Path | None =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(folder)
     return folder
