@@ -8,7 +8,9 @@ the module as `python -m` does (`runpy`, then the exit handlers). What it skips 
 interpreter's start and the imports, which fresh interpreters still cover: tests/test_install.py
 (an installed copy), the SLURM tests (jobs started by slurmd) and the tests that compare two
 processes. A command whose environment differs from the forkserver's in anything that is read at
-import time (PYTHONPATH, say) runs as a plain subprocess instead.
+import time (PYTHONPATH, say) is refused: such a test runs its command with subprocess. (It used
+to fall back to a subprocess silently, which hid that every command after a cell run in the test
+process, where MLflow sets MLFLOW_TRACKING_URI, started a fresh interpreter.)
 """
 
 from __future__ import annotations
@@ -92,10 +94,26 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _forkable(env: dict[str, str]) -> bool:
+def _check_forkable(env: dict[str, str]) -> None:
+    """A command is forked only where what it is given differs from the forkserver's environment
+    in nothing read at import (RUNTIME_ENV is read at run time).
+
+    What counts is what the test gives the command beyond this process's environment, and
+    PYTHONPATH: this process's environment drifts by itself, and the forkserver's alike
+    (libraries set variables as they are imported: sklearn KMP_*, lm-eval
+    HF_XET_HIGH_PERFORMANCE; a cell run in this process sets MLFLOW_TRACKING_URI).
+    """
     _forkserver()
-    keys = (set(env) | set(_server_env)) - RUNTIME_ENV
-    return all(env.get(k) == _server_env.get(k) for k in keys)
+    given = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}
+    differ = sorted(
+        k for k in (given | {"PYTHONPATH"}) - RUNTIME_ENV if env.get(k) != _server_env.get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"forked_cli: the environment differs from the forkserver's in {differ}; run this "
+            "command with subprocess, or add the variables to RUNTIME_ENV if they are read only "
+            "at run time"
+        )
 
 
 def _in_child(
@@ -183,10 +201,10 @@ def _output_path(stream: Any, scratch: Path | None, name: str) -> Path:
 def popen(
     command: list[str], cwd: Path | str, env: dict[str, str], stdout: Any = None, stderr: Any = None
 ) -> ForkedProcess | subprocess.Popen:
-    """`subprocess.Popen(command, ...)` for `[sys.executable, "-m", module, *args]`, forked when
-    the environment allows (text mode: what `communicate` returns is text)."""
-    if command[:2] != [sys.executable, "-m"] or not _forkable(env):
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
+    """`subprocess.Popen(command, ...)` for `[sys.executable, "-m", module, *args]`, forked (text
+    mode: what `communicate` returns is text)."""
+    if command[:2] != [sys.executable, "-m"]:
+        raise ValueError(f"forked_cli runs `python -m <module>` only, not {command[:3]}")
     return start(_run_module, (command[2], command[3:]), cwd, env, stdout, stderr)
 
 
@@ -199,6 +217,7 @@ def start(
     stderr: Any = None,
 ) -> ForkedProcess:
     """`function(*args)` (a module-level function) in a process forked from the forkserver."""
+    _check_forkable(env)
     pipes = subprocess.PIPE in (stdout, stderr)
     scratch = Path(tempfile.mkdtemp(prefix="forked-cli-")) if pipes else None
     out = _output_path(stdout, scratch, "stdout")
@@ -213,7 +232,7 @@ def start(
 def run(
     command: list[str], cwd: Path | str, env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess:
-    """`subprocess.run(command, capture_output=True, text=True, ...)`, forked when it can be."""
+    """`subprocess.run(command, capture_output=True, text=True, ...)`, forked."""
     process = popen(command, cwd, env, subprocess.PIPE, subprocess.PIPE)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
