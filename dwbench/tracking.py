@@ -132,9 +132,9 @@ def empty_store(cache_dir: Path) -> Path | None:
     return template
 
 
-def _initialize_sqlite(db: Path, uri: str, template: Path | None = None) -> None:
-    """Create a new store's schema (racing jobs would each try) with WAL on local disks; from
-    `template` (`empty_store`) where one is given.
+def _initialize_sqlite(db: Path, uri: str, cache_dir: Path | None = None) -> None:
+    """Create a new store's schema (racing jobs would each try) with WAL on local disks; as a
+    copy of `empty_store(cache_dir)` where a cache folder is given.
 
     Holds a file lock beside the database only for as long as it takes to see that the schema
     exists, so jobs using an initialized store do not wait for each other.
@@ -148,6 +148,7 @@ def _initialize_sqlite(db: Path, uri: str, template: Path | None = None) -> None
         connection.close()
         if {"experiments", "alembic_version"} <= tables:
             return
+        template = empty_store(cache_dir) if cache_dir is not None else None
         if template is not None:  # no table yet: nothing of this store is lost
             for leftover in (Path(f"{db}-wal"), Path(f"{db}-shm")):
                 leftover.unlink(missing_ok=True)
@@ -208,11 +209,7 @@ class Tracker:
         if uri.startswith("sqlite:///"):
             db = Path(uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
-            if not db.is_file() or db.stat().st_size == 0:
-                template = empty_store(cache_dir) if cache_dir is not None else None
-            else:
-                template = None
-            _initialize_sqlite(db, uri, template)
+            _initialize_sqlite(db, uri, cache_dir)
         mlflow.set_tracking_uri(uri)
         self.uri = uri
         self.client = _RetryOnLock(MlflowClient(tracking_uri=uri))
