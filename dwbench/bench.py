@@ -1,5 +1,6 @@
 """Benchmarks that later work compares against: `python -m dwbench.bench selection | methods |
-calibrate | gpu` (`calibrate`: dwbench/calibrate.py; `gpu`: dwbench/gpu_bench.py).
+calibrate | gpu | parity` (`calibrate`: dwbench/calibrate.py; `gpu`: dwbench/gpu_bench.py;
+`parity`: dwbench/parity.py, the released preset against a run of the authors' code).
 
 `selection` scores a task's pool with a selection method on the selector model (the embedded
 task and SmolLM2-135M-Instruct unless overridden) at one or more pool sizes and prints a markdown
@@ -329,9 +330,11 @@ def parser() -> argparse.ArgumentParser:
     meth.set_defaults(handler=methods)
     from dwbench.calibrate import add_parser as add_calibrate
     from dwbench.gpu_bench import add_parser as add_gpu
+    from dwbench.parity import add_parser as add_parity
 
     add_calibrate(commands, add_override_option)
     add_gpu(commands)
+    add_parity(commands, add_override_option)
     return top
 
 

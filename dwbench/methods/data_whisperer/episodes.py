@@ -21,7 +21,7 @@ from dwbench.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-EPISODE_ORDERS = ("sequential", "random")
+EPISODE_ORDERS = ("sequential", "random", "released")
 CHECKPOINT_FILE = "episodes.jsonl"
 
 
@@ -48,6 +48,8 @@ def plan_episodes(
     With `n_query_split` None the pool is split into two shuffled folds: each fold's examples are
     demonstrations while the other fold supplies the queries (the released code's 2-fold KFold).
     """
+    if episode_order == "released":
+        return released_plan(n_pool, n_query_split, n_demos, n_queries)
     rng = np.random.default_rng(seed)
     if n_query_split is None:
         order = rng.permutation(n_pool)
@@ -75,6 +77,38 @@ def plan_episodes(
                         queries=tuple(int(i) for i in picked),
                     )
                 )
+    return episodes
+
+
+def released_plan(
+    n_pool: int, n_query_split: int | None, n_demos: int, n_queries: int
+) -> list[Episode]:
+    """The released code's episodes (independent of the run seed).
+
+    Demonstrations are consecutive chunks of n_d examples; queries are consecutive chunks of
+    n_q, the chunk pointer advancing by one per episode and wrapping around. With a query split
+    the pool is chunked in file order once; without one, `KFold(n_splits=2, shuffle=True,
+    random_state=42)` splits the pool and each fold's training part (ascending positions) is
+    chunked against its held-out part, the pointer restarting at each fold. Last chunks may be
+    shorter, as released.
+    """
+    from sklearn.model_selection import KFold
+
+    if n_query_split is None:
+        folds = list(KFold(n_splits=2, shuffle=True, random_state=42).split(np.arange(n_pool)))
+    else:
+        folds = [(np.arange(n_pool), np.arange(n_query_split))]
+    episodes: list[Episode] = []
+    for demos, queries in folds:
+        query_chunks = [queries[i : i + n_queries] for i in range(0, len(queries), n_queries)]
+        for pointer, start in enumerate(range(0, len(demos), n_demos)):
+            episodes.append(
+                Episode(
+                    index=len(episodes),
+                    demos=tuple(int(i) for i in demos[start : start + n_demos]),
+                    queries=tuple(int(i) for i in query_chunks[pointer % len(query_chunks)]),
+                )
+            )
     return episodes
 
 
@@ -126,6 +160,34 @@ def accumulate(
         mean_episode_score=raw / seen,
         mean_weight=weights / seen,
     )
+
+
+def accumulate_float16(
+    n_examples: int,
+    contributions: Iterable[tuple[Sequence[int], Sequence[float], Sequence[float]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The released arithmetic: (final scores, output order), all in torch float16.
+
+    Per episode (demonstrations, per-query metrics, raw a_i): w = a / sum(a) in float16; for each
+    query, score[d] += metric * w[d] (float16 scatter_add_); count[d] += number of queries; the
+    final score is score / count (0 where count is 0), ordered by `torch.argsort(descending)`,
+    which is not stable: equal scores come out in torch's CPU order, as in the released output.
+    """
+    import torch
+
+    score = torch.zeros(n_examples, dtype=torch.float16)
+    count = torch.zeros(n_examples, dtype=torch.int32)
+    for demos, metrics, attention in contributions:
+        index = torch.tensor(list(demos), dtype=torch.int64)
+        raw = torch.tensor(list(attention), dtype=torch.float16)
+        weight = raw / raw.sum()
+        for metric in metrics:
+            value = torch.tensor([metric], dtype=torch.float16).expand(len(index))
+            score.scatter_add_(0, index, value * weight)
+        count[index] += len(metrics)
+    final = torch.where(count > 0, score / count, torch.zeros_like(score))
+    order = torch.argsort(final, descending=True)
+    return final.double().numpy(), order.numpy()
 
 
 class EpisodeLog:

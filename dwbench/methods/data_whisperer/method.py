@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +34,7 @@ from dwbench.methods.data_whisperer.episodes import (
     EpisodeLog,
     ScoreTable,
     accumulate,
+    accumulate_float16,
     plan_episodes,
     read_episode_log,
 )
@@ -50,6 +52,11 @@ from dwbench.methods.data_whisperer.prompts import (
     separate_answer,
     split_answers,
 )
+from dwbench.methods.data_whisperer.released import (
+    ReleasedOutput,
+    ReleasedPrompts,
+    ReleasedRunner,
+)
 from dwbench.methods.data_whisperer.runner import (
     ATTENTION_SPANS,
     GREEDY,
@@ -61,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 QUERY_SCORINGS = ("generate", "likelihood")
 QUERY_SOURCES = ("pool_kfold", "validation")
+PROMPT_STYLES = ("dwbench", "released")
+SCORE_ARITHMETICS = ("float64", "float16")
+FAILED_EPISODES = ("score_zero", "skip")
 # Episodes per batch when method.runtime.prompts_per_call is null, by device type and scoring.
 # cpu: measured on 2 cores with `python -m dwbench.bench selection` (README, "Data Whisperer"):
 # decoding reads every weight once per step whatever the batch, so more rows per step pay off,
@@ -72,6 +82,17 @@ EPISODES_PER_CALL = {
     "cuda": {"generate": 32, "likelihood": 16},
     "mps": {"generate": 8, "likelihood": 4},
 }
+
+
+_SWITCHES = (
+    "prompt_style",
+    "prompt_family",
+    "prompt_dataset",
+    "max_token",
+    "parallel_batches",
+    "score_arithmetic",
+    "failed_episodes",
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,14 @@ class Settings:
     instruction: str | None
     max_new_tokens_per_answer: int
     prompts_per_call: int | None  # None: EPISODES_PER_CALL for the device
+    # switches that reproduce the released code (docs/algorithm.md, "Switches")
+    prompt_style: str = "dwbench"
+    prompt_family: str | None = None  # released prompts: llama3_8b | qwen | mistral
+    prompt_dataset: str | None = None  # released prompts: dialogsum | gsm8k | bioinstruct
+    max_token: int = 8192  # released prompts: prompt + new tokens
+    parallel_batches: int = 1  # released prompts: episodes padded together (changes numbers)
+    score_arithmetic: str = "float64"
+    failed_episodes: str = "score_zero"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
@@ -138,20 +167,64 @@ class Settings:
             if per_call is None
             else positive("prompts_per_call", per_call, "method.runtime"),
         )
-        if settings.episode_order == "sequential" and settings.passes != 1:
+        if settings.episode_order in ("sequential", "released") and settings.passes != 1:
             raise ConfigError(
-                f"method.passes={settings.passes} needs method.episode_order=random (sequential "
-                "order walks one shuffle once, as the released code does)."
+                f"method.passes={settings.passes} needs method.episode_order=random "
+                f"({settings.episode_order} order walks the pool once, as the released code does)."
             )
-        return settings
+        return settings._released_switches(get, positive, choice)
+
+    def _released_switches(self, get: Any, positive: Any, choice: Any) -> Settings:
+        """The switches between dwbench's default and the released code, checked together."""
+        style = choice("prompt_style", PROMPT_STYLES)
+        fields: dict[str, Any] = {
+            "prompt_style": style,
+            "score_arithmetic": choice("score_arithmetic", SCORE_ARITHMETICS),
+            "failed_episodes": choice("failed_episodes", FAILED_EPISODES),
+        }
+        if style == "released":
+            needs = {
+                "query_layout": "joint",
+                "query_scoring": "generate",
+                "attention_span": "query_block",
+            }
+            for key, value in needs.items():
+                if getattr(self, key) != value:
+                    raise ConfigError(
+                        f"method.prompt_style=released answers every query in one generated "
+                        f"completion read over the query block: set method.{key}={value} "
+                        f"(it is {getattr(self, key)})."
+                    )
+            if self.instruction is not None:
+                raise ConfigError(
+                    "method.instruction is set, but method.prompt_style=released uses the "
+                    "released instruction; set method.instruction=null."
+                )
+            family, dataset = get("prompt_family"), get("prompt_dataset")
+            from dwbench.methods.data_whisperer.released import ReleasedPrompts
+
+            ReleasedPrompts.load(str(family), str(dataset))  # both checked, with the fix
+            fields.update(
+                prompt_family=str(family),
+                prompt_dataset=str(dataset),
+                max_token=positive("max_token", get("max_token")),
+                parallel_batches=positive("parallel_batches", get("parallel_batches")),
+            )
+        return replace(self, **fields)
 
     def result_fields(self) -> dict[str, Any]:
         """What decides the scores: everything except the runtime batch size."""
         fields = asdict(self)
         del fields["prompts_per_call"]
+        defaults = Settings.__dataclass_fields__
+        for key in _SWITCHES:  # at their defaults they leave the plan's id as it was before them
+            if fields[key] == defaults[key].default:
+                del fields[key]
         return fields
 
     def episodes_per_call(self, device: str) -> int:
+        if self.prompt_style == "released":
+            return self.parallel_batches
         if self.prompts_per_call is not None:
             return self.prompts_per_call
         defaults = EPISODES_PER_CALL.get(device.split(":")[0], EPISODES_PER_CALL["cpu"])
@@ -339,15 +412,31 @@ class DataWhisperer:
         s = self.settings
         records = [done[e.index] for e in plan]
         index = {ex.id: i for i, ex in enumerate(pool)}
+        counted = [
+            r
+            for r in records
+            if r["demo_ids"] and not (s.failed_episodes == "skip" and r["parse_failures"] > 0)
+        ]
         table = accumulate(
             len(pool),
             (
                 Contribution([index[i] for i in r["demo_ids"]], r["score"], r["attention"])
-                for r in records
-                if r["demo_ids"]
+                for r in counted
             ),
             s.attention_weighting,
         )
+        if s.score_arithmetic == "float16":
+            table.score, _ = accumulate_float16(
+                len(pool),
+                (
+                    (
+                        [index[i] for i in r["demo_ids"]],
+                        r["query_scores"],
+                        r["attention"] if s.attention_weighting else [1.0] * len(r["demo_ids"]),
+                    )
+                    for r in counted
+                ),
+            )
         self.stats = _summarise(records, table, len(pool), s.n_queries)
         self.stats.update(
             attention_layer=float(records[0]["attention_layer"]),
@@ -382,6 +471,10 @@ class DataWhisperer:
             )
 
     def select(self, scores: pd.DataFrame, k: int) -> list[str]:
+        if self.settings.score_arithmetic == "float16":  # the released output order
+            values = torch.tensor(scores["score"].to_numpy(), dtype=torch.float16)
+            order = torch.argsort(values, descending=True)[:k].numpy()
+            return scores["id"].iloc[order].tolist()
         return top_k(scores, k, self.context.seed)
 
     def _plan_id(
@@ -444,6 +537,9 @@ class DataWhisperer:
         model, tokenizer = self._load()
         load_s = time.perf_counter() - load_start
         s = self.settings
+        if s.prompt_style == "released":
+            self._run_released(model, tokenizer, pool, queries, pending, log)
+            return load_s
         max_new = self._max_new_tokens()
         context = (
             getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -503,6 +599,91 @@ class DataWhisperer:
         finally:
             runner.close()
         return load_s
+
+    def _run_released(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pool: list[Example],
+        queries: list[Example],
+        pending: list[Episode],
+        log: EpisodeLog,
+    ) -> None:
+        """The pending episodes as the released code runs them, `parallel_batches` at a time."""
+        s = self.settings
+        prompts = ReleasedPrompts.load(str(s.prompt_family), str(s.prompt_dataset))
+        task = self.context.task_cfg
+        template = str(task.get("prompt_template") or "{prompt}")
+        task_fields = [str(f) for f in (task.get("fields") or {}).get("prompt") or ["prompt"]]
+
+        def record(example: Example) -> dict[str, str]:
+            return prompts.record(example, template, task_fields)
+
+        runner = ReleasedRunner(model, tokenizer, int(self.layer), prompts, s.max_token)
+        logger.info(
+            "Data Whisperer (released): %d episodes, layer %d, %s prompts for %s, %d per batch, "
+            "up to %d tokens in all.",
+            len(pending),
+            self.layer,
+            s.prompt_family,
+            s.prompt_dataset,
+            s.parallel_batches,
+            s.max_token,
+        )
+        with tqdm(total=len(pending), desc="data_whisperer", unit="episode") as progress:
+            for batch in _batches(pending, s.parallel_batches):
+                records = [
+                    ([record(pool[i]) for i in e.demos], [record(queries[j]) for j in e.queries])
+                    for e in batch
+                ]
+                outputs = runner.run(records) or [None] * len(batch)
+                log.append(
+                    [
+                        self._released_record(e, demos_queries[1], out, pool, queries, prompts)
+                        for e, demos_queries, out in zip(batch, records, outputs, strict=True)
+                    ]
+                )
+                progress.update(len(batch))
+
+    def _released_record(
+        self,
+        episode: Episode,
+        query_records: list[dict[str, str]],
+        out: ReleasedOutput | None,
+        pool: list[Example],
+        queries: list[Example],
+        prompts: ReleasedPrompts,
+    ) -> dict[str, Any]:
+        """One episode's log line, as the released code scores it: more answers than queries
+        are cut to the first ones; fewer fail the episode (every query unanswered)."""
+        references = [prompts.reference_of(r) for r in query_records]
+        predictions = [] if out is None else out.predictions
+        failed = len(predictions) < len(references)
+        metrics = [prompts.score(p, r) for p, r in zip(predictions, references, strict=False)]
+        scores = [0.0] * len(references) if failed else metrics
+        return {
+            "episode": episode.index,
+            "attention_layer": self.layer,
+            "demo_ids": [pool[i].id for i in episode.demos],
+            "dropped": 0,
+            "query_ids": [queries[i].id for i in episode.queries],
+            "completions": [] if out is None else [out.generated_text],
+            "predictions": predictions,
+            "references": references,
+            "query_scores": scores,
+            "correct": [m == 1.0 for m in scores] if prompts.numbers else [],
+            "score": float(np.mean(scores)),
+            "parse_failures": len(references) if failed else 0,
+            "failed": failed,
+            "attention": [] if out is None else out.attention,
+            "new_tokens": 0 if out is None else len(out.generated_ids),
+            "complete": out is not None and not out.hit_cap,
+            "hit_cap": out is not None and out.hit_cap,
+            "max_new_tokens": 0 if out is None else out.max_new_tokens,
+            "prompt_token_ids": [] if out is None else out.prompt_ids,
+            "generated_token_ids": [] if out is None else out.generated_ids,
+            "seconds": 0.0 if out is None else out.seconds,
+        }
 
     def _stop_factory(self) -> Any:
         if self.settings.query_layout == "separate":
