@@ -123,7 +123,9 @@ def test_qwen_dialogsum_prompt_is_the_released_text() -> None:
         [{"dialogue": "#Person1#: Bye.", "summary": "x"}],
     )
     assert inst.startswith("<|im_start|>system\nYou are an expert assistant.")
-    assert inst.endswith("<|im_start|>user\nBelow are some demonstrations of how to format your answers:\n")
+    assert inst.endswith(
+        "<|im_start|>user\nBelow are some demonstrations of how to format your answers:\n"
+    )
     assert demos == ["Dialogue: #Person1#: Hi.\nSummary: \nThey greet.\n"]
     assert block.endswith('Dialogue 1: "#Person1#: Bye.\n"<|im_end|>\n\n<|im_start|>assistant')
 
@@ -145,7 +147,8 @@ def test_bioinstruct_queries_drop_an_empty_or_na_input_only() -> None:
 
 def test_parsers_read_as_the_released_code_reads() -> None:
     dialog = ReleasedPrompts.load("qwen", "dialogsum")
-    text = 'system You are an expert assistant. user ... assistant\nDialogue 1:\nDialogue 2: B\nSummary 3: C'
+    text = "system You are an expert assistant. user ... assistant\n"
+    text += "Dialogue 1:\nDialogue 2: B\nSummary 3: C"
     # the split is at the last "assistant"; `\s+`/`\s*` cross newlines: "Dialogue 1:\nDialogue 2:"
     # yields the prediction "Dialogue 2: B"
     assert dialog.parse(text) == ["Dialogue 2: B", "C"]
