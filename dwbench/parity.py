@@ -49,6 +49,14 @@ def add_parser(commands: Any, add_override_option: Callable[[Any], None]) -> Non
         "--episodes", type=int, help="compare only the first N episodes (a quick check)"
     )
     command.add_argument("--out", type=Path, default=Path("results/parity"), help="output folder")
+    command.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="METHOD",
+        help="also score the same pool with these methods (same n_d, n_q, layer, queries) and "
+        "report each one's Spearman correlation with the released scores",
+    )
     command.add_argument("--score-tolerance", type=float, default=1e-4)
     command.add_argument("--weight-tolerance", type=float, default=1e-5)
     add_override_option(command)
@@ -283,6 +291,8 @@ def parity(args: argparse.Namespace) -> None:
         or not table["plan equal"].all()
         or table["max |d weight raw|"].max() > args.weight_tolerance
     )
+    if args.compare:
+        compare_methods(args, reference, pool, queries, ref_scores)
     if bad:
         print(
             f"parity: FAILED (score tolerance {args.score_tolerance}, weight tolerance "
@@ -291,3 +301,61 @@ def parity(args: argparse.Namespace) -> None:
         )
         sys.exit(1)
     print(f"parity: OK on {n_episodes} episode(s); table in {args.out / f'{dataset}.csv'}")
+
+
+def compare_methods(
+    args: argparse.Namespace,
+    reference: dict[str, Any],
+    pool: list[Example],
+    queries: list[Example] | None,
+    ref_scores: pd.Series,
+) -> None:
+    """Other methods (dwbench's default) on the same pool: how far their ranking is from the
+    released one, with their own diagnostics."""
+    from dwbench.bench import compose, markdown_table
+    from dwbench.methods.base import ScoringContext, method_stats
+    from dwbench.methods.registry import method_class
+
+    settings = reference["settings"]
+    dataset = str(settings["dataset"])
+    validation = settings.get("query_source") == "validation"
+    shared = [
+        f"method.n_demos={int(settings['batch_train'])}",
+        f"method.n_queries={int(settings['batch_test'])}",
+        f"method.query_source={'validation' if validation else 'pool_kfold'}",
+        f"selector_model.attention_layer={int(settings['attn_layer'])}",
+        f"selector_model.dtype={settings.get('dtype', 'float32')}",
+    ]
+    rows = []
+    for name in args.compare:
+        cfg = compose(name, dataset, len(pool), 0, [*shared, *args.override])
+        context = ScoringContext(
+            method_cfg=cfg.method,
+            task_cfg=cfg.task,
+            selector_cfg=cfg.selector_model,
+            queries=queries,
+            seed=0,
+            device="cpu",
+            cache_dir=Path(str(cfg.cache_dir)).expanduser(),
+            work_dir=args.out / f"{dataset}-{name}-work",
+        )
+        method = method_class(cfg.method)(context)
+        scores = method.score(pool)["score"].to_numpy()
+        stats = method_stats(method)
+        released = ref_scores.sort_index().to_numpy()
+        rows.append(
+            {
+                "method": name,
+                "Spearman with released": float(
+                    pd.Series(scores).corr(pd.Series(released), method="spearman")
+                ),
+                "distinct scores": int(len(set(scores.tolist()))),
+                "parse failures": stats.get("parse_failure_rate"),
+                "new tokens / episode": stats.get("generated_tokens_per_episode"),
+                "s / example": stats.get("seconds_per_example"),
+            }
+        )
+    columns = list(rows[0])
+    pd.DataFrame(rows).to_csv(args.out / f"{dataset}-compare.csv", index=False)
+    print()
+    print(markdown_table(rows, columns))

@@ -226,10 +226,15 @@ def test_runner_reads_the_layer_a_full_forward_returns(tiny_llama_dir: Path) -> 
 MAX_TOKEN = 1000  # prompts of the tiny pool are about 850 tokens: a short generation
 
 
-def test_released_preset_scores_a_pool_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def released_run(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[dict], dw.DataWhisperer, Any, Path]:
+    """The released preset on a 12-example pool (2 folds x 2 episodes) with the tiny Llama."""
+    tmp_path = tmp_path_factory.mktemp("released")
     records, _ = generate_embedded_task(seed=0, pool_size=12, eval_size=1, corrupt_share=0.3)
     pool = [
-        Example(f"pool-{i:05d}", r["question"], r["answer"], (r["answer"],))
+        Example(f"pool-{i}", r["question"], r["answer"], (r["answer"],))
         for i, r in enumerate(records)
     ]
     cfg = OmegaConf.to_container(
@@ -254,13 +259,18 @@ def test_released_preset_scores_a_pool_end_to_end(tiny_llama_dir: Path, tmp_path
     }
     context = ScoringContext(cfg, task, selector, None, 0, "cpu", tmp_path, tmp_path / "work")
     method = dw.DataWhisperer(context)
-    scores = method.score(pool)
+    return records, method, method.score(pool), tmp_path
+
+
+def test_released_preset_scores_a_pool_end_to_end(released_run: Any) -> None:
+    records, method, scores, tmp_path = released_run
+    pool_ids = [f"pool-{i}" for i in range(len(records))]
     log = [
         json.loads(line)
         for line in (tmp_path / "work" / "episodes.jsonl").read_text().splitlines()[1:]
     ]
     assert len(log) == 4  # two folds of 6, chunks of 3
-    assert sorted(i for r in log for i in r["demo_ids"]) == [ex.id for ex in pool]
+    assert sorted(i for r in log for i in r["demo_ids"]) == sorted(pool_ids)
     for r in log:
         assert r["max_new_tokens"] > 0
         assert r["max_new_tokens"] == MAX_TOKEN - (len(r["prompt_token_ids"]) + 7) // 8 * 8
@@ -270,4 +280,88 @@ def test_released_preset_scores_a_pool_end_to_end(tiny_llama_dir: Path, tmp_path
     assert np.array_equal(values, values.astype(np.float16).astype(np.float64))
     chosen = method.select(scores, 4)
     order = torch.argsort(torch.tensor(values, dtype=torch.float16), descending=True)
-    assert chosen == [pool[i].id for i in order[:4].tolist()]
+    assert chosen == [pool_ids[i] for i in order[:4].tolist()]
+
+
+def _write_reference(folder: Path, records: list[dict], log: list[dict], scores: Any) -> None:
+    """A reference folder in the traced format, made from a released-preset run."""
+    folder.mkdir()
+    settings = {
+        "dataset": "gsm8k",
+        "model_type": "qwen",
+        "batch_train": 3,
+        "batch_test": 2,
+        "attn_layer": 1,
+        "max_token": MAX_TOKEN,
+        "parallel_batches": 1,
+        "dtype": "float32",
+        "query_source": "pool_kfold",
+        "k_folds": 2,
+    }
+    (folder / "settings.json").write_text(json.dumps(settings))
+    (folder / "pool.json").write_text(json.dumps(records))
+    index = {f"pool-{i}": i for i in range(len(records))}
+    lines = []
+    for r in log:
+        total = sum(r["attention"])
+        lines.append(
+            {
+                "episode": r["episode"],
+                "demo_indices": [index[i] for i in r["demo_ids"]],
+                "query_indices": [index[i] for i in r["query_ids"]],
+                "prompt_token_ids": r["prompt_token_ids"],
+                "generated_token_ids": r["generated_token_ids"],
+                "parsed_predictions": r["predictions"],
+                "query_metric": None if r["failed"] else r["query_scores"],
+                "failed": r["failed"],
+                "attention_weights_raw": r["attention"],
+                "attention_weights_normalised": [a / total for a in r["attention"]],
+            }
+        )
+    (folder / "episodes.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    order = torch.argsort(
+        torch.tensor(scores["score"].to_numpy(), dtype=torch.float16), descending=True
+    )
+    rank = {int(i): r for r, i in enumerate(order)}
+    rows = [f"{i},{scores['score'][i]},{rank[i]}" for i in range(len(records))]
+    (folder / "scores.csv").write_text("pool_index,score,released_rank\n" + "\n".join(rows) + "\n")
+
+
+def test_parity_command_passes_on_a_matching_reference_and_fails_on_a_changed_one(
+    released_run: Any, tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from dwbench.bench import main
+
+    records, _, scores, run_dir = released_run
+    log = [
+        json.loads(line)
+        for line in (run_dir / "work" / "episodes.jsonl").read_text().splitlines()[1:]
+    ]
+    reference = tmp_path / "reference"
+    _write_reference(reference, records, log, scores)
+    argv = [
+        "parity",
+        "--reference",
+        str(reference),
+        "--out",
+        str(tmp_path / "out"),
+        "-o",
+        f"selector_model.path={tiny_llama_dir}",
+        "-o",
+        "selector_model.num_layers=2",
+    ]
+    main(argv)
+    table = (tmp_path / "out" / "gsm8k.csv").read_text()
+    assert table.count("True") >= 4 * 5  # every episode equal in every column
+    assert "parity: OK on 4 episode(s)" in capsys.readouterr().out
+
+    changed = json.loads((reference / "episodes.jsonl").read_text().splitlines()[2])
+    assert changed["episode"] == 2
+    changed["generated_token_ids"][0] += 1
+    lines = (reference / "episodes.jsonl").read_text().splitlines()
+    lines[2] = json.dumps(changed)
+    (reference / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as failed:
+        main(argv)
+    assert failed.value.code == 1
+    assert "parity: FAILED" in capsys.readouterr().err
