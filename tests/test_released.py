@@ -130,6 +130,18 @@ def test_qwen_dialogsum_prompt_is_the_released_text() -> None:
     assert block.endswith('Dialogue 1: "#Person1#: Bye.\n"<|im_end|>\n\n<|im_start|>assistant')
 
 
+def test_qwen_dialogsum_strings_tokenise_to_the_released_prompt_ids() -> None:
+    """Every released prompt starts with the instruction's 170 SmolLM2 tokens and ends with
+    the assistant header's 5; the released span arithmetic then counts n_i = 169."""
+    from tiny_models import _smollm2_tokenizer
+
+    tokenizer = _smollm2_tokenizer()
+    spec = ReleasedPrompts.load("qwen", "dialogsum")
+    assert tokenizer.encode(spec.instruction) == FIGURES["instruction_token_ids"]
+    assert tokenizer.encode(spec.assistant_header) == FIGURES["prompt_end_token_ids"]
+    assert tokenizer.encode("x")[0] != tokenizer.bos_token_id  # no BOS: every `- 1` is short
+
+
 def test_bioinstruct_queries_drop_an_empty_or_na_input_only() -> None:
     spec = ReleasedPrompts.load("llama3_8b", "bioinstruct")
     queries = [
