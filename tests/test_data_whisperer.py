@@ -8,6 +8,7 @@ span that is off by one token changes the weights well beyond the tolerance.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -333,6 +334,59 @@ def test_a_second_final_line_stays_in_its_answer() -> None:
     assert not pr.answers_complete(head, 2, numeric=True)  # the second answer is still to come
     assert not pr.answers_complete(text, 2, numeric=True)  # "#### 9" may still grow
     assert pr.answers_complete(text + "\n", 2, numeric=True)
+
+
+# Joint completions as the runner returns them (`RowOutput.text`: the new tokens only, so
+# without the pre-filled "Answer 1:"), with each query's expected score and whether it fails.
+NUMERIC_REPLIES = [
+    (" 3 + 4 = 7\n#### 7\n\nAnswer 2: 10 - 2 = 8\n#### 8\n", [1.0, 1.0], 0),
+    ("\n3 + 4 = 7\n#### 7\n\n**Answer 2:** 10 - 2 = 8\n#### 8", [1.0, 1.0], 0),
+    (" 3 + 4 = 7\n#### 7\n\nAnswer 2: I cannot tell.\n", [1.0, 0.0], 1),
+    (" 3 + 4 = 7\n#### 7\n\n10 - 2 = 8\n#### 8\n", [1.0, 1.0], 0),  # markers dropped
+    ("Answer 1: 3 + 4 = 7\n#### 7\nAnswer 2: 10 - 2 = 8\n#### 8\n", [1.0, 1.0], 0),  # restated
+]
+TEXT_REPLIES = [
+    (" Tom asks Ann for the report.\n\nAnswer 2: They plan a trip.\n\n", [1.0, 1.0], 0),
+    ("\nTom asks Ann for the report.\n\n", [1.0, 0.0], 1),  # a bare answer, then it stopped
+    (" Tom asks Ann for the report.", [1.0, 0.0], 1),  # capped mid-way
+    ("Answer 1: Tom asks Ann for the report.\nAnswer 2: They plan a trip.", [1.0, 1.0], 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("metric", "completion", "expected", "failures"),
+    [("exact_match_number", *case) for case in NUMERIC_REPLIES]
+    + [("rouge_l", *case) for case in TEXT_REPLIES],
+)
+def test_joint_completions_are_scored_as_the_model_returns_them(
+    metric: str,
+    completion: str,
+    expected: list[float],
+    failures: int,
+    tmp_path: Path,
+    tiny_model_cfg: Callable[..., dict[str, Any]],
+) -> None:
+    """The completion holds only the new tokens; the reply it continues starts with the
+    pre-filled "Answer 1:", so answer 1 is scored whether or not the model writes a marker."""
+    answers = (
+        ["3 + 4 = 7\n#### 7", "10 - 2 = 8\n#### 8"]
+        if metric == "exact_match_number"
+        else ["Tom asks Ann for the report.", "They plan a trip."]
+    )
+    pool = _pool(2) + [Example(f"q{k}", "?", a, (a,)) for k, a in enumerate(answers)]
+    task = {**TASK, "metric": metric}
+    method = _method(tmp_path, tiny_model_cfg(tmp_path), task, n_demos=2, n_queries=2)
+    out = rn.EpisodeOutput([1.0, 3.0], [rn.RowOutput(text=completion, new_tokens=30)])
+    record = method._record(ep.Episode(0, (0, 1), (2, 3)), [0, 1], out, pool, pool)
+    assert record["query_scores"] == pytest.approx(expected)
+    assert record["parse_failures"] == failures
+    assert record["completions"] == [completion]  # logged as generated
+    # The stop check reads the same reply: a numeric reply with both answers marked is done
+    # at its last `####` line's end, and not before.
+    stop = pr.JointStop(2, metric == "exact_match_number")
+    fired = [stop.feed(piece) for piece in re.split(r"(?<=\n)", completion) if piece]
+    if metric == "exact_match_number" and "Answer 2: 10" in completion and completion[-1] == "\n":
+        assert fired[-1] and not any(fired[:-1])
 
 
 def test_a_separate_row_stops_at_its_final_line_or_a_new_question() -> None:

@@ -47,6 +47,7 @@ from dwbench.methods.data_whisperer.prompts import (
     build_separate_prompt,
     default_instruction,
     encode_episode,
+    joint_reply,
     separate_answer,
     split_answers,
 )
@@ -550,8 +551,8 @@ class DataWhisperer:
         completions = [row.text for row in out.rows]
         if self.settings.query_layout == "separate":
             answers = [separate_answer(text) for text in completions]
-        else:
-            answers = split_answers(completions[0], len(queries), self.numeric)
+        else:  # the completion continues the pre-filled "Answer 1:"
+            answers = split_answers(joint_reply(completions[0]), len(queries), self.numeric)
         scores, failures, correct = [], 0, []
         for answer, query in zip(answers, queries, strict=True):
             if answer_failed(answer, self.numeric):

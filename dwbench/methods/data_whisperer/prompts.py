@@ -349,17 +349,32 @@ def answer_failed(answer: str | None, numeric: bool) -> bool:
     )
 
 
+def joint_reply(completion: str) -> str:
+    """The whole joint reply: the pre-filled "Answer 1:", then the completion.
+
+    A completion holds only the new tokens, so without the prefill its first answer has no
+    marker: "... Answer 2: ..." would lose answer 1 and a marker-free text answer would be
+    read as no answer at all. A completion that writes "Answer 1:" again is taken as it is (the
+    marker twice would put the second one into answer 1's text). Both the stop check and
+    scoring read this text.
+    """
+    restated = _ANSWER_MARKER.match(completion.lstrip(" \t\r\n*#"))
+    return completion if restated and restated.group(1) == "1" else ANSWER_PREFILL + completion
+
+
 class JointStop:
     """A joint row is done once its n_q-th answer is complete; checked when a line ends."""
 
     def __init__(self, n_queries: int, numeric: bool) -> None:
         self.n_queries = n_queries
         self.numeric = numeric
-        self.text = ANSWER_PREFILL
+        self.completion = ""
 
     def feed(self, piece: str) -> bool:
-        self.text += piece
-        return "\n" in piece and answers_complete(self.text, self.n_queries, self.numeric)
+        self.completion += piece
+        return "\n" in piece and answers_complete(
+            joint_reply(self.completion), self.n_queries, self.numeric
+        )
 
 
 class SeparateStop:
