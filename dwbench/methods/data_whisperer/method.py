@@ -543,7 +543,7 @@ class DataWhisperer:
         self, out: EpisodeOutput, queries: Sequence[Example]
     ) -> tuple[list[float], int, list[bool | None], list[str | None]]:
         """Per-query scores, parse failures, whether each query was answered right, completions."""
-        if self.settings.query_scoring == "likelihood":
+        if self.settings.query_scoring == "likelihood":  # one row per query, in query order
             rows = out.rows
             probs = [p for row in rows for p in row.gold_probs]
             correct = [m for row in rows for m in row.number_match]
