@@ -500,16 +500,27 @@ def test_shared_prefix_rows_decode_greedily_as_rows_run_from_scratch(
     assert first_call == [2, 5, 4, 3, 2, 2]  # rows stop after 1, 2, 3, 4 and 6 pieces
 
 
+def _final_number_chars(text: str) -> tuple[int, int]:
+    """Characters of a gold answer's final `#### n` number, found independently of prompts.py."""
+    line_start = text.rindex("####")
+    value = text[line_start + 4 :].split("\n")[0].strip()
+    begin = text.index(value, line_start)
+    return begin, begin + len(value)
+
+
+@pytest.mark.parametrize("span", ["answer", "final"])
 @pytest.mark.parametrize("layout", pr.QUERY_LAYOUTS)
 def test_likelihood_scores_equal_a_hand_computation(
     layout: str,
+    span: str,
     tmp_path: Path,
     tiny_qwen2_dir: Path,
     tiny_model_cfg: Callable[..., dict[str, Any]],
 ) -> None:
-    """Each query's score is the mean probability of its gold answer's tokens, teacher-forced
-    right after the generating prompt (joint: with "Answer k:" in place of "Answer 1:", no other
-    query's gold answer before it), checked against a plain forward over the whole row."""
+    """Each query's score is the mean probability of its gold answer's tokens (`answer`) or of
+    its final number's (`final`), teacher-forced right after the generating prompt (joint: with
+    "Answer k:" in place of "Answer 1:", no other query's gold answer before it), checked
+    against a plain forward over the whole row."""
     method = _method(
         tmp_path,
         tiny_model_cfg(tiny_qwen2_dir, "qwen2"),
@@ -517,8 +528,9 @@ def test_likelihood_scores_equal_a_hand_computation(
         n_queries=2,
         query_layout=layout,
         query_scoring="likelihood",
+        likelihood_span=span,
     )
-    pool = _pool(12)
+    pool = _pool(12, corrupt_share=0.0 if span == "final" else 0.3)
     method.score(pool)
     assert method.stats["generated_tokens_per_episode"] == 0
     records = [json.loads(x) for x in (tmp_path / ep.CHECKPOINT_FILE).read_text().splitlines()[1:]]
@@ -559,6 +571,8 @@ def test_likelihood_scores_equal_a_hand_computation(
             full = whole["input_ids"]
             assert full[: len(head)] == head
             first, last = (len(prompt) + len(lead), len(prompt) + len(lead) + len(gold))
+            if span == "final":
+                first, last = (len(prompt) + len(lead) + c for c in _final_number_chars(gold))
             scored = [
                 t for t, (a, b) in enumerate(whole["offset_mapping"]) if a < last and b > first
             ]
@@ -768,6 +782,9 @@ def _without_chat_template(source: Path, target: Path) -> Path:
         "validation_without_queries",
         "bad_option",
         "bad_layout",
+        "final_span_without_final_answers",
+        "final_span_when_generating",
+        "final_span_on_a_text_task",
     ],
 )
 def test_bad_input_fails_clearly_before_any_work(
@@ -807,6 +824,21 @@ def test_bad_input_fails_clearly_before_any_work(
         expected = (ConfigError, "no query split")
     elif case == "bad_layout":
         overrides, expected = {"query_layout": "rows"}, (ConfigError, "method.query_layout")
+    elif case.startswith("final_span"):
+        overrides = {"n_demos": 3, "n_queries": 2, "query_scoring": "likelihood"}
+        overrides["likelihood_span"] = "final"
+        if case == "final_span_without_final_answers":  # a gold answer lost its `#### n` line
+            pool = [
+                Example(ex.id, ex.prompt, ex.response.split("####")[0], ex.references)
+                for ex in pool
+            ]
+            expected = (DataError, r"query example 'pool-\d{5}' has no final `#### n` line")
+        elif case == "final_span_when_generating":
+            overrides["query_scoring"] = "generate"
+            expected = (ConfigError, "needs method.query_scoring=likelihood")
+        else:
+            task["metric"] = "rouge_l"
+            expected = (ConfigError, "likelihood_span=final .*metric rouge_l")
     else:
         overrides, expected = {"attention_span": "last_token"}, (ConfigError, "attention_span")
     with pytest.raises(expected[0], match=expected[1]):

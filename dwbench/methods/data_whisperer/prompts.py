@@ -103,6 +103,11 @@ def _gold_number(text: str, start: int) -> tuple[int, int] | None:
     return start + found[-1].start(1), start + found[-1].end(1)
 
 
+def has_final_answer(answer: str) -> bool:
+    """Whether a gold answer has the `#### n` line that `likelihood_span=final` scores."""
+    return _gold_number(answer, 0) is not None
+
+
 def _gold_row(
     prompt: str, query_chars: tuple[int, int] | None, lead: str, query: Example
 ) -> RowText:

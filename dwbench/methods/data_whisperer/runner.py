@@ -54,6 +54,7 @@ class RowOutput:
     new_tokens: int = 0
     complete: bool = True  # ended by its own stop (answer done or end-of-turn), not the cap
     gold_probs: list[list[float]] = field(default_factory=list)  # per answer, per token
+    final_probs: list[list[float] | None] = field(default_factory=list)  # its final number's
     number_match: list[bool | None] = field(default_factory=list)  # teacher-forced final number
 
 
@@ -302,8 +303,10 @@ class EpisodeRunner:
                     probs = (logits[b, index, ids[s:e]] - log_norm[b, index]).exp().tolist()
                     out.gold_probs.append(probs)
                     if number is None:
+                        out.final_probs.append(None)
                         out.number_match.append(None)
                     else:
+                        out.final_probs.append(probs[number[0] - s : number[1] - s])
                         hits = predicted[b, kept(*number)] == ids[number[0] : number[1]]
                         out.number_match.append(bool(hits.all()))
                 outputs[b].rows.append(out)
