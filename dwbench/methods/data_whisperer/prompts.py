@@ -4,8 +4,9 @@ Two layouts (`method.query_layout`):
 - `joint` (the paper's and the released code's): one user turn holds a header, the
   demonstrations ("Question: x\\nAnswer:\\ny"), an instruction and "Question k: x" for each
   query; the assistant turn is pre-filled with "Answer 1:" and one completion answers every
-  query. The query block, whose rows weigh the demonstrations, runs from the instruction to the
-  end of the prompt, as in the released code.
+  query (it is read with the pre-fill in front: `joint_reply`). The query block, whose rows
+  weigh the demonstrations, runs from the instruction to the end of the prompt, as in the
+  released code.
 - `separate`: the demonstrations are earlier chat turns (user: question, assistant: answer) and
   each query is its own row continuing them, written exactly as a demonstration's question
   (a user turn, then the assistant header). All rows of an episode share the demonstration
