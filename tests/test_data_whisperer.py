@@ -585,7 +585,7 @@ def test_likelihood_scores_equal_a_hand_computation(
 
 def _merging_tokenizer(folder: Path) -> Any:
     """The tiny Qwen2's tokenizer (Qwen2's pre-tokenizer) with one more merge, ":" + "\\n": as
-    in Llama 3's and Qwen2's real vocabularies, ":\\n" becomes one token."""
+    in tiktoken-style vocabularies such as Llama 3's, ":\\n" becomes one token."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec["model"]["vocab"][":\u010a"] = len(spec["model"]["vocab"])  # byte-level "\\n" is "\u010a"

@@ -20,8 +20,8 @@ the chat template puts a special token at the turn boundary; otherwise the episo
 With `query_scoring=likelihood` (teacher forcing) each row carries one query's gold answer
 after its prompt, as a `continuation` tokenised after the prompt's own tokens, so the prompt's
 tokens are exactly those generation sees even where the tokenizer would merge the prompt's last
-characters with the answer's first (":" + "\n" is one token in Llama 3's and Qwen2's
-vocabularies). `answer_chars` locate the gold answer and `number_chars` its final number. The
+characters with the answer's first (tiktoken-style vocabularies such as Llama 3's have ":\\n"
+as one token). `answer_chars` locate the gold answer and `number_chars` its final number. The
 joint layout then has one row per query, each the generating prompt with "Answer k:" in place
 of "Answer 1:" and gold answer k after it: no query is conditioned on another query's gold
 answer. Its shared prefix runs to the end of the user turn, so the query block lies mostly in
@@ -273,7 +273,7 @@ def encode_row(tokenizer: PreTrainedTokenizerBase, row: RowText) -> Tokens:
     """The prompt's tokens, exactly as generation sees them, then the continuation's.
 
     Where the whole row's tokens begin with the prompt's, the rest are the continuation's
-    tokens in context. Otherwise a token would straddle the two (":" + "\n" merged), and the
+    tokens in context. Otherwise a token would straddle the two (":" + "\\n" merged), and the
     continuation is tokenised on its own instead; this keeps the in-context tokens wherever they
     can be had, since some tokenizers mark the start of a text they are given alone
     (SentencePiece's dummy-prefix "▁").
