@@ -8,6 +8,7 @@ span that is off by one token changes the weights well beyond the tolerance.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dwbench.cli import CONF_DIR
@@ -38,8 +40,10 @@ from dwbench.methods.data_whisperer.attention import use_capture_attention
 TASK = {"name": "embedded_gsm", "metric": "exact_match_number", "query_source": "pool_kfold"}
 
 
-def _pool(n: int, seed: int = 0) -> list[Example]:
-    records, _ = generate_embedded_task(seed=seed, pool_size=n, eval_size=1, corrupt_share=0.3)
+def _pool(n: int, seed: int = 0, corrupt_share: float = 0.3) -> list[Example]:
+    records, _ = generate_embedded_task(
+        seed=seed, pool_size=n, eval_size=1, corrupt_share=corrupt_share
+    )
     return [
         Example(f"pool-{i:05d}", r["question"], r["answer"], (r["answer"],))
         for i, r in enumerate(records)
@@ -105,7 +109,7 @@ def _reference_weights(
     """Brute force: each row run whole through an eager forward with every layer's attention."""
     n_prefix = len(episode.prefix_ids)
     mass, n_rows = np.zeros(len(episode.demo_tokens)), 0
-    for row in episode.rows:
+    for row in (row for row in episode.rows if row.query_tokens is not None):
         ids = episode.prefix_ids + row.suffix_ids
         with torch.no_grad():
             output = model(torch.tensor([ids]), output_attentions=True)
@@ -198,31 +202,36 @@ def test_token_spans_decode_to_exactly_their_text(
     def decode(ids: tuple[int, ...]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
 
-    for row, enc in zip(prompt.rows, encoded.rows, strict=True):
+    assert len(encoded.rows) == len(queries)  # one row per query, in both layouts
+    n_prefix = len(encoded.prefix_ids)
+    for k, (row, enc) in enumerate(zip(prompt.rows, encoded.rows, strict=True), 1):
+        text = row.text + row.continuation
         ids = encoded.prefix_ids + enc.suffix_ids
-        assert ids == tuple(tokenizer(row.text, add_special_tokens=False)["input_ids"])
+        assert ids == tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         for (start, end), chars in zip(encoded.demo_tokens, prompt.demo_chars, strict=True):
-            assert decode(ids[start:end]) == row.text[slice(*chars)]
+            assert decode(ids[start:end]) == text[slice(*chars)]
         for (start, end), chars in zip(enc.answer_tokens, row.answer_chars, strict=True):
-            assert decode(enc.suffix_ids[start:end]) == row.text[slice(*chars)]
-        block = decode(enc.suffix_ids[slice(*enc.query_tokens)])
+            assert decode(enc.suffix_ids[start:end]) == text[slice(*chars)]
+        if layout == "joint" and k > 1:  # only row 1, the generating prompt, weighs the demos
+            assert enc.query_tokens is None and row.text.endswith(f"Answer {k}:")
+            continue
+        start, end = enc.query_tokens
+        block = decode(ids[n_prefix + start : n_prefix + end])
         if layout == "joint":
             assert block.startswith(pr.NUMERIC_INSTRUCTION) and block.endswith(pr.ANSWER_PREFILL)
-            assert len(enc.answer_tokens) == len(queries)
         else:
             assert block.startswith(row.text[slice(*row.query_chars)][:20])
-            assert len(encoded.rows) == len(queries)
     if layout == "joint":
         for (start, end), demo in zip(encoded.demo_tokens, demos, strict=True):
             assert decode(encoded.prefix_ids[start:end]) == pr.demonstration_text(demo)
-    else:  # each row's answer is its query's gold answer; its final number is located exactly
-        for enc, query in zip(encoded.rows, queries, strict=True):
-            assert decode(enc.suffix_ids[slice(*enc.answer_tokens[0])]) == query.response.strip()
-            if "####" in query.response:
-                number = decode(enc.suffix_ids[slice(*enc.number_tokens[0])])
-                assert number.strip() == query.response.rsplit("####", 1)[1].strip()
-            else:
-                assert enc.number_tokens == (None,)
+    # each row's answer is its query's gold answer; its final number is located exactly
+    for enc, query in zip(encoded.rows, queries, strict=True):
+        assert decode(enc.suffix_ids[slice(*enc.answer_tokens[0])]) == query.response.strip()
+        if "####" in query.response:
+            number = decode(enc.suffix_ids[slice(*enc.number_tokens[0])])
+            assert number.strip() == query.response.rsplit("####", 1)[1].strip()
+        else:
+            assert enc.number_tokens == (None,)
 
 
 @pytest.mark.parametrize("order", ep.EPISODE_ORDERS)
@@ -335,6 +344,59 @@ def test_a_second_final_line_stays_in_its_answer() -> None:
     assert pr.answers_complete(text + "\n", 2, numeric=True)
 
 
+# Joint completions as the runner returns them (`RowOutput.text`: the new tokens only, so
+# without the pre-filled "Answer 1:"), with each query's expected score and whether it fails.
+NUMERIC_REPLIES = [
+    (" 3 + 4 = 7\n#### 7\n\nAnswer 2: 10 - 2 = 8\n#### 8\n", [1.0, 1.0], 0),
+    ("\n3 + 4 = 7\n#### 7\n\n**Answer 2:** 10 - 2 = 8\n#### 8", [1.0, 1.0], 0),
+    (" 3 + 4 = 7\n#### 7\n\nAnswer 2: I cannot tell.\n", [1.0, 0.0], 1),
+    (" 3 + 4 = 7\n#### 7\n\n10 - 2 = 8\n#### 8\n", [1.0, 1.0], 0),  # markers dropped
+    ("Answer 1: 3 + 4 = 7\n#### 7\nAnswer 2: 10 - 2 = 8\n#### 8\n", [1.0, 1.0], 0),  # restated
+]
+TEXT_REPLIES = [
+    (" Tom asks Ann for the report.\n\nAnswer 2: They plan a trip.\n\n", [1.0, 1.0], 0),
+    ("\nTom asks Ann for the report.\n\n", [1.0, 0.0], 1),  # a bare answer, then it stopped
+    (" Tom asks Ann for the report.", [1.0, 0.0], 1),  # capped mid-way
+    ("Answer 1: Tom asks Ann for the report.\nAnswer 2: They plan a trip.", [1.0, 1.0], 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("metric", "completion", "expected", "failures"),
+    [("exact_match_number", *case) for case in NUMERIC_REPLIES]
+    + [("rouge_l", *case) for case in TEXT_REPLIES],
+)
+def test_joint_completions_are_scored_as_the_model_returns_them(
+    metric: str,
+    completion: str,
+    expected: list[float],
+    failures: int,
+    tmp_path: Path,
+    tiny_model_cfg: Callable[..., dict[str, Any]],
+) -> None:
+    """The completion holds only the new tokens; the reply it continues starts with the
+    pre-filled "Answer 1:", so answer 1 is scored whether or not the model writes a marker."""
+    answers = (
+        ["3 + 4 = 7\n#### 7", "10 - 2 = 8\n#### 8"]
+        if metric == "exact_match_number"
+        else ["Tom asks Ann for the report.", "They plan a trip."]
+    )
+    pool = _pool(2) + [Example(f"q{k}", "?", a, (a,)) for k, a in enumerate(answers)]
+    task = {**TASK, "metric": metric}
+    method = _method(tmp_path, tiny_model_cfg(tmp_path), task, n_demos=2, n_queries=2)
+    out = rn.EpisodeOutput([1.0, 3.0], [rn.RowOutput(text=completion, new_tokens=30)])
+    record = method._record(ep.Episode(0, (0, 1), (2, 3)), [0, 1], out, pool, pool)
+    assert record["query_scores"] == pytest.approx(expected)
+    assert record["parse_failures"] == failures
+    assert record["completions"] == [completion]  # logged as generated
+    # The stop check reads the same reply: a numeric reply with both answers marked is done
+    # at its last `####` line's end, and not before.
+    stop = pr.JointStop(2, metric == "exact_match_number")
+    fired = [stop.feed(piece) for piece in re.split(r"(?<=\n)", completion) if piece]
+    if metric == "exact_match_number" and "Answer 2: 10" in completion and completion[-1] == "\n":
+        assert fired[-1] and not any(fired[:-1])
+
+
 def test_a_separate_row_stops_at_its_final_line_or_a_new_question() -> None:
     def fed(pieces: list[str], numeric: bool = True) -> int | None:
         stop = pr.SeparateStop(numeric)
@@ -438,49 +500,181 @@ def test_shared_prefix_rows_decode_greedily_as_rows_run_from_scratch(
     assert first_call == [2, 5, 4, 3, 2, 2]  # rows stop after 1, 2, 3, 4 and 6 pieces
 
 
+def _final_number_chars(text: str) -> tuple[int, int]:
+    """Characters of a gold answer's final `#### n` number, found independently of prompts.py."""
+    line_start = text.rindex("####")
+    value = text[line_start + 4 :].split("\n")[0].strip()
+    begin = text.index(value, line_start)
+    return begin, begin + len(value)
+
+
+@pytest.mark.parametrize("span", ["answer", "final"])
+@pytest.mark.parametrize("layout", pr.QUERY_LAYOUTS)
 def test_likelihood_scores_equal_a_hand_computation(
-    tmp_path: Path, tiny_qwen2_dir: Path, tiny_model_cfg: Callable[..., dict[str, Any]]
+    layout: str,
+    span: str,
+    tmp_path: Path,
+    tiny_qwen2_dir: Path,
+    tiny_model_cfg: Callable[..., dict[str, Any]],
 ) -> None:
-    """Each query's score is the mean probability of its gold answer's tokens, teacher-forced."""
+    """Each query's score is the mean probability of its gold answer's tokens (`answer`) or of
+    its final number's (`final`), teacher-forced right after the generating prompt (joint: with
+    "Answer k:" in place of "Answer 1:", no other query's gold answer before it), checked
+    against a plain forward over the whole row."""
     method = _method(
         tmp_path,
         tiny_model_cfg(tiny_qwen2_dir, "qwen2"),
         n_demos=3,
         n_queries=2,
-        query_layout="separate",
+        query_layout=layout,
         query_scoring="likelihood",
+        likelihood_span=span,
     )
-    pool = _pool(12)
+    pool = _pool(12, corrupt_share=0.0 if span == "final" else 0.3)
     method.score(pool)
     assert method.stats["generated_tokens_per_episode"] == 0
-    lines = (tmp_path / ep.CHECKPOINT_FILE).read_text().splitlines()[1:]
-    record = json.loads(lines[0])
+    records = [json.loads(x) for x in (tmp_path / ep.CHECKPOINT_FILE).read_text().splitlines()[1:]]
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
     by_id = {ex.id: ex for ex in pool}
-    history = []
-    for demo in (by_id[i] for i in record["demo_ids"]):
-        history += [
-            {"role": "user", "content": demo.prompt.strip()},
-            {"role": "assistant", "content": demo.response.strip()},
-        ]
-    for query_id, score, correct in zip(
-        record["query_ids"], record["query_scores"], record["correct"], strict=True
-    ):
-        query = by_id[query_id]
-        question = tokenizer.apply_chat_template(
-            [*history, {"role": "user", "content": query.prompt.strip()}],
-            tokenize=False,
-            add_generation_prompt=True,
+    for record in records:
+        demos = [by_id[i] for i in record["demo_ids"]]
+        queries = [by_id[i] for i in record["query_ids"]]
+        history = []
+        for demo in demos:
+            history += [
+                {"role": "user", "content": demo.prompt.strip()},
+                {"role": "assistant", "content": demo.response.strip()},
+            ]
+        if layout == "joint":
+            generating = pr.build_joint_prompt(tokenizer, demos, queries, method.instruction)
+            joint = generating.rows[0].text
+        for k, (query, score, correct) in enumerate(
+            zip(queries, record["query_scores"], record["correct"], strict=True), 1
+        ):
+            if layout == "joint":
+                prompt, lead = joint.removesuffix(pr.ANSWER_PREFILL) + f"Answer {k}:", "\n"
+            else:
+                prompt, lead = (
+                    tokenizer.apply_chat_template(
+                        [*history, {"role": "user", "content": query.prompt.strip()}],
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    ),
+                    "",
+                )
+            gold = query.response.strip()
+            head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            whole = tokenizer(
+                prompt + lead + gold, add_special_tokens=False, return_offsets_mapping=True
+            )
+            full = whole["input_ids"]
+            assert full[: len(head)] == head
+            first, last = (len(prompt) + len(lead), len(prompt) + len(lead) + len(gold))
+            if span == "final":
+                first, last = (len(prompt) + len(lead) + c for c in _final_number_chars(gold))
+            scored = [
+                t for t, (a, b) in enumerate(whole["offset_mapping"]) if a < last and b > first
+            ]
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
+            expected = np.mean([float(probs[t - 1, full[t]]) for t in scored])
+            assert score == pytest.approx(expected, rel=1e-4)
+            assert (correct is None) == ("####" not in query.response)
+
+
+def _merging_tokenizer(folder: Path) -> Any:
+    """The tiny Qwen2's tokenizer (Qwen2's pre-tokenizer) with one more merge, ":" + "\\n": as
+    in tiktoken-style vocabularies such as Llama 3's, ":\\n" becomes one token."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"]["vocab"][":\u010a"] = len(spec["model"]["vocab"])  # byte-level "\\n" is "\u010a"
+    spec["model"]["merges"].append([":", "\u010a"])
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    assert len(tokenizer(":\nx", add_special_tokens=False)["input_ids"]) == 2
+    return tokenizer
+
+
+@pytest.mark.parametrize("span", rn.ATTENTION_SPANS)
+@pytest.mark.parametrize("which", ["smollm2", "merging"])
+def test_likelihood_rows_keep_the_generating_prompt_and_its_weights(
+    which: str, span: str, tiny_llama_dir: Path, tiny_qwen2_dir: Path
+) -> None:
+    """Joint teacher forcing: row k's prompt tokens are the generating prompt's with "Answer k:"
+    (row 1's are exactly the generating row's), its gold answer follows, and the demonstration
+    weights equal the generating run's, also where the tokenizer would merge the prompt's last
+    ":" with the answer's "\\n"."""
+    if which == "smollm2":
+        tokenizer, model = (
+            AutoTokenizer.from_pretrained(tiny_llama_dir),
+            _sharp_model(tiny_llama_dir),
         )
-        head = tokenizer(question, add_special_tokens=False)["input_ids"]
-        full = tokenizer(question + query.response.strip(), add_special_tokens=False)["input_ids"]
-        assert full[: len(head)] == head
-        with torch.no_grad():
-            probs = torch.softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
-        gold = [float(probs[t - 1, full[t]]) for t in range(len(head), len(full))]
-        assert score == pytest.approx(np.mean(gold), rel=1e-4)
-        assert (correct is None) == ("####" not in query.response)
+    else:
+        tokenizer, model = _merging_tokenizer(tiny_qwen2_dir), _sharp_model(tiny_qwen2_dir)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    pool = _pool(12)
+    generating, forced = [], []
+    for demos, queries in [(pool[0:4], pool[8:11]), (pool[4:6], pool[9:12])]:
+        prompt = pr.build_joint_prompt(tokenizer, demos, queries, "Solve them.")
+        generating.append(pr.encode_episode(tokenizer, prompt))
+        forced.append(
+            pr.encode_episode(
+                tokenizer, pr.build_joint_prompt(tokenizer, demos, queries, "Solve them.", True)
+            )
+        )
+        text = prompt.rows[0].text
+        assert len(forced[-1].rows) == len(queries)
+        for k, (row, query) in enumerate(zip(forced[-1].rows, queries, strict=True), 1):
+            head = tokenizer(
+                text.removesuffix(pr.ANSWER_PREFILL) + f"Answer {k}:", add_special_tokens=False
+            )["input_ids"]
+            ids = list(forced[-1].prefix_ids + row.suffix_ids)
+            assert ids[: len(head)] == head
+            assert tokenizer.decode(ids[len(head) :]) == "\n" + query.response.strip()
+        row_one = forced[-1].prefix_ids + forced[-1].rows[0].suffix_ids
+        generating_ids = generating[-1].prefix_ids + generating[-1].rows[0].suffix_ids
+        assert row_one[: len(generating_ids)] == generating_ids
+    references = [_reference_weights(model, e, 1, span) for e in generating]
+    use_capture_attention(model)
+    runner = rn.EpisodeRunner(model, tokenizer, 1, span, {tokenizer.eos_token_id})
+    try:
+        free = _run(runner, generating, "generate")
+        teacher_forced = _run(runner, forced, "likelihood")
+    finally:
+        runner.close()
+    for reference, a, b in zip(references, free, teacher_forced, strict=True):
+        np.testing.assert_allclose(b.attention, a.attention, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(b.attention) / sum(b.attention), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", pr.QUERY_LAYOUTS)
+def test_a_query_score_does_not_depend_on_another_querys_gold_answer(
+    layout: str, tiny_llama_dir: Path
+) -> None:
+    """Teacher forcing scores each gold answer after the prompt alone: another query's gold
+    answer (joint: the answers before it in one reply) must not condition it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = _sharp_model(tiny_llama_dir)
+    pool = _pool(12)
+    demos, queries = pool[0:4], pool[8:11]
+    changed = [Example("other", queries[0].prompt, "I am not sure.\n#### 0", ("x",)), *queries[1:]]
+    build = pr.build_separate_prompt if layout == "separate" else pr.build_joint_prompt
+    use_capture_attention(model)
+    runner = rn.EpisodeRunner(model, tokenizer, 1, "query_block", {tokenizer.eos_token_id})
+    try:
+        outputs = [
+            runner.likelihood(
+                [pr.encode_episode(tokenizer, build(tokenizer, demos, q, "Go.", True))]
+            )[0]
+            for q in (queries, changed)
+        ]
+    finally:
+        runner.close()
+    before, after = ([p for row in out.rows for p in row.gold_probs] for out in outputs)
+    assert len(before) == len(after) == 3 and len(before[0]) != len(after[0])
+    for k in (1, 2):
+        np.testing.assert_allclose(after[k], before[k], rtol=1e-5)
+    np.testing.assert_allclose(outputs[1].attention, outputs[0].attention, rtol=1e-5)
 
 
 def test_prompt_longer_than_the_context_drops_demonstrations(
@@ -588,6 +782,9 @@ def _without_chat_template(source: Path, target: Path) -> Path:
         "validation_without_queries",
         "bad_option",
         "bad_layout",
+        "final_span_without_final_answers",
+        "final_span_when_generating",
+        "final_span_on_a_text_task",
     ],
 )
 def test_bad_input_fails_clearly_before_any_work(
@@ -627,6 +824,21 @@ def test_bad_input_fails_clearly_before_any_work(
         expected = (ConfigError, "no query split")
     elif case == "bad_layout":
         overrides, expected = {"query_layout": "rows"}, (ConfigError, "method.query_layout")
+    elif case.startswith("final_span"):
+        overrides = {"n_demos": 3, "n_queries": 2, "query_scoring": "likelihood"}
+        overrides["likelihood_span"] = "final"
+        if case == "final_span_without_final_answers":  # a gold answer lost its `#### n` line
+            pool = [
+                Example(ex.id, ex.prompt, ex.response.split("####")[0], ex.references)
+                for ex in pool
+            ]
+            expected = (DataError, r"query example 'pool-\d{5}' has no final `#### n` line")
+        elif case == "final_span_when_generating":
+            overrides["query_scoring"] = "generate"
+            expected = (ConfigError, "needs method.query_scoring=likelihood")
+        else:
+            task["metric"] = "rouge_l"
+            expected = (ConfigError, "likelihood_span=final .*metric rouge_l")
     else:
         overrides, expected = {"attention_span": "last_token"}, (ConfigError, "attention_span")
     with pytest.raises(expected[0], match=expected[1]):

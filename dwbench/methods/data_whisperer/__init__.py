@@ -8,9 +8,12 @@ layer l; an example's score is the mean over its appearances.
 Variants (dwbench/conf/method/data_whisperer.yaml):
 - `query_layout=joint` (the paper's and the released code's prompt: one completion answers
   all numbered queries) or `separate` (each query its own row over the shared demonstrations);
-- `query_scoring=generate` (the paper: greedy answers scored with the task metric) or
-  `likelihood` (an extension, registered as `data_whisperer_likelihood`: no generation; each
-  query's score is the mean per-token probability of its gold answer under teacher forcing).
+- `query_scoring=generate` (the paper: greedy answers scored with the task metric; a joint
+  completion is read after its pre-filled "Answer 1:") or `likelihood` (an extension,
+  registered as `data_whisperer_likelihood`: no generation; each query's score is the mean
+  per-token probability of its gold answer, or with `likelihood_span=final` of its final
+  `#### n` number, teacher-forced in a row of its own right after the generating prompt, so
+  the weights are the generating variant's and no query sees another's gold answer).
 
 What differs from the authors' released code, on purpose:
 - Scores accumulate in float64; ties in the final ranking are broken by a permutation drawn

@@ -49,6 +49,8 @@ from dwbench.methods.data_whisperer.prompts import (
     build_separate_prompt,
     default_instruction,
     encode_episode,
+    has_final_answer,
+    joint_reply,
     separate_answer,
     split_answers,
 )
@@ -67,6 +69,7 @@ from dwbench.methods.data_whisperer.runner import (
 logger = logging.getLogger(__name__)
 
 QUERY_SCORINGS = ("generate", "likelihood")
+LIKELIHOOD_SPANS = ("answer", "final")  # the gold tokens a likelihood score averages over
 QUERY_SOURCES = ("pool_kfold", "validation")
 PROMPT_STYLES = ("dwbench", "released")
 SCORE_ARITHMETICS = ("float64", "float16")
@@ -103,6 +106,7 @@ class Settings:
     n_queries: int
     query_layout: str
     query_scoring: str
+    likelihood_span: str
     attention_span: str
     attention_weighting: bool
     episode_order: str
@@ -154,6 +158,7 @@ class Settings:
             n_queries=positive("n_queries", get("n_queries")),
             query_layout=choice("query_layout", QUERY_LAYOUTS),
             query_scoring=choice("query_scoring", QUERY_SCORINGS),
+            likelihood_span=choice("likelihood_span", LIKELIHOOD_SPANS),
             attention_span=choice("attention_span", ATTENTION_SPANS),
             attention_weighting=weighting,
             episode_order=choice("episode_order", EPISODE_ORDERS),
@@ -171,6 +176,11 @@ class Settings:
             raise ConfigError(
                 f"method.passes={settings.passes} needs method.episode_order=random "
                 f"({settings.episode_order} order walks the pool once, as the released code does)."
+            )
+        if settings.likelihood_span == "final" and settings.query_scoring != "likelihood":
+            raise ConfigError(
+                "method.likelihood_span=final chooses the gold tokens a likelihood score "
+                "averages over; it needs method.query_scoring=likelihood."
             )
         return settings._released_switches(get, positive, choice)
 
@@ -256,6 +266,12 @@ class DataWhisperer:
         self.metric_name = str(metric_name)
         self.metric = get_metric(self.metric_name)
         self.numeric = self.metric_name == NUMERIC_METRIC
+        if self.settings.likelihood_span == "final" and not self.numeric:
+            raise ConfigError(
+                f"method.likelihood_span=final scores the gold answer's final `#### n` number, "
+                f"which task {context.task_cfg.get('name')!r} (metric {self.metric_name}) does "
+                "not have; use method.likelihood_span=answer."
+            )
         if self.settings.query_layout == "joint":
             self.instruction = self.settings.instruction or default_instruction(self.metric_name)
         else:
@@ -379,6 +395,8 @@ class DataWhisperer:
             s.passes,
             self.context.seed,
         )
+        if s.likelihood_span == "final":
+            _check_final_answers([queries[i] for i in sorted({q for e in plan for q in e.queries})])
         return plan, queries, self._plan_id(pool, query_split, plan)
 
     def _run_episodes(
@@ -723,16 +741,17 @@ class DataWhisperer:
         self, out: EpisodeOutput, queries: Sequence[Example]
     ) -> tuple[list[float], int, list[bool | None], list[str | None]]:
         """Per-query scores, parse failures, whether each query was answered right, completions."""
-        if self.settings.query_scoring == "likelihood":
+        if self.settings.query_scoring == "likelihood":  # one row per query, in query order
             rows = out.rows
-            probs = [p for row in rows for p in row.gold_probs]
+            final = self.settings.likelihood_span == "final"
+            probs = [p for row in rows for p in (row.final_probs if final else row.gold_probs)]
             correct = [m for row in rows for m in row.number_match]
             return [float(np.mean(p)) for p in probs], 0, correct, []
         completions = [row.text for row in out.rows]
         if self.settings.query_layout == "separate":
             answers = [separate_answer(text) for text in completions]
-        else:
-            answers = split_answers(completions[0], len(queries), self.numeric)
+        else:  # the completion continues the pre-filled "Answer 1:"
+            answers = split_answers(joint_reply(completions[0]), len(queries), self.numeric)
         scores, failures, correct = [], 0, []
         for answer, query in zip(answers, queries, strict=True):
             if answer_failed(answer, self.numeric):
@@ -800,6 +819,17 @@ def _check_examples(examples: Sequence[Example], role: str) -> None:
             raise DataError(
                 f"{role} example {ex.id!r} has an empty {part}; Data Whisperer needs every "
                 "example to have a question and an answer. Remove it from the data."
+            )
+
+
+def _check_final_answers(queries: Sequence[Example]) -> None:
+    """likelihood_span=final scores each query's final number: every query must have one."""
+    for ex in queries:
+        if not has_final_answer(ex.response):
+            raise DataError(
+                f"query example {ex.id!r} has no final `#### n` line in its answer, which "
+                "method.likelihood_span=final scores; fix or remove it, or use "
+                "method.likelihood_span=answer."
             )
 
 

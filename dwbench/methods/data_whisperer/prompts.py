@@ -4,19 +4,28 @@ Two layouts (`method.query_layout`):
 - `joint` (the paper's and the released code's): one user turn holds a header, the
   demonstrations ("Question: x\\nAnswer:\\ny"), an instruction and "Question k: x" for each
   query; the assistant turn is pre-filled with "Answer 1:" and one completion answers every
-  query. The query block, whose rows weigh the demonstrations, runs from the instruction to the
-  end of the prompt, as in the released code.
+  query (it is read with the pre-fill in front: `joint_reply`). The query block, whose rows
+  weigh the demonstrations, runs from the instruction to the end of the prompt, as in the
+  released code.
 - `separate`: the demonstrations are earlier chat turns (user: question, assistant: answer) and
   each query is its own row continuing them, written exactly as a demonstration's question
   (a user turn, then the assistant header). All rows of an episode share the demonstration
   prefix, which is computed once. A row's query block runs from its question to the end of its
   prompt. Small models answer far more queries this way (no numbered format to keep).
 
-Every row is tokenised once, whole, with character offsets, so token spans are exact for any
-tokenizer; the rows of an episode must agree on the prefix's tokens (they do wherever the chat
-template puts a special token at the turn boundary; otherwise the episode is refused).
-With `query_scoring=likelihood` each row also carries its queries' gold answers after the
-prompt (teacher forcing); `answer_chars` locate them and `number_chars` their final number.
+Every row's prompt is tokenised once, whole, with character offsets, so token spans are exact
+for any tokenizer; the rows of an episode must agree on the prefix's tokens (they do wherever
+the chat template puts a special token at the turn boundary; otherwise the episode is refused).
+
+With `query_scoring=likelihood` (teacher forcing) each row carries one query's gold answer
+after its prompt, as a `continuation` tokenised after the prompt's own tokens, so the prompt's
+tokens are exactly those generation sees even where the tokenizer would merge the prompt's last
+characters with the answer's first (tiktoken-style vocabularies such as Llama 3's have ":\\n"
+as one token). `answer_chars` locate the gold answer and `number_chars` its final number. The
+joint layout then has one row per query, each the generating prompt with "Answer k:" in place
+of "Answer 1:" and gold answer k after it: no query is conditioned on another query's gold
+answer. Its shared prefix runs to the end of the user turn, so the query block lies mostly in
+the prefix, and only row 1 (the generating row's exact tokens) weighs the demonstrations.
 """
 
 from __future__ import annotations
@@ -60,12 +69,16 @@ _GOLD_NUMBER = re.compile(r"####[ \t]*([^\n]*\S)")
 
 @dataclass(frozen=True)
 class RowText:
-    """One batch row: the shared prefix, then its query block (and gold answers, if forced)."""
+    """One batch row: the shared prefix, then its query block (and a gold answer, if forced).
 
-    text: str
-    query_chars: tuple[int, int]  # the rows whose attention weighs the demonstrations
-    answer_chars: tuple[tuple[int, int], ...] = ()  # gold answers after the prompt (likelihood)
-    number_chars: tuple[tuple[int, int] | None, ...] = ()  # each gold answer's final number
+    Character spans are in `text + continuation`.
+    """
+
+    text: str  # the prompt, tokenised whole
+    query_chars: tuple[int, int] | None  # the rows whose attention weighs the demonstrations
+    continuation: str = ""  # teacher-forced after the prompt's tokens (likelihood)
+    answer_chars: tuple[tuple[int, int], ...] = ()  # the gold answer in the continuation
+    number_chars: tuple[tuple[int, int] | None, ...] = ()  # its final number (None without ####)
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,26 @@ def _gold_number(text: str, start: int) -> tuple[int, int] | None:
     return start + found[-1].start(1), start + found[-1].end(1)
 
 
+def has_final_answer(answer: str) -> bool:
+    """Whether a gold answer has the `#### n` line that `likelihood_span=final` scores."""
+    return _gold_number(answer, 0) is not None
+
+
+def _gold_row(
+    prompt: str, query_chars: tuple[int, int] | None, lead: str, query: Example
+) -> RowText:
+    """A teacher-forced row: the prompt, then `lead` and the query's gold answer."""
+    answer = query.response.strip()
+    start = len(prompt) + len(lead)
+    return RowText(
+        prompt,
+        query_chars,
+        lead + answer,
+        ((start, start + len(answer)),),
+        (_gold_number(answer, start),),
+    )
+
+
 def build_joint_prompt(
     tokenizer: PreTrainedTokenizerBase,
     demos: Sequence[Example],
@@ -104,7 +137,9 @@ def build_joint_prompt(
     in the model's chat template; the ranges are shifted by where the message lands there. The
     assistant turn starts with the first answer's marker (`ANSWER_PREFILL`): small models
     follow the numbered format far more reliably when their reply already begins with it.
-    With `gold`, the queries' reference answers follow in the numbered format.
+    With `gold`, one row per query: the reply starts with "Answer k:" and continues with gold
+    answer k on its own line; the rows share everything before the reply, and row 1, whose
+    prompt is the generating row's, is the one whose query block weighs the demonstrations.
     """
     pieces = [DEMOS_HEADER]
     cursor = len(DEMOS_HEADER)
@@ -119,27 +154,23 @@ def build_joint_prompt(
     pieces.append(instruction)
     pieces += [f"Question {k}: {query.prompt.strip()}" for k, query in enumerate(queries, 1)]
     message = "\n\n".join(pieces)
-    text = prompt_text(tokenizer, message) + ANSWER_PREFILL
-    offset = text.find(message)
+    chat = prompt_text(tokenizer, message)
+    offset = chat.find(message)
     if offset < 0:
         raise ConfigError(
             "the model's chat template changes the user message it renders, so Data Whisperer "
             "cannot locate the demonstrations in the prompt; use another selector model."
         )
-    prompt_end = len(text)
-    answers, numbers = [], []
-    if gold:
-        for k, query in enumerate(queries, 1):
-            text += "\n" if k == 1 else f"\n\nAnswer {k}:\n"
-            answer = query.response.strip()
-            answers.append((len(text), len(text) + len(answer)))
-            numbers.append(_gold_number(answer, len(text)))
-            text += answer
-    return EpisodePrompt(
-        prefix_chars=offset + query_start,
-        demo_chars=tuple((offset + s, offset + e) for s, e in demo_chars),
-        rows=(RowText(text, (offset + query_start, prompt_end), tuple(answers), tuple(numbers)),),
+    text = chat + ANSWER_PREFILL
+    query_chars = (offset + query_start, len(text))
+    demo_spans = tuple((offset + s, offset + e) for s, e in demo_chars)
+    if not gold:
+        return EpisodePrompt(offset + query_start, demo_spans, (RowText(text, query_chars),))
+    rows = tuple(
+        _gold_row(chat + f"Answer {k}:", query_chars if k == 1 else None, "\n", query)
+        for k, query in enumerate(queries, 1)
     )
+    return EpisodePrompt(len(chat), demo_spans, rows)
 
 
 def _find(text: str, piece: str, start: int) -> int:
@@ -191,13 +222,7 @@ def build_separate_prompt(
                 "method.query_layout=joint or another selector model."
             )
         query_chars = (_find(text, question, len(prefix)), len(text))
-        answers, numbers = (), ()
-        if gold:
-            answer = query.response.strip()
-            answers = ((len(text), len(text) + len(answer)),)
-            numbers = (_gold_number(answer, len(text)),)
-            text += answer
-        rows.append(RowText(text, query_chars, answers, numbers))
+        rows.append(_gold_row(text, query_chars, "", query) if gold else RowText(text, query_chars))
     return EpisodePrompt(prefix_chars=len(prefix), demo_chars=tuple(demo_chars), rows=tuple(rows))
 
 
@@ -206,10 +231,11 @@ def build_separate_prompt(
 
 @dataclass(frozen=True)
 class EncodedRow:
-    """A row's tokens after the shared prefix; spans are in these suffix coordinates."""
+    """A row's tokens after the shared prefix; spans are in these suffix coordinates (a query
+    block that starts in the prefix starts below 0)."""
 
     suffix_ids: tuple[int, ...]
-    query_tokens: tuple[int, int]
+    query_tokens: tuple[int, int] | None  # None: the row does not weigh the demonstrations
     answer_tokens: tuple[tuple[int, int], ...] = ()
     number_tokens: tuple[tuple[int, int] | None, ...] = ()
 
@@ -234,29 +260,53 @@ def char_to_token_span(offsets: Sequence[tuple[int, int]], start: int, end: int)
     return inside[0], inside[-1] + 1
 
 
+Tokens = tuple[list[int], list[tuple[int, int]]]  # ids and their character offsets
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str, shift: int = 0) -> Tokens:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [(s + shift, e + shift) for s, e in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), offsets
+
+
+def encode_row(tokenizer: PreTrainedTokenizerBase, row: RowText) -> Tokens:
+    """The prompt's tokens, exactly as generation sees them, then the continuation's.
+
+    Where the whole row's tokens begin with the prompt's, the rest are the continuation's
+    tokens in context. Otherwise a token would straddle the two (":" + "\\n" merged), and the
+    continuation is tokenised on its own instead; this keeps the in-context tokens wherever they
+    can be had, since some tokenizers mark the start of a text they are given alone
+    (SentencePiece's dummy-prefix "▁").
+    """
+    ids, offsets = _tokens(tokenizer, row.text)
+    if not row.continuation:
+        return ids, offsets
+    whole_ids, whole_offsets = _tokens(tokenizer, row.text + row.continuation)
+    if whole_ids[: len(ids)] == ids:
+        return whole_ids, whole_offsets
+    more_ids, more_offsets = _tokens(tokenizer, row.continuation, len(row.text))
+    return ids + more_ids, offsets + more_offsets
+
+
 def encode_episode(tokenizer: PreTrainedTokenizerBase, prompt: EpisodePrompt) -> EncodedEpisode:
     """One tokenisation per row; the prefix is the tokens that end inside the shared text."""
-    encoded = [
-        tokenizer(row.text, add_special_tokens=False, return_offsets_mapping=True)
-        for row in prompt.rows
-    ]
-    first_ids = encoded[0]["input_ids"]
-    offsets = [tuple(pair) for pair in encoded[0]["offset_mapping"]]
+    encoded = [encode_row(tokenizer, row) for row in prompt.rows]
+    first_ids, offsets = encoded[0]
     n_prefix = next(
         (i for i, (_, e) in enumerate(offsets) if e > prompt.prefix_chars), len(offsets)
     )
     prefix_ids = tuple(first_ids[:n_prefix])
-    if any(tuple(e["input_ids"][:n_prefix]) != prefix_ids for e in encoded[1:]):
+    if any(tuple(ids[:n_prefix]) != prefix_ids for ids, _ in encoded[1:]):
         raise DwbenchError(
-            "the tokenizer splits the demonstrations differently in different query rows, so "
-            "their prefix cannot be shared; use method.query_layout=joint"
+            "the tokenizer splits the shared part of an episode's rows differently in different "
+            "rows, so it cannot be computed once; use method.query_layout=joint with "
+            "method.query_scoring=generate"
         )
     demo_tokens = tuple(char_to_token_span(offsets, s, e) for s, e in prompt.demo_chars)
     if any(end > n_prefix for _, end in demo_tokens):
         raise DwbenchError("a demonstration's last token runs into the query block")
     rows = []
-    for row, enc in zip(prompt.rows, encoded, strict=True):
-        row_offsets = [tuple(pair) for pair in enc["offset_mapping"]]
+    for row, (ids, row_offsets) in zip(prompt.rows, encoded, strict=True):
 
         def span(chars: tuple[int, int], offsets: list = row_offsets) -> tuple[int, int]:
             start, end = char_to_token_span(offsets, *chars)
@@ -264,8 +314,8 @@ def encode_episode(tokenizer: PreTrainedTokenizerBase, prompt: EpisodePrompt) ->
 
         rows.append(
             EncodedRow(
-                suffix_ids=tuple(enc["input_ids"][n_prefix:]),
-                query_tokens=span(row.query_chars),
+                suffix_ids=tuple(ids[n_prefix:]),
+                query_tokens=None if row.query_chars is None else span(row.query_chars),
                 answer_tokens=tuple(span(chars) for chars in row.answer_chars),
                 number_tokens=tuple(None if c is None else span(c) for c in row.number_chars),
             )
@@ -349,17 +399,32 @@ def answer_failed(answer: str | None, numeric: bool) -> bool:
     )
 
 
+def joint_reply(completion: str) -> str:
+    """The whole joint reply: the pre-filled "Answer 1:", then the completion.
+
+    A completion holds only the new tokens, so without the prefill its first answer has no
+    marker: "... Answer 2: ..." would lose answer 1 and a marker-free text answer would be
+    read as no answer at all. A completion that writes "Answer 1:" again is taken as it is (the
+    marker twice would put the second one into answer 1's text). Both the stop check and
+    scoring read this text.
+    """
+    restated = _ANSWER_MARKER.match(completion.lstrip(" \t\r\n*#"))
+    return completion if restated and restated.group(1) == "1" else ANSWER_PREFILL + completion
+
+
 class JointStop:
     """A joint row is done once its n_q-th answer is complete; checked when a line ends."""
 
     def __init__(self, n_queries: int, numeric: bool) -> None:
         self.n_queries = n_queries
         self.numeric = numeric
-        self.text = ANSWER_PREFILL
+        self.completion = ""
 
     def feed(self, piece: str) -> bool:
-        self.text += piece
-        return "\n" in piece and answers_complete(self.text, self.n_queries, self.numeric)
+        self.completion += piece
+        return "\n" in piece and answers_complete(
+            joint_reply(self.completion), self.n_queries, self.numeric
+        )
 
 
 class SeparateStop:

@@ -15,8 +15,11 @@ own loop rather than `model.generate`:
 - the stop check sees only the newly decoded text (incremental detokenisation), not the whole
   completion at every step;
 - an episode is handed back as soon as all its rows are done, so it can be logged at once.
-`likelihood` generates nothing: the rows carry the gold answers after the query block, and the
-same forward pass yields the probability of each gold token (logits only where one is needed).
+`likelihood` generates nothing: each row carries a gold answer after its prompt, and the same
+forward pass yields the probability of each gold token (logits only where one is needed). A
+row's query block may begin in the shared prefix (the joint layout's teacher-forced rows share
+the whole user turn); its prefix part is read from the prefix's own rows, which see exactly
+what the row's would.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RowOutput:
     new_tokens: int = 0
     complete: bool = True  # ended by its own stop (answer done or end-of-turn), not the cap
     gold_probs: list[list[float]] = field(default_factory=list)  # per answer, per token
+    final_probs: list[list[float] | None] = field(default_factory=list)  # its final number's
     number_match: list[bool | None] = field(default_factory=list)  # teacher-forced final number
 
 
@@ -234,10 +238,16 @@ class EpisodeRunner:
         """One forward over the packed episodes; a_i from each episode's query rows."""
         spans = []  # (episode, first row, end row) in packed coordinates
         for b, episode in enumerate(episodes):
+            prefix_end = packed.prefix_start[b] + len(episode.prefix_ids)
             for row, at in zip(episode.rows, packed.row_start[b], strict=True):
+                if row.query_tokens is None:
+                    continue
                 start, end = row.query_tokens
                 if self.attention_span == "first_token":  # the last prompt token's row
                     start = end - 1
+                if start < 0:  # the block's first rows are the shared prefix's
+                    spans.append((b, prefix_end + start, prefix_end))
+                    start = 0
                 spans.append((b, at + start, at + end))
         self.capture.arm(spans)
         output = self._forward(packed.ids, packed.mask, packed.positions, keep, cache)
@@ -290,11 +300,13 @@ class EpisodeRunner:
                 out = RowOutput()
                 for (s, e), number in zip(row.answer_tokens, row.number_tokens, strict=True):
                     index = kept(s, e)
-                    gold = logits[b, index, ids[s:e]] - log_norm[b, index]
-                    out.gold_probs.append(gold.exp().tolist())
+                    probs = (logits[b, index, ids[s:e]] - log_norm[b, index]).exp().tolist()
+                    out.gold_probs.append(probs)
                     if number is None:
+                        out.final_probs.append(None)
                         out.number_match.append(None)
                     else:
+                        out.final_probs.append(probs[number[0] - s : number[1] - s])
                         hits = predicted[b, kept(*number)] == ids[number[0] : number[1]]
                         out.number_match.append(bool(hits.all()))
                 outputs[b].rows.append(out)
