@@ -13,6 +13,9 @@ files in any other shape) is reported with its path, moved aside to `.damaged-<k
 (nothing is deleted), and computed again; a folder without a marker is replaced by the fresh
 output. Outputs written before markers carried the list are checked by their stage's content
 check alone.
+
+Training checkpoints are sealed the same way (`seal`): every file is flushed to disk before the
+marker, so after a kill or a power loss a checkpoint with a matching marker is whole.
 """
 
 from __future__ import annotations
@@ -63,23 +66,25 @@ def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     return {name: file_record(folder / name) for name in manifest_names(folder)}
 
 
-def damage(folder: Path) -> str | None:
-    """What is wrong with a finished output folder, or None when it checks out.
+def damage(folder: Path, stage: str | None = None, legacy: bool = True) -> str | None:
+    """What is wrong with a finished folder, or None when it checks out.
 
-    Its marker must name the folder's stage and key. A marker with no file list at all
-    (written before markers listed their files) passes: the stage's content check is then all
-    that guards the output.
+    Its marker must name `stage` (the folder's parent by default) and the folder's name as its
+    key. `legacy`: a marker with no file list at all (written before markers listed their
+    files) passes; the stage's content check is then all that guards the output.
     """
     marker_path = folder / SUCCESS_MARKER
+    if not marker_path.is_file():
+        return f"its marker {marker_path} is missing"
     try:
         marker = json.loads(marker_path.read_text())
     except (OSError, ValueError) as error:
         return f"its marker {marker_path} cannot be read ({error})"
-    problem = not_its_marker(marker, folder)
+    problem = not_its_marker(marker, folder, stage)
     if problem is not None:
         return f"its marker {marker_path} {problem}"
     if "files" not in marker:
-        return None
+        return None if legacy else f"its marker {marker_path} lists no files"
     listed = marker["files"]
     shape = _file_list_problem(listed)
     if shape is not None:
@@ -135,6 +140,37 @@ def aside_path(folder: Path) -> Path:
         count += 1
         aside = folder.with_name(f".damaged-{folder.name}-{stamp}-{count}")
     return aside
+
+
+def seal(folder: Path, marker: dict[str, Any]) -> None:
+    """Write `folder`'s marker, listing its files, once they are all on disk.
+
+    Every file and folder is flushed first, the marker goes through a flushed temporary file
+    renamed into place, and the parent folder is flushed last: after a kill or a power loss a
+    marker exists only beside the complete files it lists.
+    """
+    listed = manifest(folder)
+    for name in listed:
+        _fsync(folder / name)
+    for sub in sorted({(folder / name).parent for name in listed}, reverse=True):
+        _fsync(sub)
+    staging = folder / f".{SUCCESS_MARKER}.tmp"
+    with staging.open("w") as handle:
+        json.dump({**marker, "files": listed}, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, folder / SUCCESS_MARKER)
+    _fsync(folder)
+    _fsync(folder.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _pid_alive(pid: int) -> bool:
