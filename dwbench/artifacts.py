@@ -4,12 +4,18 @@ A stage writes into a private staging folder and renames it into place with `_SU
 already inside, so a folder that exists under its key is finished: a killed job never leaves a
 half-written output that a later run could mistake for a result.
 
-The marker lists every file of the output with its size, sha256 and, for line-based files, its
-row count, and an output is only ever reused after they check out. A folder that fails the check
-(a file cut short by a disk fault or a partial copy, edited by hand, missing, or a marker that
-is not JSON) is reported with its path, moved aside to `.damaged-<key>-<time>` (nothing is
-deleted), and computed again; a folder without a marker is replaced by the fresh output.
-Outputs written before markers carried the list are trusted as they are.
+The marker names its stage and key and lists every file of the output with its size, sha256
+and, for line-based files, its row count, and an output is only ever reused after they check
+out, and after the stage's own check of its content (the prepared data's fingerprint, the
+selected ids). A folder that fails (a file cut short by a disk fault or a partial copy, edited
+by hand, missing or not listed; a marker that is not JSON, names another output or lists its
+files in any other shape) is reported with its path, moved aside to `.damaged-<key>-<time>`
+(nothing is deleted), and computed again; a folder without a marker is replaced by the fresh
+output. Outputs written before markers carried the list are checked by their stage's content
+check alone.
+
+Training checkpoints are sealed the same way (`seal`): every file is flushed to disk before the
+marker, so after a kill or a power loss a checkpoint with a matching marker is whole.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,27 +52,43 @@ def file_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+def manifest_names(folder: Path) -> list[str]:
     """Every file under `folder` (but the marker), by its path relative to it."""
-    return {
-        str(path.relative_to(folder)): file_record(path)
+    return [
+        str(path.relative_to(folder))
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != SUCCESS_MARKER
-    }
+    ]
 
 
-def damage(folder: Path) -> str | None:
-    """What is wrong with a finished output folder, or None when it checks out."""
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `folder` (but the marker) with its record."""
+    return {name: file_record(folder / name) for name in manifest_names(folder)}
+
+
+def damage(folder: Path, stage: str | None = None, legacy: bool = True) -> str | None:
+    """What is wrong with a finished folder, or None when it checks out.
+
+    Its marker must name `stage` (the folder's parent by default) and the folder's name as its
+    key. `legacy`: a marker with no file list at all (written before markers listed their
+    files) passes; the stage's content check is then all that guards the output.
+    """
     marker_path = folder / SUCCESS_MARKER
+    if not marker_path.is_file():
+        return f"its marker {marker_path} is missing"
     try:
         marker = json.loads(marker_path.read_text())
     except (OSError, ValueError) as error:
         return f"its marker {marker_path} cannot be read ({error})"
-    listed = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(marker, dict):
-        return f"its marker {marker_path} is not a JSON object"
-    if listed is None:
-        return None  # written before markers listed their files
+    problem = not_its_marker(marker, folder, stage)
+    if problem is not None:
+        return f"its marker {marker_path} {problem}"
+    if "files" not in marker:
+        return None if legacy else f"its marker {marker_path} lists no files"
+    listed = marker["files"]
+    shape = _file_list_problem(listed)
+    if shape is not None:
+        return f"its marker {marker_path} does not list the files as written ({shape})"
     for name, expected in listed.items():
         path = folder / name
         if not path.is_file():
@@ -78,7 +100,77 @@ def damage(folder: Path) -> str | None:
             else:
                 size = f"{found['bytes']} bytes, {expected['bytes']} written"
             return f"{path} changed since it was written ({size})"
+    unlisted = sorted(set(manifest_names(folder)) - set(listed))
+    if unlisted:
+        return f"{folder / unlisted[0]} is not listed in its marker {marker_path}"
     return None
+
+
+def not_its_marker(marker: Any, folder: Path, stage: str | None = None) -> str | None:
+    """Why a parsed marker is not the marker of this folder, or None: it must be a JSON object
+    naming the stage (the folder's parent by default) and the key (the folder's name)."""
+    if not isinstance(marker, dict):
+        return f"is not a JSON object but {type(marker).__name__}"
+    stage = folder.parent.name if stage is None else stage
+    found = (marker.get("stage"), marker.get("key"))
+    if found != (stage, folder.name):
+        return f"names stage {found[0]!r} and key {found[1]!r}, not {stage!r} and {folder.name!r}"
+    return None
+
+
+def _file_list_problem(listed: Any) -> str | None:
+    """How a marker's `files` differs from {name: {"bytes": int, "sha256": str, ...}}."""
+    if not isinstance(listed, dict):
+        return f"files is {type(listed).__name__}, not an object"
+    for name, record in listed.items():
+        if not isinstance(record, dict):
+            return f"{name} has {type(record).__name__}, not its size and sha256"
+        size, digest = record.get("bytes"), record.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or not isinstance(digest, str):
+            return f"{name} has no integer bytes and string sha256"
+    return None
+
+
+def aside_path(folder: Path) -> Path:
+    """A free `.damaged-<name>-<time>` beside `folder`, where a damaged folder is kept."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder.with_name(f".damaged-{folder.name}-{stamp}")
+    count = 1
+    while aside.exists():
+        count += 1
+        aside = folder.with_name(f".damaged-{folder.name}-{stamp}-{count}")
+    return aside
+
+
+def seal(folder: Path, marker: dict[str, Any]) -> None:
+    """Write `folder`'s marker, listing its files, once they are all on disk.
+
+    Every file and folder is flushed first, the marker goes through a flushed temporary file
+    renamed into place, and the parent folder is flushed last: after a kill or a power loss a
+    marker exists only beside the complete files it lists.
+    """
+    listed = manifest(folder)
+    for name in listed:
+        _fsync(folder / name)
+    for sub in sorted({(folder / name).parent for name in listed}, reverse=True):
+        _fsync(sub)
+    staging = folder / f".{SUCCESS_MARKER}.tmp"
+    with staging.open("w") as handle:
+        json.dump({**marker, "files": listed}, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, folder / SUCCESS_MARKER)
+    _fsync(folder)
+    _fsync(folder.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,15 +198,26 @@ class ArtifactStore:
         """Finished: its marker exists (cheap, for status and plans; `reusable` checks it)."""
         return (self.stage_dir(stage, key) / SUCCESS_MARKER).is_file()
 
-    def reusable(self, stage: str, key: str) -> bool:
+    def reusable(
+        self,
+        stage: str,
+        key: str,
+        check: Callable[[Path, dict[str, Any]], str | None] | None = None,
+    ) -> bool:
         """Finished and intact, checked once per process before a stage reuses its output; a
-        damaged output is reported, moved aside and so not reusable."""
+        damaged output is reported, moved aside and so not reusable.
+
+        `check(folder, marker)` is the stage's own check of the content (what is wrong, or
+        None), run once the files match their marker.
+        """
         folder = self.stage_dir(stage, key)
         if not (folder / SUCCESS_MARKER).is_file():
             return False
         if (stage, key) in self._checked:
             return True
         problem = damage(folder)
+        if problem is None and check is not None:
+            problem = check(folder, json.loads((folder / SUCCESS_MARKER).read_text()))
         if problem is None:
             self._checked.add((stage, key))
             return True
@@ -124,12 +227,19 @@ class ArtifactStore:
     def marker(self, stage: str, key: str) -> dict[str, Any]:
         path = self.stage_dir(stage, key) / SUCCESS_MARKER
         try:
-            return json.loads(path.read_text())
+            marker = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise DataError(
                 f"{path} cannot be read ({error}); run the cell again, which checks the stage "
                 "output and computes it afresh."
             ) from error
+        problem = not_its_marker(marker, path.parent)
+        if problem is not None:
+            raise DataError(
+                f"{path} {problem}; run the cell again, which checks the stage output and "
+                "computes it afresh."
+            )
+        return marker
 
     def _set_aside(self, folder: Path, problem: str) -> Path:
         if self.read_only:
@@ -137,21 +247,36 @@ class ArtifactStore:
                 f"{folder} is damaged ({problem}), and {self.root} is read-only, so it cannot be "
                 "computed again; run it where the results folder can be written."
             )
-        aside = folder.with_name(f".damaged-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = aside_path(folder)
         logger.warning(
             "%s is damaged: %s. Moved to %s; computing it again.", folder, problem, aside
         )
         os.replace(folder, aside)
         return aside
 
-    def markers(self, stage: str) -> Iterator[dict[str, Any]]:
-        """Every finished output's marker (e.g. a measured full-pool fine-tune); reading them
-        changes nothing, and an unreadable one is skipped (reusing that output checks it)."""
-        for marker in sorted((self.root / stage).glob(f"*/{SUCCESS_MARKER}")):
+    def markers(self, stage: str, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+        """Every finished output's marker (e.g. a measured full-pool fine-tune) that names its
+        stage and key and holds the `required` fields; reading them changes nothing, and any
+        other is skipped with a warning (reusing that output checks it and computes it again)."""
+        for path in sorted((self.root / stage).glob(f"*/{SUCCESS_MARKER}")):
             try:
-                yield json.loads(marker.read_text())
-            except (OSError, ValueError):
-                logger.warning("%s cannot be read; skipped.", marker)
+                marker = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                problem: str | None = f"cannot be read ({error})"
+            else:
+                problem = not_its_marker(marker, path.parent)
+                missing = [f for f in required if problem is None and f not in marker]
+                if missing:
+                    problem = f"has no {', '.join(missing)}"
+            if problem is not None:
+                logger.warning(
+                    "%s %s; its output is left out. Run its cell again: that checks the output "
+                    "and computes it afresh.",
+                    path,
+                    problem,
+                )
+                continue
+            yield marker
 
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:

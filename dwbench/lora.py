@@ -1,8 +1,11 @@
 """LoRA fine-tuning with peft and transformers: the recipe, the run, its epoch snapshots.
 
 Loss on response tokens only, through the model's chat template. Checkpoints go to a scratch
-folder that survives a kill, so a restarted job resumes from the last one; the time counted is
-the training time up to that checkpoint plus the time after the restart, never the lost work.
+folder that survives a kill, so a restarted job resumes from the last complete one; the time
+counted is the training time up to that checkpoint plus the time after the restart, never the
+lost work. A checkpoint is complete once sealed: its files flushed to disk, then a marker
+listing their sizes and sha256 (dwbench.artifacts.seal); only then is the one before it
+removed, so a kill or a power loss at any moment leaves one to resume from.
 Scorers that read training states (EL2N, LESS, S2L) get a snapshot after every epoch: the
 adapter, its Adam moments and the epoch's mean learning rate.
 """
@@ -12,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dwbench.artifacts import aside_path, damage, seal
 from dwbench.context import RunContext
 from dwbench.data.records import Example
 
@@ -95,7 +100,7 @@ def fine_tune(
         logging_steps=1,
         save_strategy="steps",
         save_steps=int(ft.runtime.save_every_steps),
-        save_total_limit=1,
+        save_total_limit=None,  # SealCheckpoints removes a checkpoint once a later one is sealed
         report_to="none",
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -108,7 +113,7 @@ def fine_tune(
     elapsed_file = scratch / ELAPSED_FILE
     resume_from = last_complete_checkpoint(scratch)
     elapsed_before = 0.0
-    if resume_from and elapsed_file.exists():
+    if resume_from:
         elapsed_before = _read_elapsed(elapsed_file).get(Path(resume_from).name, 0.0)
         logger.info("train: resuming from %s (%.1f s already trained)", resume_from, elapsed_before)
     attempt_start = time.perf_counter()
@@ -124,7 +129,7 @@ def fine_tune(
             staging.write_text(json.dumps(elapsed))
             os.replace(staging, elapsed_file)
 
-    callbacks: list[Any] = [RecordElapsed()]
+    callbacks: list[Any] = [RecordElapsed(), seal_checkpoints()]
     if snapshots_dir is not None:
         callbacks.append(epoch_snapshots(snapshots_dir))
     trainer = Trainer(
@@ -153,33 +158,57 @@ def fine_tune(
     }
 
 
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "adapter_model.safetensors")
+CHECKPOINT_STAGE = "checkpoint"  # the stage a checkpoint's marker names (dwbench.artifacts)
+
+
+def seal_checkpoints() -> Any:
+    """A callback sealing each checkpoint the Trainer saves, then removing the earlier ones."""
+    from transformers import TrainerCallback
+
+    class SealCheckpoints(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not args.should_save:  # another process of a distributed run writes it
+                return
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            seal(checkpoint, {"stage": CHECKPOINT_STAGE, "key": checkpoint.name})
+            for earlier in _checkpoints(Path(args.output_dir)):
+                if _step(earlier) < state.global_step:
+                    shutil.rmtree(earlier)
+
+    return SealCheckpoints()
 
 
 def last_complete_checkpoint(scratch: Path) -> str | None:
-    """The newest `checkpoint-N` holding everything a resume reads. One that a kill or a full
-    disk cut short is set aside (`.incomplete-checkpoint-N`), never resumed from, never deleted."""
-    if not scratch.is_dir():
-        return None
-    found = sorted(
-        (p for p in scratch.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for checkpoint in reversed(found):
-        missing = [f for f in CHECKPOINT_FILES if not (checkpoint / f).is_file()]
-        readable = not missing and _json_ok(checkpoint / "trainer_state.json")
-        if readable:
+    """The newest sealed `checkpoint-N` whose files match its marker, or None.
+
+    Newer ones that do not (a kill while saving, a file cut short by a power loss, edited or
+    missing) are reported, one line each, and moved aside (`.damaged-checkpoint-N-<time>`),
+    never resumed from; the stage's scratch folder, and they with it, goes once training ends.
+    """
+    damaged = 0
+    for checkpoint in reversed(_checkpoints(scratch)):
+        problem = damage(checkpoint, CHECKPOINT_STAGE, legacy=False)
+        if problem is None:
             return str(checkpoint)
-        aside = checkpoint.with_name(f".incomplete-{checkpoint.name}")
-        logger.warning(
-            "train: %s is incomplete (missing or unreadable: %s); resuming from an earlier one. "
-            "Moved to %s.",
-            checkpoint,
-            ", ".join(missing) or "trainer_state.json",
-            aside,
-        )
-        checkpoint.replace(aside)
+        aside = aside_path(checkpoint)
+        logger.warning("train: %s is incomplete (%s); moved to %s.", checkpoint, problem, aside)
+        os.replace(checkpoint, aside)
+        damaged += 1
+    if damaged:
+        logger.warning("train: no complete checkpoint is left; training from the start.")
     return None
+
+
+def _checkpoints(scratch: Path) -> list[Path]:
+    """The Trainer's `checkpoint-N` folders in `scratch`, oldest first."""
+    if not scratch.is_dir():
+        return []
+    found = (p for p in scratch.glob("checkpoint-*") if p.name.split("-")[-1].isdigit())
+    return sorted(found, key=_step)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
 
 
 def _read_elapsed(path: Path) -> dict[str, float]:
@@ -189,14 +218,6 @@ def _read_elapsed(path: Path) -> dict[str, float]:
     except (OSError, ValueError):
         logger.warning("train: %s cannot be read; earlier training time is not counted.", path)
         return {}
-
-
-def _json_ok(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def mean_training_loss(history: list[dict[str, Any]], this_attempt: float) -> float:
@@ -282,8 +303,6 @@ def epoch_snapshots(folder: Path) -> Any:
             }
             (staging / "snapshot.json").write_text(json.dumps(meta))
             if target.exists():
-                import shutil
-
                 shutil.rmtree(target)
             staging.rename(target)
 

@@ -1,19 +1,23 @@
 """prepare: load the task's pool, query and evaluation splits and freeze them as JSONL.
 
 The key hashes the task config and a fingerprint of the data's content, so every later key
-changes when the data does, and never when only its location does.
+changes when the data does, and never when only its location does. A folder under the key is
+reused only when it holds that data: its marker's fingerprint and sizes, and its split files
+read back, must match what was loaded (evaluation reads eval.jsonl from there).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from dwbench.artifacts import ArtifactStore
+from dwbench.artifacts import SUCCESS_MARKER, ArtifactStore
 from dwbench.data.loading import TaskSplits, load_task
-from dwbench.data.records import fingerprint, write_jsonl
+from dwbench.data.records import Example, fingerprint, read_jsonl, write_jsonl
+from dwbench.errors import DataError
 from dwbench.keys import stage_key
 from dwbench.stages.records import Prepared
 
@@ -24,7 +28,11 @@ def run(task_cfg: DictConfig, store: ArtifactStore, splits: TaskSplits | None = 
     data_fingerprint = fingerprint(splits)
     key = stage_key("prepare", task=task_cfg, data=data_fingerprint)
     with store.lock("prepare", key):
-        if not store.reusable("prepare", key):
+        if not store.reusable(
+            "prepare",
+            key,
+            lambda folder, marker: not_this_data(folder, marker, splits, data_fingerprint),
+        ):
             write_prepared(store, key, splits, data_fingerprint)
     folder = store.stage_dir("prepare", key)
     return Prepared(
@@ -53,3 +61,41 @@ def write_prepared(store: ArtifactStore, key: str, splits: Any, data_fingerprint
             n_eval=len(splits.eval),
             n_queries=None if splits.queries is None else len(splits.queries),
         )
+
+
+def not_this_data(
+    folder: Path, marker: dict[str, Any], splits: TaskSplits, data_fingerprint: str
+) -> str | None:
+    """Why a prepared folder does not hold the data loaded now, or None."""
+    expected = {
+        "fingerprint": data_fingerprint,
+        "n_pool": len(splits.pool),
+        "n_eval": len(splits.eval),
+    }
+    for field, value in expected.items():
+        if marker.get(field) != value:
+            return (
+                f"its marker {folder / SUCCESS_MARKER} records {field}={marker.get(field)!r}, "
+                f"not {value!r} as the data loaded"
+            )
+    files: dict[str, list[Example]] = {"pool.jsonl": splits.pool, "eval.jsonl": splits.eval}
+    if splits.queries is not None:
+        files["queries.jsonl"] = splits.queries
+    for name, examples in files.items():
+        path = folder / name
+        try:
+            found = read_jsonl(path)
+        except (OSError, ValueError, DataError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "a line is not an example"
+            return f"{path} cannot be read ({reason})"
+        if found != examples:
+            return f"{path} does not hold the {len(examples)} examples loaded ({len(found)} found)"
+    if splits.clean_flags is not None:
+        path = folder / "labels.json"
+        try:
+            flags = json.loads(path.read_text())
+        except (OSError, ValueError):
+            flags = None
+        if flags != splits.clean_flags:
+            return f"{path} does not hold the clean flags of the data loaded"
+    return None

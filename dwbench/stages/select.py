@@ -11,9 +11,13 @@ import json
 import logging
 import math
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
+from dwbench.artifacts import SUCCESS_MARKER
 from dwbench.context import RunContext
-from dwbench.errors import ConfigError, DataError, DwbenchError
+from dwbench.errors import ConfigError, DwbenchError
 from dwbench.stages.keys import select_key
 from dwbench.stages.method import build_method
 from dwbench.stages.records import Prepared, Scored, Selected
@@ -40,29 +44,47 @@ def precision(ids: list[str], clean_flags: dict[str, bool] | None) -> float | No
     return sum(clean_flags[i] for i in ids) / len(ids)
 
 
-def load(ctx: RunContext, key: str, pool_ids: set[str]) -> Selected:
-    """The cached selection, its ids checked against the pool they were chosen from."""
+def load(ctx: RunContext, key: str) -> Selected:
+    """The cached selection (checked by `not_a_selection` before it is reused)."""
     marker = ctx.store.marker("select", key)
-    path = ctx.store.stage_dir("select", key) / "selected_ids.json"
+    ids = json.loads((ctx.store.stage_dir("select", key) / "selected_ids.json").read_text())
+    return Selected(key, ids, marker["select_s"], marker["selection_precision"])
+
+
+def not_a_selection(folder: Path, marker: dict[str, Any], pool_ids: set[str], k: int) -> str | None:
+    """Why a selection folder is not k distinct pool ids with their timing, or None."""
+    marker_path = folder / SUCCESS_MARKER
+    if marker.get("k") != k or "select_s" not in marker or "selection_precision" not in marker:
+        return f"its marker {marker_path} does not record k={k}, select_s and selection_precision"
+    path = folder / "selected_ids.json"
     try:
         ids = json.loads(path.read_text())
-    except ValueError as error:
-        raise DataError(f"{path} is not JSON ({error}); delete its folder and run again.") from None
+    except (OSError, ValueError) as error:
+        return f"{path} cannot be read ({error})"
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return f"{path} is not a JSON list of example ids"
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        return (
+            f"{path} holds {len(ids)} ids but {len(set(ids))} distinct (repeated: {repeated[:3]})"
+        )
     unknown = [i for i in ids if i not in pool_ids]
     if unknown:
-        raise DataError(
-            f"{path} holds ids that are not in the pool ({unknown[:3]}); delete its folder and "
-            "run again."
-        )
-    return Selected(key, ids, marker["select_s"], marker["selection_precision"])
+        return f"{path} holds ids that are not in the pool ({unknown[:3]})"
+    if len(ids) != k:
+        return f"{path} holds {len(ids)} ids, not k={k}"
+    return None
 
 
 def run(ctx: RunContext, prepared: Prepared, scored: Scored) -> Selected:
     key = select_key(ctx.cfg, scored.key)
-    if ctx.store.reusable("select", key):
-        logger.info("select: cached %s", key)
-        return load(ctx, key, {ex.id for ex in prepared.pool})
     k = subset_size(float(ctx.cfg.budget), len(prepared.pool))
+    pool_ids = {ex.id for ex in prepared.pool}
+    if ctx.store.reusable(
+        "select", key, lambda folder, marker: not_a_selection(folder, marker, pool_ids, k)
+    ):
+        logger.info("select: cached %s", key)
+        return load(ctx, key)
     method = build_method(ctx, prepared, scored.key)
     params = {"budget": ctx.cfg.budget, "k": k, "score_key": scored.key}
     with ctx.tracker.stage_run("select", key, ctx.tags(), params) as mlflow_run:

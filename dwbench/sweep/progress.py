@@ -50,8 +50,9 @@ def store_of(cfg: DictConfig) -> ArtifactStore:
 
 
 def prepared_keys(cfg: DictConfig) -> list[str]:
-    """Keys of the datasets already prepared for this cell's task config, newest last."""
-    markers = list(store_of(cfg).markers("prepare"))
+    """Keys of the datasets already prepared for this cell's task config, newest last (a marker
+    without the fields is left out, with a warning naming it: such a cell is not done)."""
+    markers = list(store_of(cfg).markers("prepare", required=("fingerprint", "n_pool")))
     return [
         m["key"]
         for m in sorted(markers, key=lambda m: m.get("finished_at", ""))

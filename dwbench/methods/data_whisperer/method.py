@@ -420,7 +420,7 @@ class DataWhisperer:
             for e in episodes
             if e.index in log.records
         )
-        load_s = self._run(pool, queries, pending, log) if pending else 0.0
+        load_s = self._run(pool, queries, episodes, log) if pending else 0.0
         return log, load_s, resumed
 
     def _scores(
@@ -547,10 +547,18 @@ class DataWhisperer:
         self,
         pool: list[Example],
         queries: list[Example],
-        pending: list[Episode],
+        episodes: list[Episode],
         log: EpisodeLog,
     ) -> float:
-        """Run the pending episodes in batches, logging each as it finishes; load seconds."""
+        """Run the episodes the log lacks, logging each as it finishes; load seconds.
+
+        Batches are the chunks of `episodes_per_call` an uninterrupted run makes, and a chunk
+        that a kill left partly done runs whole again (only its missing episodes are logged):
+        the episodes of a batch are padded and packed together, so any other grouping would
+        change the scores in their last bits, and a resumed run gives the same bytes.
+        """
+        done_before = set(log.records)
+        pending = [e for e in episodes if e.index not in done_before]
         load_start = time.perf_counter()
         model, tokenizer = self._load()
         load_s = time.perf_counter() - load_start
@@ -580,7 +588,9 @@ class DataWhisperer:
         )
         try:
             with tqdm(total=len(pending), desc="data_whisperer", unit="episode") as progress:
-                for batch in _batches(pending, per_call):
+                for batch in _batches(episodes, per_call):
+                    if all(e.index in done_before for e in batch):
+                        continue
                     fitted = [
                         self._fit(tokenizer, pool, queries, e, int(context) - max_new)
                         for e in batch
@@ -588,7 +598,7 @@ class DataWhisperer:
                     skipped = [
                         (e, kept)
                         for e, (kept, enc) in zip(batch, fitted, strict=True)
-                        if enc is None
+                        if enc is None and e.index not in done_before
                     ]
                     if skipped:
                         log.append(
@@ -605,6 +615,8 @@ class DataWhisperer:
 
                     def done(b: int, out: EpisodeOutput, runnable: list = runnable) -> None:
                         episode, kept, _ = runnable[b]
+                        if episode.index in done_before:
+                            return
                         log.append([self._record(episode, kept, out, pool, queries)])
                         progress.update(1)
 
