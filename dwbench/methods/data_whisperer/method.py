@@ -564,7 +564,7 @@ class DataWhisperer:
         load_s = time.perf_counter() - load_start
         s = self.settings
         if s.prompt_style == "released":
-            self._run_released(model, tokenizer, pool, queries, pending, log)
+            self._run_released(model, tokenizer, pool, queries, episodes, log)
             return load_s
         max_new = self._max_new_tokens()
         context = (
@@ -636,10 +636,14 @@ class DataWhisperer:
         tokenizer: PreTrainedTokenizerBase,
         pool: list[Example],
         queries: list[Example],
-        pending: list[Episode],
+        episodes: list[Episode],
         log: EpisodeLog,
     ) -> None:
-        """The pending episodes as the released code runs them, `parallel_batches` at a time."""
+        """The episodes the log lacks, as the released code runs them: the plan's chunks of
+        `parallel_batches` are padded together, so a chunk a kill left partly done runs whole
+        again (only its missing episodes are logged)."""
+        done_before = set(log.records)
+        pending = [e for e in episodes if e.index not in done_before]
         s = self.settings
         prompts = ReleasedPrompts.load(str(s.prompt_family), str(s.prompt_dataset))
         task = self.context.task_cfg
@@ -661,19 +665,21 @@ class DataWhisperer:
             s.max_token,
         )
         with tqdm(total=len(pending), desc="data_whisperer", unit="episode") as progress:
-            for batch in _batches(pending, s.parallel_batches):
+            for batch in _batches(episodes, s.parallel_batches):
+                if all(e.index in done_before for e in batch):
+                    continue
                 records = [
                     ([record(pool[i]) for i in e.demos], [record(queries[j]) for j in e.queries])
                     for e in batch
                 ]
                 outputs = runner.run(records) or [None] * len(batch)
-                log.append(
-                    [
-                        self._released_record(e, demos_queries[1], out, pool, queries, prompts)
-                        for e, demos_queries, out in zip(batch, records, outputs, strict=True)
-                    ]
-                )
-                progress.update(len(batch))
+                new = [
+                    self._released_record(e, demos_queries[1], out, pool, queries, prompts)
+                    for e, demos_queries, out in zip(batch, records, outputs, strict=True)
+                    if e.index not in done_before
+                ]
+                log.append(new)
+                progress.update(len(new))
 
     def _released_record(
         self,
