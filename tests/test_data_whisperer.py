@@ -241,7 +241,10 @@ def test_every_example_is_a_demonstration_once_per_pass(order: str) -> None:
     def plan(seed: int) -> list[ep.Episode]:
         return ep.plan_episodes(23, None, 4, 3, order, passes, seed)
 
-    assert plan(3) == plan(3) != plan(4)
+    if order == "released":  # the released plan is fixed (KFold's random_state=42)
+        assert plan(3) == plan(4)
+    else:
+        assert plan(3) == plan(3) != plan(4)
     demos = [i for episode in plan(3) for i in episode.demos]
     assert sorted(demos) == sorted(list(range(23)) * passes)
     for episode in plan(3):  # queries come from the other fold, so never from the episode's demos
