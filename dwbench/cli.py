@@ -15,9 +15,13 @@ from omegaconf import DictConfig
 
 from dwbench.errors import DwbenchError
 from dwbench.methods.registry import register_installed_methods
+from dwbench.storage import DropRaisedStorageErrors, storage_problem
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # installed with the package
 register_installed_methods()  # entry-point methods compose as method=<name> (dwbench.methods)
+# MLflow logs a failed store call with its traceback before raising it; a disk problem is said
+# once, in one line, by main.
+logging.getLogger("mlflow.store.db.utils").addFilter(DropRaisedStorageErrors())
 logger = logging.getLogger("dwbench")
 
 
@@ -36,6 +40,12 @@ def main(cfg: DictConfig) -> None:
         overrides = HydraConfig.get().overrides.task
         FAILED_CELLS.append((" ".join(overrides), str(error).splitlines()[0]))
         return
+    except Exception as error:  # a full or read-only disk: one line; anything else: a traceback
+        problem = storage_problem(error, *run_storage(cfg), resumes=True)
+        if problem is None:
+            raise
+        print(f"dwbench: {problem}", file=sys.stderr)
+        sys.exit(1)  # a multirun stops too: every later cell would meet the same disk
     ctx = outcome.ctx
     if outcome.summary is None:
         print(f"Stopped after stage '{outcome.last_stage}': {outcome.output_dir}")
@@ -48,6 +58,18 @@ def main(cfg: DictConfig) -> None:
     print_table(cells, metric)
     print(f"Artifacts: {outcome.output_dir}")
     print(f"Open the MLflow UI: {mlflow_ui_command(str(cfg.tracking.uri))}")
+
+
+def run_storage(cfg: DictConfig) -> tuple[dict[str, Path], Path | None]:
+    """Where a run writes, for a disk problem's message: its folders by setting, and the MLflow
+    store's SQLite file (None for a tracking server)."""
+    folders = {
+        "results_dir": Path(str(cfg.results_dir)),
+        "cache_dir": Path(str(cfg.cache_dir)).expanduser(),
+    }
+    uri = str(cfg.tracking.uri)
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    return folders, database
 
 
 FAILED_CELLS: list[tuple[str, str]] = []  # (overrides, first line of the error) of this multirun

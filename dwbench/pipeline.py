@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,18 @@ from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, keys, log, prepare, score, select, train
 from dwbench.stages.records import Prepared, Summary
 from dwbench.tracking import ReadOnlyTracker, StageRun, Tracker
-from dwbench.validate import validate_config
+from dwbench.validate import check_method_options, validate_config
 
 logger = logging.getLogger(__name__)
 STAGES = ("score", "select", "train", "evaluate")
 
 
-def validate(cfg: DictConfig) -> list[str]:
-    """Check the config before any work; returns the stages to run, in pipeline order."""
-    validate_config(cfg)
+def validate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[str]:
+    """Check the config before any work; returns the stages to run, in pipeline order.
+
+    `overrides` are the command line's (dwbench.validate.validate_config); a sweep passes each
+    cell's."""
+    validate_config(cfg, overrides)
     requested = [str(s) for s in cfg.stages]
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
@@ -108,8 +112,10 @@ def run(cfg: DictConfig) -> Outcome:
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     check_models(cfg, stages, cache_dir)
     splits = load_task(cfg.task)  # read and checked before anything is written
+    check_method_options(cfg, len(splits.pool))  # its options against the pool it will score
     if "select" in stages and not zero_shot(cfg):
         select.subset_size(float(cfg.budget), len(splits.pool))  # a budget that keeps nothing
+    device = resolve_device(str(cfg.device))  # a device this machine lacks, before any write
     results_dir, read_only = results_folder(Path(str(cfg.results_dir)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = RunContext(
@@ -123,7 +129,7 @@ def run(cfg: DictConfig) -> Outcome:
             results_dir / "mlartifacts",
             cache_dir,
         ),
-        device=resolve_device(str(cfg.device)),
+        device=device,
         cache_dir=cache_dir,
     )
     prepared = prepare.run(cfg.task, ctx.store, splits)

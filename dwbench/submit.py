@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dwbench.errors import DwbenchError
+from dwbench.storage import storage_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     except DwbenchError as error:
         print(f"dwbench: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a read-only or full disk, met freezing the plan or its scripts
+        problem = storage_problem(error)
+        if problem is None:
+            raise
+        print(f"dwbench: {problem}", file=sys.stderr)
+        return 1
     previous = None
     for step, script in submitted.scripts.items():
         if args.dry_run:

@@ -1,23 +1,35 @@
-"""One pass over the whole resolved config before any stage runs or any MLflow run opens.
+"""One pass over a composed config before anything is written: no stage, no MLflow run, no plan.
 
-Every numeric field a run reads is checked for its type and range here, with one message that
-names the field and the fix, so a bad value never surfaces as a torch or numpy traceback after
-minutes of work. A key that no config defines is refused with a did-you-mean: Hydra already
-refuses it without `+`, and with `+` (`+buget=0.1`, `+method.n_demo=3`) it would otherwise be
-added, read by nothing, and the run would go on with the defaults.
+`python -m dwbench` runs it on its config, and `plan`, `status` and `submit` on every cell they
+compose (dwbench.sweep.grid), so what one of them refuses, all of them refuse: a typo never
+becomes plan lines whose jobs each fail at start. It covers
+- every field a run reads, whatever the method or task: its type, its range and, for a size, a
+  bound past which the run would never finish (RULES);
+- keys that a `+key=value` override added and no config defines, with a did-you-mean: Hydra
+  refuses such a key without `+`, and with it (`+buget=0.1`, `+method.n_demo=3`) nothing would
+  read it and the run would go on with the defaults;
+- the task's options (dwbench.data.loading.check_task) and the method's, through the method
+  class's own `check_options` (dwbench.methods.base.ChecksOptions), so an option a method gains
+  later is checked here with no list to edit.
+Each refusal is one ConfigError naming the field and the fix, so a bad value never surfaces as a
+torch or numpy traceback after minutes of work.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
 
+from dwbench.data.metrics import METRICS
 from dwbench.errors import ConfigError
+from dwbench.models import DEVICES, DTYPES
 
 Check = Callable[[Any], bool]
+Rules = list[tuple[str, tuple[Check, str], str]]  # (field, (check, what it must be), an example)
 
 
 def _number(value: Any) -> bool:
@@ -41,17 +53,55 @@ POSITIVE = (lambda v: _number(v) and v > 0), "a number > 0"
 NON_NEGATIVE = (lambda v: _number(v) and v >= 0), "a number >= 0"
 SHARE = (lambda v: _number(v) and 0 <= v <= 1), "a share in [0, 1]"
 SHARE_BELOW_ONE = (lambda v: _number(v) and 0 <= v < 1), "a share in [0, 1)"
+SHARE_ABOVE_ZERO = (lambda v: _number(v) and 0 < v <= 1), "a share in (0, 1]"
 BOOLEAN = (lambda v: isinstance(v, bool)), "true or false"
+FOLDER = (
+    (lambda v: isinstance(v, str) and bool(v.strip())),
+    "a folder (left empty, the run would write artifacts/, mlartifacts/ and mlflow.db into the "
+    "working directory)",
+)
+TEXT = (lambda v: isinstance(v, str) and bool(v.strip())), "a non-empty text"
+DEVICE = (
+    (lambda v: isinstance(v, str) and (v in DEVICES or re.fullmatch(r"cuda:\d+", v) is not None)),
+    f"one of {', '.join(DEVICES)} or cuda:N",
+)
+
+
+def whole_between(low: int, high: int, why: str) -> tuple[Check, str]:
+    return (lambda v: _whole(v) and low <= v <= high), f"a whole number in [{low}, {high}] ({why})"
+
+
+def one_of(*options: str) -> tuple[Check, str]:
+    return (lambda v: v in options), f"one of {', '.join(options)}"
+
+
+# NumPy's legacy seeding and transformers' set_seed take 32-bit seeds: a larger one passes every
+# stage before training and fails there, after the model load.
+MAX_SEED = 2**32 - 1
+# Token counts: above any model's context window, a generation cap would only let a model that
+# never stops run for hours.
+MAX_TOKENS = 2**20
+# A shard is one SLURM array task, and SLURM's default MaxArraySize is 1001 (0..1000).
+MAX_SHARDS = 1000
+SEED = whole_between(0, MAX_SEED, "32 bits: NumPy and torch seeds")
+TOKENS = whole_between(1, MAX_TOKENS, "more tokens than any model's context window")
 
 # (field, rule, a valid example): what every run reads, whatever the method or task
-RULES: list[tuple[str, tuple[Check, str], str]] = [
-    ("seed", whole_at_least(0), "1"),
+RULES: Rules = [
+    ("seed", SEED, "1"),
     ("budget", SHARE, "0.1"),
+    ("device", DEVICE, "auto"),
+    ("results_dir", FOLDER, "results"),
+    ("cache_dir", FOLDER, "~/.cache/dwbench"),
+    ("tracking.uri", TEXT, "sqlite:///results/mlflow.db"),
+    ("tracking.experiment", TEXT, "dwbench"),
+    ("selector_model.dtype", optional(one_of(*DTYPES)), "float32"),
+    ("target_model.dtype", optional(one_of(*DTYPES)), "float32"),
     ("finetune.lr", POSITIVE, "1e-4"),
     ("finetune.epochs", whole_at_least(1), "3"),
     ("finetune.batch_size", whole_at_least(1), "8"),
     ("finetune.max_steps", optional(whole_at_least(1)), "100"),
-    ("finetune.max_seq_len", whole_at_least(1), "1024"),
+    ("finetune.max_seq_len", TOKENS, "1024"),
     ("finetune.warmup_ratio", SHARE, "0.1"),
     ("finetune.weight_decay", NON_NEGATIVE, "0"),
     ("finetune.lora.r", whole_at_least(1), "8"),
@@ -60,10 +110,11 @@ RULES: list[tuple[str, tuple[Check, str], str]] = [
     ("finetune.runtime.micro_batch_size", whole_at_least(1), "4"),
     ("finetune.runtime.save_every_steps", whole_at_least(1), "50"),
     ("finetune.runtime.bf16", BOOLEAN, "false"),
-    ("eval.max_new_tokens", whole_at_least(1), "256"),
+    ("eval.max_new_tokens", TOKENS, "256"),
     ("eval.runtime.batch_size", optional(whole_at_least(1)), "32"),
     ("eval.apply_chat_template", BOOLEAN, "true"),
-    ("task.answer_max_tokens", whole_at_least(1), "128"),
+    ("task.metric", one_of(*METRICS), "exact_match_number"),
+    ("task.answer_max_tokens", TOKENS, "128"),
     ("task.pool_limit", optional(whole_at_least(1)), "1000"),
     ("task.eval_limit", optional(whole_at_least(1)), "200"),
     ("task.shuffle_seed", whole_at_least(0), "0"),
@@ -72,7 +123,7 @@ RULES: list[tuple[str, tuple[Check, str], str]] = [
     ("task.generator.eval_size", whole_at_least(1), "200"),
     ("task.generator.corrupt_share", SHARE_BELOW_ONE, "0.3"),
     ("task.generator.seed", whole_at_least(0), "0"),
-    ("score.shards", whole_at_least(1), "4"),
+    ("score.shards", whole_between(1, MAX_SHARDS, "one SLURM array task each"), "4"),
     ("slurm.parallel", whole_at_least(1), "8"),
     ("slurm.time_min", whole_at_least(1), "720"),
     ("slurm.cpus_per_task", whole_at_least(1), "8"),
@@ -80,14 +131,19 @@ RULES: list[tuple[str, tuple[Check, str], str]] = [
 ]
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Refuse the first bad field or unknown key, naming it and the fix."""
-    for field, (check, text), example in RULES:
-        found, value = _lookup(cfg, field)
-        if found and not check(value):
-            raise ConfigError(f"{field}={value!r} is not {text}; pass e.g. {field}={example}.")
-    check_method_named(cfg)
-    for path, siblings in added_keys(cfg):
+def validate_config(
+    cfg: DictConfig, overrides: Sequence[str] | None = None, pool_size: int | None = None
+) -> None:
+    """Refuse the first bad field, unknown key or bad task or method option, naming it and the fix.
+
+    `overrides` are the command line's, for the checks that need them (a method name, keys added
+    with `+`); None takes those of the running Hydra app. `pool_size` is the pool's size once the
+    data is loaded; before that, what the task config fixes (configured_pool_size).
+    """
+    check_fields(cfg, RULES)
+    given = command_overrides() if overrides is None else list(overrides)
+    check_method_named(cfg, given)
+    for path, siblings in added_keys(cfg, given):
         name = path.rsplit(".", 1)[-1]
         close = difflib.get_close_matches(name, siblings, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -95,48 +151,91 @@ def validate_config(cfg: DictConfig) -> None:
             f"+{path}: no config defines the key {path!r}, so nothing would read it and the "
             f"run would go on with the defaults.{hint} Drop the + and correct the name."
         )
+    if "task" in cfg:
+        from dwbench.data.loading import check_task
+
+        check_task(cfg.task)
+    if "method" in cfg:
+        known = configured_pool_size(cfg.task) if pool_size is None else pool_size
+        check_method_options(cfg, known)
 
 
-def check_method_named(cfg: DictConfig) -> None:
+def check_fields(cfg: Mapping[str, Any], rules: Rules, prefix: str = "") -> None:
+    """Each rule's field, where `cfg` has it: `field=value is not <rule>; pass e.g. ...`; a
+    method checks its options with `prefix="method."` (ChecksOptions)."""
+    for field, (check, text), example in rules:
+        found, value = _lookup(cfg, field)
+        if found and not check(value):
+            name = prefix + field
+            raise ConfigError(f"{name}={value!r} is not {text}; pass e.g. {name}={example}.")
+
+
+def check_method_options(cfg: DictConfig, pool_size: int | None) -> None:
+    """The method class's own `check_options`, where it has one (ChecksOptions)."""
+    from dwbench.methods.registry import method_class
+
+    check = getattr(method_class(cfg.method), "check_options", None)
+    if callable(check):
+        check(cfg.method, cfg.task, pool_size)
+
+
+def configured_pool_size(task: Mapping[str, Any]) -> int | None:
+    """The pool's size as the task config fixes it, with no data read: task.pool_limit (a limit
+    above what the data holds is refused when it loads), or the embedded generator's pool_size."""
+    limit = task.get("pool_limit")
+    generator = task.get("generator")
+    if task.get("path") is None and task.get("source") == "embedded" and generator:
+        size = generator.get("pool_size")
+        return size if limit is None else min(size, limit)
+    return limit
+
+
+def command_overrides() -> list[str]:
+    """The running Hydra app's overrides and its hydra.searchpath (your config folder); none
+    outside one (a config composed in a test)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    given = HydraConfig.get().overrides
+    return [*given.task, *(o for o in given.hydra if o.startswith("hydra.searchpath="))]
+
+
+def check_method_named(cfg: DictConfig, overrides: list[str]) -> None:
     """`method.name` labels every tag, table and figure, so it must be a method config's name
     (`method.name=randon` would run Random's class under another name)."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
 
     from dwbench.methods.registry import check_method_name
 
-    if not HydraConfig.initialized() or "method" not in cfg:
+    if not GlobalHydra.instance().is_initialized() or "method" not in cfg:
         return
-    given = HydraConfig.get().overrides
-    searchpath = [o for o in given.hydra if o.startswith("hydra.searchpath=")]  # your conf
-    overrides = [*given.task, *searchpath]
     loader = GlobalHydra.instance().config_loader()
     available = loader.get_group_options("method", config_name="config", overrides=overrides)
     check_method_name(str(cfg.method.name), available)
 
 
-def _lookup(cfg: DictConfig, field: str) -> tuple[bool, Any]:
+def _lookup(cfg: Mapping[str, Any], field: str) -> tuple[bool, Any]:
     node: Any = cfg
     for part in field.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        if not isinstance(node, Mapping) or part not in node:
             return False, None
         node = node[part]
     return True, node
 
 
-def added_keys(cfg: DictConfig) -> list[tuple[str, list[str]]]:
-    """The keys this run's `+key=value` overrides added (a `+group=option` selects a config,
-    which is fine), each with its siblings in the composed config, for a did-you-mean."""
+def added_keys(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """The keys these `+key=value` overrides added (a `+group=option` selects a config, which is
+    fine), each with its siblings in the composed config, for a did-you-mean."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not HydraConfig.initialized():
+    if not GlobalHydra.instance().is_initialized():
         return []
     loader = GlobalHydra.instance().config_loader()
     parser = OverridesParser.create(config_loader=loader)
     added = []
-    for override in parser.parse_overrides(list(HydraConfig.get().overrides.task)):
+    for override in parser.parse_overrides(overrides):
         if not override.is_add():
             continue
         group = override.key_or_group.split("@")[0]

@@ -43,19 +43,23 @@ def tiny_overrides(model_dir: Path) -> list[str]:
     ]
 
 
-def _cli(args: list[str], results: Path, cache_dir: Path, multirun: bool = False) -> dict:
+def _cli(
+    args: list[str], results: Path, cache_dir: Path, multirun: bool = False, cwd: Path = REPO
+) -> dict:
     """What `python -m dwbench [-m]` needs to run offline on this test run's model cache."""
     flags = ["-m"] if multirun else []
     return {
         "command": [sys.executable, "-m", "dwbench", *flags, f"results_dir={results}", *args],
-        "cwd": REPO,
+        "cwd": cwd,
         "env": {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
     }
 
 
-def run_cli(args: list[str], results: Path, cache_dir: Path) -> subprocess.CompletedProcess:
-    """`python -m dwbench`, its output captured (forked: tests/forked_cli.py)."""
-    return forked_cli.run(**_cli(args, results, cache_dir), timeout=600)
+def run_cli(
+    args: list[str], results: Path, cache_dir: Path, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """`python -m dwbench` in `cwd`, its output captured (forked: tests/forked_cli.py)."""
+    return forked_cli.run(**_cli(args, results, cache_dir, cwd=cwd), timeout=600)
 
 
 def run_in_process(args: list[str], results: Path) -> Any:

@@ -4,6 +4,7 @@ commands do the work once."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -327,8 +328,9 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
     tmp_path: Path, tiny_llama_dir, cache_dir
 ) -> None:
     """A small tmpfs (skipped where mounting is not allowed) is filled up while the cell trains:
-    the run fails, and once space is back the rerun resumes from the last complete checkpoint
-    and ends with the train_loss of an uninterrupted run."""
+    the run stops with one line naming the full disk (not the checkpoint's OSError and MLflow's
+    chained SQLite errors), and once space is back the rerun resumes from the last complete
+    checkpoint and ends with the train_loss of an uninterrupted run."""
     from test_cli import (
         a_checkpoint_in,
         finished_keys,
@@ -352,8 +354,11 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
         filler = disk / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         failed = process.communicate(timeout=300)[1]
-        assert process.returncode != 0, "training went on with a full disk"
-        assert "No space left on device" in failed or "disk" in failed.lower(), failed[-2000:]
+        assert process.returncode == 1, "training went on with a full disk"
+        said = [line for line in failed.splitlines() if "dwbench:" in line]  # after a progress bar
+        assert len(said) == 1 and "Traceback" not in failed, failed[-3000:]
+        assert f"dwbench: the disk is full, writing under results_dir={results}" in said[0]
+        assert "finished stages and complete checkpoints are kept" in said[0]
         assert not finished_keys(results, "train")
         filler.unlink()
         resumed = run_cli(args, results, cache_dir)
@@ -367,3 +372,64 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
         next((tmp_path / "clean/artifacts/train").glob("*/_SUCCESS.json")).read_text()
     )
     assert marker["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+
+
+def _raised(error: BaseException, during: BaseException | None = None) -> BaseException:
+    """`error` as Python leaves it when raised while `during` was being handled."""
+    try:
+        try:
+            if during is not None:
+                raise during
+        finally:
+            raise error
+    except BaseException as caught:  # noqa: BLE001 - the test wants the chained object
+        return caught
+
+
+def test_a_disk_problem_deep_in_a_chain_is_one_line_naming_the_path_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    """What a full disk raised in training: the checkpoint's OSError (no file name), then
+    MLflow's SQLite error marking the run FAILED, wrapped twice, raised in its place."""
+    import sqlite3
+
+    from dwbench.storage import storage_problem
+
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    folders = {"results_dir": results, "cache_dir": cache}
+    database = results / "mlflow.db"
+
+    def store_full() -> BaseException:  # MlflowException(OperationalError(sqlite3's error))
+        wrapped = RuntimeError("(sqlite3.OperationalError) database or disk is full")
+        wrapped.__cause__ = sqlite3.OperationalError("database or disk is full")
+        return wrapped
+
+    chain = _raised(store_full(), during=OSError(errno.ENOSPC, "No space left on device"))
+    problem = str(storage_problem(chain, folders, database, resumes=True))
+    assert problem.startswith(f"the disk is full, writing under results_dir={results} (no space")
+    assert problem.endswith("so it goes on where it stopped.")
+    # SQLite's text alone: the store is named
+    assert f"writing {database} (no space" in str(storage_problem(store_full(), folders, database))
+    denied = PermissionError(errno.EACCES, "Permission denied", str(cache / "models" / "x"))
+    assert str(storage_problem(_raised(ValueError("x"), during=denied), folders)) == (
+        f"cannot write {cache / 'models' / 'x'} (permission denied). Point cache_dir at a folder "
+        "you can write, or make this one writable, and run the command again."
+    )
+    assert storage_problem(_raised(ValueError("a bug"), during=KeyError("k")), folders) is None
+    assert storage_problem(OSError(errno.ENOENT, "No such file", "x"), folders) is None
+
+
+def test_mlflows_logged_copy_of_a_disk_error_is_dropped() -> None:
+    """MLflow logs a store error with its traceback, then raises it: the command says a disk
+    problem once, so only that copy goes; any other store error is still logged."""
+    import logging
+    import sqlite3
+
+    from dwbench.storage import DropRaisedStorageErrors
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("mlflow", logging.ERROR, "", 0, "x", None, (None, error, None))
+
+    drop = DropRaisedStorageErrors()
+    assert not drop.filter(record(sqlite3.OperationalError("database or disk is full")))
+    assert drop.filter(record(sqlite3.OperationalError("no such table: runs")))

@@ -28,6 +28,9 @@ from typing import Any
 from dwbench.errors import ConfigError
 
 CORRUPTIONS = ("wrong_final", "broken_step", "missing_final")
+# Pool and eval problems together: 100,000 take a few seconds to draw. The templates hold about
+# 250,000 distinct one_step problems, and every new one takes longer to find as they run out.
+MAX_PROBLEMS = 100_000
 
 _PEOPLE = (
     ("Maria", "she", "her"),
@@ -670,13 +673,25 @@ def _corrupt_answer(solve: Solver, kind: str, rng: random.Random) -> str:
     raise AssertionError("a positive slip in the last step always gives a valid wrong answer")
 
 
-def _check_args(pool_size: Any, eval_size: Any, corrupt_share: Any, difficulty: Any) -> None:
+def check_generator_args(
+    pool_size: Any, eval_size: Any, corrupt_share: Any, difficulty: Any
+) -> None:
+    """The generator's arguments checked without generating (dwbench.validate runs this)."""
     for field, value in (("pool_size", pool_size), ("eval_size", eval_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(
                 f"task.generator.{field} must be a positive integer, got {value!r}; "
                 f"set e.g. task.generator.{field}=200."
             )
+    if pool_size + eval_size > MAX_PROBLEMS:
+        field, value = max((("pool_size", pool_size), ("eval_size", eval_size)), key=lambda f: f[1])
+        raise ConfigError(
+            f"task.generator.{field}={value} asks for {pool_size + eval_size:,} problems (pool "
+            f"and eval), above the {MAX_PROBLEMS:,} the embedded generator makes: its templates "
+            "hold a few hundred thousand distinct problems, and drawing ever more would run for "
+            f"hours. Lower it, e.g. task.generator.{field}=200, or use a real dataset for a "
+            "larger pool (task=gsm8k)."
+        )
     if (
         isinstance(corrupt_share, bool)
         or not isinstance(corrupt_share, int | float)
@@ -705,7 +720,7 @@ def generate_embedded_task(
 
     Deterministic in its arguments; no question appears twice, so pool and eval never overlap.
     """
-    _check_args(pool_size, eval_size, corrupt_share, difficulty)
+    check_generator_args(pool_size, eval_size, corrupt_share, difficulty)
     templates = _TEMPLATES[difficulty]
     rng = random.Random(seed)
     wanted = pool_size + eval_size

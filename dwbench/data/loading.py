@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dwbench.data.embedded import generate_embedded_task
+from dwbench.data.embedded import check_generator_args, generate_embedded_task
 from dwbench.data.records import Example, TaskSplits
 from dwbench.errors import ConfigError, DataError
 
@@ -82,6 +82,14 @@ def load_task(task: Mapping[str, Any]) -> TaskSplits:
     else:
         return _load_embedded(cfg)
     return _finish(cfg, pool, eval_rows, queries, clean=None)
+
+
+def check_task(task: Mapping[str, Any]) -> None:
+    """Every check of the task config that needs no data: dwbench.validate runs it, so `plan`
+    and `status`, which load no data, refuse what a run would."""
+    cfg = _resolve(task)
+    if cfg["path"] is None and cfg["source"] == "embedded":
+        _generator_args(cfg)
 
 
 def _resolve(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,6 +272,21 @@ def _load_hub(hub: Mapping[str, Any], query_source: str) -> tuple[_Rows, _Rows, 
 
 
 def _load_embedded(cfg: dict[str, Any]) -> TaskSplits:
+    generator = _generator_args(cfg)
+    pool, eval_rows = generate_embedded_task(
+        generator["seed"],
+        generator["pool_size"],
+        generator["eval_size"],
+        generator["corrupt_share"],
+        difficulty=generator["difficulty"],
+    )
+    origin = "the embedded generator (task.generator)"
+    clean = [row["is_clean"] for row in pool]
+    return _finish(cfg, _Rows(origin, pool), _Rows(origin, eval_rows), None, clean=clean)
+
+
+def _generator_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """task.generator with its defaults, checked (no problem is generated)."""
     generator = cfg["generator"]
     if not isinstance(generator, Mapping):
         raise ConfigError(
@@ -281,16 +304,13 @@ def _load_embedded(cfg: dict[str, Any]) -> TaskSplits:
             raise ConfigError(f"task.generator.{key} is not set; the embedded task needs it.")
     if isinstance(generator["seed"], bool) or not isinstance(generator["seed"], int):
         raise ConfigError(f"task.generator.seed must be an integer, got {generator['seed']!r}.")
-    pool, eval_rows = generate_embedded_task(
-        generator["seed"],
+    check_generator_args(
         generator["pool_size"],
         generator["eval_size"],
         generator["corrupt_share"],
-        difficulty=generator["difficulty"],
+        generator["difficulty"],
     )
-    origin = "the embedded generator (task.generator)"
-    clean = [row["is_clean"] for row in pool]
-    return _finish(cfg, _Rows(origin, pool), _Rows(origin, eval_rows), None, clean=clean)
+    return generator
 
 
 def _finish(

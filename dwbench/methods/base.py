@@ -94,6 +94,21 @@ class SelectionMethod(Protocol):
         ...
 
 
+class ChecksOptions(Protocol):
+    """A method that checks its own options: `check_options` runs in dwbench.validate, before
+    anything is written and on every cell `plan`, `status` and `submit` compose, so a bad option
+    is refused up front (and an option the method gains later is too, with no list to edit).
+
+    `pool_size` is the pool's size where it is known by then (the run has loaded the data; the
+    embedded task's config fixes it), else None. Raise ConfigError naming `method.<key>`.
+    """
+
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None: ...
+
+
 @dataclass(frozen=True)
 class Shard:
     """Shard `index` of `count`: a contiguous block of a method's scoring units."""

@@ -8,30 +8,43 @@ examples at random (dwbench/methods/stratified.py). The paper's likely source us
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
-from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext
 from dwbench.methods.el2n import EL2NShards, mean_el2n
 from dwbench.methods.stratified import ccs_select
+from dwbench.validate import SHARE_BELOW_ONE, Rules, check_fields, whole_at_least
+
+OPTIONS: Rules = [
+    ("beta", SHARE_BELOW_ONE, "0"),  # the share of hardest examples dropped
+    ("n_strata", whole_at_least(1), "50"),
+    ("runtime.batch_size", whole_at_least(1), "8"),
+]
 
 
 class CCS(EL2NShards):
     needs_selector = True
     scorer_name = "ccs"
 
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None:
+        """Run before anything is written (dwbench.validate), and by the constructor."""
+        check_fields(method_cfg, OPTIONS, "method.")
+
     def __init__(self, context: ScoringContext) -> None:
         cfg = context.method_cfg
+        self.check_options(cfg, context.task_cfg, None)
         self.context = context
         self.beta = float(cfg["beta"])
         self.n_strata = int(cfg["n_strata"])
         self.seed = context.seed
-        if not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"method.beta={self.beta} must be in [0, 1): the share dropped.")
-        if self.n_strata < 1:
-            raise ConfigError(f"method.n_strata={self.n_strata} must be at least 1.")
 
     def scores_from_values(
         self, pool: list[Example], values: dict[str, np.ndarray]

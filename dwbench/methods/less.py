@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from dwbench.methods.gradient_features import (
     read_blocks,
     unit_rows,
 )
+from dwbench.validate import SHARE_ABOVE_ZERO, Rules, check_fields, whole_at_least
 
 FEATURES = "less_features"  # the pool's projected gradients, one file per block and snapshot
 
@@ -63,19 +64,39 @@ def flat_moments(
     return exp_avg, exp_avg_sq, int(moments[params[0][0]]["step"])
 
 
+OPTIONS: Rules = [
+    ("warmup_share", SHARE_ABOVE_ZERO, "0.05"),
+    ("warmup_epochs", whole_at_least(1), "4"),
+    ("proj_dim", whole_at_least(1), "8192"),
+    ("n_targets", whole_at_least(1), "8"),
+    ("runtime.examples_per_shard", whole_at_least(1), "64"),
+]
+
+
 class LESS:
     needs_selector = True
 
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None:
+        """Run before anything is written (dwbench.validate), and by the constructor."""
+        check_fields(method_cfg, OPTIONS, "method.")
+        n_targets = method_cfg.get("n_targets")
+        from_pool = task_cfg.get("query_source") != "validation"  # no query split to draw from
+        if from_pool and pool_size is not None and n_targets is not None and n_targets >= pool_size:
+            raise ConfigError(
+                f"method.n_targets={n_targets} must be below the pool's {pool_size} examples "
+                "(the targets are held out of it); lower it."
+            )
+
     def __init__(self, context: ScoringContext) -> None:
         cfg = context.method_cfg
+        self.check_options(cfg, context.task_cfg, None)
         self.context = context
         self.share = float(cfg["warmup_share"])
         self.proj_dim = int(cfg["proj_dim"])
         self.n_targets = int(cfg["n_targets"])
-        if not 0.0 < self.share <= 1.0:
-            raise ConfigError(f"method.warmup_share={self.share} must be in (0, 1].")
-        if self.proj_dim < 1 or self.n_targets < 1:
-            raise ConfigError("method.proj_dim and method.n_targets must be positive.")
         self.stats: dict[str, float] = {}
 
     def _warmup(self, pool: list[Example]) -> Any:

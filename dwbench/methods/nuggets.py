@@ -15,6 +15,7 @@ Per-candidate scores are appended to a log in the work folder, so a killed run r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.scorer_model import pick_snapshots, whole_pool_fine_tune
 from dwbench.methods.sharding import PerExampleShards
+from dwbench.validate import Rules, check_fields, one_of, whole_at_least
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -81,18 +83,35 @@ def golden_scores(zero_shot: np.ndarray, one_shot: np.ndarray, self_anchor: int 
     return float(helped.mean()) if helped.size else 0.0
 
 
+OPTIONS: Rules = [
+    ("n_anchors", whole_at_least(1), "10"),
+    ("scorer", one_of(*SCORERS), SCORERS[0]),
+    ("runtime.batch_size", whole_at_least(1), "8"),
+]
+
+
 class Nuggets(PerExampleShards):
     needs_selector = True
 
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None:
+        """Run before anything is written (dwbench.validate), and by the constructor."""
+        check_fields(method_cfg, OPTIONS, "method.")
+        n_anchors = method_cfg.get("n_anchors")
+        if pool_size is not None and n_anchors is not None and n_anchors > pool_size:
+            raise ConfigError(
+                f"method.n_anchors={n_anchors} (task.anchor_examples) is above the pool's "
+                f"{pool_size} examples, which the anchors are chosen from; lower it."
+            )
+
     def __init__(self, context: ScoringContext) -> None:
         cfg = context.method_cfg
+        self.check_options(cfg, context.task_cfg, None)
         self.context = context
         self.n_anchors = int(cfg["n_anchors"])
         self.scorer = str(cfg["scorer"])
-        if self.scorer not in SCORERS:
-            raise ConfigError(f"method.scorer={self.scorer!r} is not one of {', '.join(SCORERS)}")
-        if self.n_anchors < 1:
-            raise ConfigError(f"method.n_anchors={self.n_anchors} must be at least 1.")
         self.stats: dict[str, float] = {}
 
     def _model(self, pool: list[Example]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

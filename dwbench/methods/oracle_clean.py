@@ -6,12 +6,20 @@ never see, so its score bounds what a perfect noise filter could gain over rando
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext, top_k
+
+NO_FLAGS = (
+    "method=oracle_clean selects by the task's is_clean flags, and this task has none; use the "
+    "embedded task, e.g. python -m dwbench task=embedded_gsm method=oracle_clean."
+)
 
 
 class OracleClean:
@@ -23,13 +31,17 @@ class OracleClean:
 
     needs_selector = False  # no model is loaded, so none needs to be available
 
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None:
+        """Run before anything is written (dwbench.validate): only the generator labels data."""
+        if task_cfg.get("path") is not None or task_cfg.get("source") != "embedded":
+            raise ConfigError(NO_FLAGS)
+
     def __init__(self, context: ScoringContext) -> None:
         if context.clean_flags is None:
-            raise ConfigError(
-                "method=oracle_clean selects by the task's is_clean flags, and this task has "
-                "none; use the embedded task, e.g. python -m dwbench task=embedded_gsm "
-                "method=oracle_clean."
-            )
+            raise ConfigError(NO_FLAGS)
         self.clean_flags = context.clean_flags
         self.seed = context.seed
 

@@ -8,6 +8,9 @@ already finds likely".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -16,6 +19,7 @@ from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.sharding import PerExampleShards
+from dwbench.validate import check_fields, whole_at_least
 
 VARIANTS = ("low", "middle", "high")
 
@@ -33,14 +37,23 @@ def variant_score(perplexity: np.ndarray, variant: str) -> np.ndarray:
 class Perplexity(PerExampleShards):
     needs_selector = True
 
-    def __init__(self, context: ScoringContext) -> None:
-        self.context = context
-        self.variant = str(context.method_cfg["variant"])
-        if self.variant not in VARIANTS:
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None:
+        """Run before anything is written (dwbench.validate), and by the constructor."""
+        variant = method_cfg.get("variant")
+        if variant not in VARIANTS:
             raise ConfigError(
-                f"method.variant={self.variant!r} is not one of {', '.join(VARIANTS)}; "
+                f"method.variant={variant!r} is not one of {', '.join(VARIANTS)}; "
                 "pick method=perplexity_low, perplexity_middle or perplexity_high."
             )
+        check_fields(method_cfg, [("runtime.batch_size", whole_at_least(1), "8")], "method.")
+
+    def __init__(self, context: ScoringContext) -> None:
+        self.check_options(context.method_cfg, context.task_cfg, None)
+        self.context = context
+        self.variant = str(context.method_cfg["variant"])
         self.stats: dict[str, float] = {}
 
     def unit_size(self) -> int:

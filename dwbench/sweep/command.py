@@ -1,5 +1,5 @@
 """The shared command line of `dwbench.plan` and `dwbench.status`: sweep overrides in, one
-clear line and exit 2 on a bad sweep."""
+clear line and exit 2 on a bad sweep (1 on a read-only or full disk)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hydra.errors import HydraException
 from rich.console import Console
 
 from dwbench.errors import DwbenchError
+from dwbench.storage import storage_problem
 
 
 def run_sweep_command(
@@ -36,4 +37,10 @@ def run_sweep_command(
     except (DwbenchError, HydraException) as error:
         print(f"dwbench: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a read-only or full results_dir, met writing the plan
+        problem = storage_problem(error)
+        if problem is None:
+            raise
+        print(f"dwbench: {problem}", file=sys.stderr)
+        return 1
     return 0

@@ -19,11 +19,13 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dwbench.cell import cell_key as cell_identity
 from dwbench.cli import CONF_DIR
+from dwbench.errors import ConfigError, DwbenchError
 from dwbench.methods.registry import check_method_name
 from dwbench.pipeline import validate
 
@@ -49,9 +51,20 @@ class Sweep:
         return Path(str(self.base.results_dir)) / "sweeps" / self.name
 
 
-def cell_key(cfg: DictConfig) -> str:
-    """Identity of a cell's result (dwbench.cell.cell_key at the cell's last stage)."""
-    return cell_identity(cfg, validate(cfg)[-1])
+def cell_key(cfg: DictConfig, overrides: list[str] | None = None) -> str:
+    """Identity of a cell's result (dwbench.cell.cell_key at the cell's last stage), once the
+    cell passes the checks a run makes before any work (`overrides`: the cell's)."""
+    return cell_identity(cfg, validate(cfg, overrides)[-1])
+
+
+def checked_cell(overrides: list[str], place: str) -> Cell:
+    """The cell these overrides compose, refused as its run would refuse it, with `place` (which
+    cell of how many, or which plan line) named: one line, not a job that fails at its start."""
+    try:
+        cfg = compose("config", overrides=overrides)
+        return Cell(overrides, cfg, cell_key(cfg, overrides))
+    except (DwbenchError, HydraException) as error:
+        raise ConfigError(f"{place} ({' '.join(overrides)}): {error}") from None
 
 
 def _methods_named(overrides: list[Override]) -> list[str]:
@@ -88,12 +101,22 @@ def load_sweep(overrides: list[str], name: str | None = None, progress: bool = T
         jobs = BasicSweeper.split_arguments(combined, max_batch_size=None)[0]
         # a user's config folder (hydra.searchpath) must reach every cell and its SLURM line
         searchpath = [o.input_line for o in given if o.key_or_group == "hydra.searchpath"]
-        cells = []
-        for job in tqdm(jobs, desc="composing cells", unit="cell", disable=not progress):
-            cfg = compose("config", overrides=[*searchpath, *job])
-            cells.append(Cell([*job, *searchpath], cfg, cell_key(cfg)))
+        cells = [
+            checked_cell([*job, *searchpath], f"cell {index} of {len(jobs)}")
+            for index, job in enumerate(
+                tqdm(jobs, desc="composing cells", unit="cell", disable=not progress), start=1
+            )
+        ]
     sweep_name = name or base.hydra.runtime.choices.get("experiment") or "sweep"
     return Sweep(str(sweep_name), base, cells)
+
+
+def check_jobs(jobs: list[list[str]], origin: str) -> None:
+    """Each job of a plan composed and checked as `plan` checked its cell (`origin`: the plan
+    file): a plan written by an older dwbench, or edited, is refused before SLURM queues it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="dwbench"):
+        for line, job in enumerate(jobs, start=1):
+            checked_cell(job, f"{origin} line {line}")
 
 
 def varying_overrides(cells: list[Cell]) -> list[list[str]]:

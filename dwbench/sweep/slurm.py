@@ -159,9 +159,12 @@ class Submitted:
 def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Submitted:
     """Freeze the plan, render one array script per step of its chain beside it and sbatch them,
     each after the one before."""
+    from dwbench.sweep.grid import check_jobs
+
     cells, meta = read_plan(plan)
     if not cells:
         raise DwbenchError(f"{plan} has no cells to run: every cell is done or running")
+    check_jobs([c.overrides for c in cells], str(plan))
     folder = new_submission_folder(plan.parent / "submissions")
     frozen = folder / PLAN_FILE
     shutil.copy(plan, frozen)

@@ -254,6 +254,19 @@ class DataWhisperer:
 
     needs_selector = True  # scores with the selector model
 
+    @staticmethod
+    def check_options(
+        method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+    ) -> None:
+        """Run before anything is written (dwbench.validate), so every Settings check, those of
+        options added later included, stops a run before it leaves files or a FAILED run."""
+        s = Settings.from_config(method_cfg)
+        if pool_size is not None and pool_size < s.n_demos + s.n_queries:
+            raise ConfigError(
+                f"method.n_demos + method.n_queries = {s.n_demos + s.n_queries} is above the "
+                f"pool's {pool_size} examples; lower them or use a larger pool."
+            )
+
     def __init__(self, context: ScoringContext) -> None:
         self.context = context
         self.settings = Settings.from_config(context.method_cfg)
