@@ -47,6 +47,10 @@ ROWS = [
     ([DW, "method.n_demos=5.5"], "method.n_demos=5.5 "),
     ([DW, "method.n_demos=1000"], "method.n_queries = 1005 is above the pool's 20 examples"),
     ([DW, "method.passes=0"], "method.passes=0 "),
+    (
+        [DW, "method.episode_order=random", "method.passes=100000"],
+        "method.passes=100000 is above 1000",
+    ),
     ([DW, "method.query_layout=bogus"], "method.query_layout='bogus' "),
     ([DW, "method.query_scoring=bogus"], "method.query_scoring='bogus' "),
     ([DW, "method.attention_span=bogus"], "method.attention_span='bogus' "),

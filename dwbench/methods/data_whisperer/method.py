@@ -74,6 +74,7 @@ QUERY_SOURCES = ("pool_kfold", "validation")
 PROMPT_STYLES = ("dwbench", "released")
 SCORE_ARITHMETICS = ("float64", "float16")
 FAILED_EPISODES = ("score_zero", "skip")
+MAX_PASSES = 1000  # a typo's bound: 1,000 passes of a 200-example pool are 20,000 episodes
 # Episodes per batch when method.runtime.prompts_per_call is null, by device type and scoring.
 # cpu: measured on 2 cores with `python -m dwbench.bench selection` (README, "Data Whisperer"):
 # decoding reads every weight once per step whatever the batch, so more rows per step pay off,
@@ -172,6 +173,11 @@ class Settings:
             if per_call is None
             else positive("prompts_per_call", per_call, "method.runtime"),
         )
+        if settings.passes > MAX_PASSES:
+            raise ConfigError(
+                f"method.passes={settings.passes} is above {MAX_PASSES}: each pass scores the "
+                "whole pool again (split-half reliability settles within tens); lower it."
+            )
         if settings.episode_order in ("sequential", "released") and settings.passes != 1:
             raise ConfigError(
                 f"method.passes={settings.passes} needs method.episode_order=random "
