@@ -27,8 +27,12 @@ from dwbench.keys import result_identity, stable_hash
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.data_whisperer.attention import use_capture_attention
 from dwbench.methods.data_whisperer.episodes import (
+    ACCUMULATION_SWITCHES,
+    AGGREGATIONS,
+    ATTENTION_CORRECTIONS,
     CHECKPOINT_FILE,
     EPISODE_ORDERS,
+    QUERY_BASELINES,
     Contribution,
     Episode,
     EpisodeLog,
@@ -37,6 +41,7 @@ from dwbench.methods.data_whisperer.episodes import (
     accumulate_float16,
     plan_episodes,
     read_episode_log,
+    split_half_reliability,
 )
 from dwbench.methods.data_whisperer.prompts import (
     NUMERIC_METRIC,
@@ -123,6 +128,10 @@ class Settings:
     parallel_batches: int = 1  # released prompts: episodes padded together (changes numbers)
     score_arithmetic: str = "float64"
     failed_episodes: str = "score_zero"
+    # how the episode log is accumulated; the defaults are the paper's
+    attention_correction: str = "none"
+    query_baseline: str = "none"
+    aggregation: str = "mean"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
@@ -182,7 +191,29 @@ class Settings:
                 "method.likelihood_span=final chooses the gold tokens a likelihood score "
                 "averages over; it needs method.query_scoring=likelihood."
             )
-        return settings._released_switches(get, positive, choice)
+        return settings._released_switches(get, positive, choice)._accumulation(choice)
+
+    def _accumulation(self, choice: Any) -> Settings:
+        """The attribution switches, checked against what they need."""
+        fields = {
+            "attention_correction": choice("attention_correction", ATTENTION_CORRECTIONS),
+            "query_baseline": choice("query_baseline", QUERY_BASELINES),
+            "aggregation": choice("aggregation", AGGREGATIONS),
+        }
+        changed = [k for k, v in fields.items() if v != Settings.__dataclass_fields__[k].default]
+        if changed and self.score_arithmetic == "float16":
+            raise ConfigError(
+                f"method.{changed[0]}={fields[changed[0]]} re-reads the episode log in float64; "
+                "method.score_arithmetic=float16 reproduces the released accumulation as it is. "
+                "Set one of them back to its default."
+            )
+        if fields["attention_correction"] == "position" and not self.attention_weighting:
+            raise ConfigError(
+                "method.attention_correction=position corrects the attention weights, but "
+                "method.attention_weighting=false uses none; set attention_weighting=true or "
+                "attention_correction=none."
+            )
+        return replace(self, **fields)
 
     def _released_switches(self, get: Any, positive: Any, choice: Any) -> Settings:
         """The switches between dwbench's default and the released code, checked together."""
@@ -230,7 +261,13 @@ class Settings:
         for key in _SWITCHES:  # at their defaults they leave the plan's id as it was before them
             if fields[key] == defaults[key].default:
                 del fields[key]
+        for key in ACCUMULATION_SWITCHES:  # they decide the scores, not the episodes
+            del fields[key]
         return fields
+
+    def accumulation(self) -> dict[str, str]:
+        """The switches `accumulate` takes."""
+        return {key: getattr(self, key) for key in ACCUMULATION_SWITCHES}
 
     def episodes_per_call(self, device: str) -> int:
         if self.prompt_style == "released":
@@ -249,7 +286,9 @@ class DataWhisperer:
     teacher-forced final-number match for likelihood), capped_episodes (a row hit the token cap),
     generated_tokens_per_episode, seconds_per_episode, seconds_per_example (this call, model
     loading excluded), load_seconds, resumed_episodes, episodes_per_call, mean_episode_score,
-    unscored_examples (no appearance left) and distinct_scores (1: no signal, a warning says so).
+    unscored_examples (no appearance left), distinct_scores (1: no signal, a warning says so)
+    and, with episode_order=random and 2+ passes, split_half_reliability (Spearman between the
+    scores of the even and the odd passes: label-free).
     """
 
     needs_selector = True  # scores with the selector model
@@ -435,14 +474,17 @@ class DataWhisperer:
             for r in records
             if r["demo_ids"] and not (s.failed_episodes == "skip" and r["parse_failures"] > 0)
         ]
-        table = accumulate(
-            len(pool),
-            (
-                Contribution([index[i] for i in r["demo_ids"]], r["score"], r["attention"])
-                for r in counted
-            ),
-            s.attention_weighting,
-        )
+        contributions = [
+            Contribution(
+                [index[i] for i in r["demo_ids"]],
+                r["score"],
+                r["attention"],
+                r.get("query_ids", ()),
+                r.get("query_scores", ()),
+            )
+            for r in counted
+        ]
+        table = accumulate(len(pool), contributions, s.attention_weighting, **s.accumulation())
         if s.score_arithmetic == "float16":
             table.score, _ = accumulate_float16(
                 len(pool),
@@ -460,6 +502,16 @@ class DataWhisperer:
             attention_layer=float(records[0]["attention_layer"]),
             episodes_per_call=float(s.episodes_per_call(self.context.device)),
         )
+        if s.episode_order == "random" and s.passes >= 2:
+            per_pass = len(plan) // s.passes  # the plan lists its passes one after another
+            passes = {e.index: e.index // per_pass for e in plan}
+            self.stats["split_half_reliability"] = split_half_reliability(
+                len(pool),
+                contributions,
+                [passes[int(r["episode"])] for r in counted],
+                s.attention_weighting,
+                **s.accumulation(),
+            )
         self.params = {
             "query_layout": s.query_layout,
             "query_scoring": s.query_scoring,
