@@ -57,6 +57,17 @@ _POSITION = "method.attention_correction=position"
 _BASELINE = "method.query_baseline=mean"
 _RIDGE = "method.aggregation=ridge"
 _NO_ATTENTION = "method.attention_weighting=false"
+_ZERO_SHOT = "method.query_baseline=zero_shot"
+_LOG_PROBABILITY = "method.likelihood_score=log_probability"
+# One demonstration per episode: the episode's score is that example's alone (nothing to share
+# out, so no attention), and against zero-shot it is a paired with-minus-without effect.
+_ONE_SHOT = (
+    "method=data_whisperer_likelihood",
+    "method.n_demos=1",
+    "method.n_queries=8",
+    "method.episode_order=random",
+    "method.passes=2",
+)
 # label -> overrides; a leading "method=..." picks the preset (data_whisperer otherwise).
 VARIANTS: dict[str, tuple[str, ...]] = {
     "faithful": ("method=data_whisperer",),
@@ -73,6 +84,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "likelihood-p4-noattn": (*_P4, _NO_ATTENTION),
     "likelihood-p4-noattn-baseline": (*_P4, _NO_ATTENTION, _BASELINE),
     "likelihood-p4-noattn-baseline-ridge": (*_P4, _NO_ATTENTION, _BASELINE, _RIDGE),
+    "likelihood-p4-zeroshot": (*_P4, _ZERO_SHOT),
+    "oneshot-p2": _ONE_SHOT,
+    "oneshot-p2-baseline": (*_ONE_SHOT, _BASELINE),
+    "oneshot-p2-zeroshot": (*_ONE_SHOT, _ZERO_SHOT),
+    "oneshot-p2-logprob": (*_ONE_SHOT, _LOG_PROBABILITY),
+    "oneshot-p2-logprob-zeroshot": (*_ONE_SHOT, _LOG_PROBABILITY, _ZERO_SHOT),
     "separate-p4": _SEPARATE_P4,
     "separate-p4-position-baseline": (*_SEPARATE_P4, _POSITION, _BASELINE),
 }
@@ -183,9 +200,9 @@ def auroc_interval(
 def log_key(task: str, pool: int, generator_seed: int, seed: int, overrides: Sequence[str]) -> str:
     """The episode log's folder: everything but the accumulation switches decides the episodes."""
     from dwbench.keys import stable_hash
-    from dwbench.methods.data_whisperer.episodes import ACCUMULATION_SWITCHES
+    from dwbench.methods.data_whisperer.episodes import READING_SWITCHES
 
-    switches = {f"method.{s}" for s in ACCUMULATION_SWITCHES}
+    switches = {f"method.{s}" for s in READING_SWITCHES}
     kept = sorted(o for o in overrides if o.split("=", 1)[0] not in switches)
     return stable_hash({"task": task, "pool": pool, "gen": generator_seed, "seed": seed, "o": kept})
 

@@ -98,6 +98,20 @@ def test_query_baseline_needs_the_queries_in_the_log() -> None:
         ep.accumulate(3, [ep.Contribution([0, 1], 0.5, [1.0, 1.0])], True, query_baseline="mean")
 
 
+def test_zero_shot_baseline_subtracts_each_querys_score_without_demonstrations() -> None:
+    zero = {"q1": 0.25, "q2": 0.5, "q3": 0.0}
+    scores = [
+        sum(v - zero[q] for q, v in zip(c.query_ids, c.query_scores, strict=True))
+        / len(c.query_ids)
+        for c in EPISODES
+    ]
+    weights = [[1.0] * len(c.demos) for c in EPISODES]
+    table = ep.accumulate(5, EPISODES, False, query_baseline="zero_shot", zero_shot=zero)
+    np.testing.assert_allclose(table.score, _mean_scores(5, EPISODES, weights, scores), atol=1e-12)
+    with pytest.raises(Exception, match="'q3' has no zero-shot score"):
+        ep.accumulate(5, EPISODES, False, query_baseline="zero_shot", zero_shot={"q1": 0.0})
+
+
 @pytest.mark.parametrize("weighting", [True, False])
 def test_ridge_equals_the_closed_form_solution(weighting: bool) -> None:
     """beta = (Xc'Xc + alpha I)^-1 Xc'yc, X holding w_i (or 1) at each episode's demonstrations."""
@@ -181,6 +195,15 @@ def test_switches_are_checked_and_stay_out_of_the_plan_id() -> None:
         _settings(attention_correction="position", attention_weighting=False)
     with pytest.raises(ConfigError, match="score_arithmetic=float16"):
         _settings(aggregation="ridge", score_arithmetic="float16")
+    likelihood = {"query_scoring": "likelihood", "query_layout": "separate"}
+    read = _settings(**likelihood, query_baseline="zero_shot", likelihood_score="log_probability")
+    assert read.result_fields() == _settings(**likelihood).result_fields()
+    with pytest.raises(ConfigError, match="needs method.query_scoring=likelihood"):
+        _settings(likelihood_score="log_probability")
+    with pytest.raises(ConfigError, match="set method.query_layout=separate"):
+        _settings(query_scoring="likelihood", query_baseline="zero_shot")
+    with pytest.raises(ConfigError, match="method.likelihood_score='nats' is not one of"):
+        _settings(**likelihood, likelihood_score="nats")
 
 
 def test_variants_parse_and_share_logs_across_accumulation_switches() -> None:
@@ -192,6 +215,9 @@ def test_variants_parse_and_share_logs_across_accumulation_switches() -> None:
     for label in ("likelihood-p4-ridge", "likelihood-p4-position-baseline-ridge"):
         assert at.log_key("embedded_gsm", 200, 0, 0, at.VARIANTS[label]) == key
     assert at.log_key("embedded_gsm", 200, 1, 0, at.VARIANTS["likelihood-p4"]) != key
+    one_shot = at.log_key("embedded_gsm", 200, 0, 0, at.VARIANTS["oneshot-p2"])
+    for label in ("oneshot-p2-zeroshot", "oneshot-p2-logprob", "oneshot-p2-logprob-zeroshot"):
+        assert at.log_key("embedded_gsm", 200, 0, 0, at.VARIANTS[label]) == one_shot
     assert at.log_key("embedded_gsm", 200, 0, 0, at.VARIANTS["likelihood-p4-noattn"]) != key
     with pytest.raises(ConfigError, match="unknown variant"):
         at.parse_variants(["nope"])
@@ -265,5 +291,86 @@ def test_the_bench_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None
                 total[d] += r["score"] * w
                 count[d] += 1
         halves.append([total[d] / count[d] for d in pool])
+    expected = spearmanr(halves[0], halves[1]).statistic
+    assert table["split_half_reliability"].iloc[0] == pytest.approx(expected, abs=1e-9)
+
+
+def _gold_log_probability(model: Any, tokenizer: Any, turns: list[dict], answer: str) -> float:
+    """log p(answer | chat prompt) by one plain forward pass over the whole text."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    encoded = tokenizer(prompt + answer, return_offsets_mapping=True, add_special_tokens=False)
+    ids = torch.tensor([encoded["input_ids"]])
+    first = next(i for i, (s, _) in enumerate(encoded["offset_mapping"]) if s >= len(prompt))
+    with torch.no_grad():
+        logits = model(ids).logits[0].double().log_softmax(-1)
+    return float(sum(logits[t - 1, ids[0, t]] for t in range(first, ids.shape[1])))
+
+
+def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """One demonstration per episode, each query's gold log-probability minus its zero-shot one:
+    the logged values equal a plain forward pass, and the scores are their means."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dwbench.bench import auroc, compose, main
+    from dwbench.data.loading import load_task
+
+    one = "method=data_whisperer_likelihood,method.n_demos=1,method.n_queries=2"
+    one += ",method.episode_order=random,method.passes=2"
+    one += ",method.query_baseline=zero_shot,method.likelihood_score=log_probability"
+    model_overrides = [
+        f"selector_model.path={tiny_llama_dir}",
+        "selector_model.name=tiny_llama",
+        "selector_model.id=tiny/llama",
+        "selector_model.embedded=null",
+        "selector_model.attention_layer=1",
+        "selector_model.num_layers=2",
+    ]
+    out = tmp_path / "study.csv"
+    argv = ["attribution", "--pool-size", "12", "--resamples", "20", "--csv", str(out)]
+    argv += ["--diagnostics", str(tmp_path / "diag.csv"), "--figure", str(tmp_path / "f.png")]
+    argv += ["--work-dir", str(tmp_path / "work"), "--variants", f"one={one}"]
+    for o in model_overrides:
+        argv += ["-o", o]
+    main(argv)
+    work = next((tmp_path / "work").glob("*/episodes.jsonl")).parent
+    records = [json.loads(line) for line in (work / "episodes.jsonl").read_text().splitlines()[1:]]
+    zero_lines = (work / "zero_shot.jsonl").read_text().splitlines()[1:]
+    zero = {r["query_id"]: r["query_log_probs"][0] for r in map(json.loads, zero_lines)}
+    assert set(zero) == {q for r in records for q in r["query_ids"]}
+
+    cfg = compose("data_whisperer_likelihood", "embedded_gsm", 12, 0, ["task.generator.seed=0"])
+    splits = load_task(cfg.task)
+    pool = {ex.id: ex for ex in splits.pool}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32")
+    record = records[0]
+    demo, query = pool[record["demo_ids"][0]], pool[record["query_ids"][0]]
+    shown = [
+        {"role": "user", "content": demo.prompt.strip()},
+        {"role": "assistant", "content": demo.response.strip()},
+    ]
+    asked = [{"role": "user", "content": query.prompt.strip()}]
+    answer = query.response.strip()
+    with_demo = _gold_log_probability(model, tokenizer, [*shown, *asked], answer)
+    without = _gold_log_probability(model, tokenizer, asked, answer)
+    assert record["query_log_probs"][0] == pytest.approx(with_demo, abs=1e-3)
+    assert zero[query.id] == pytest.approx(without, abs=1e-3)
+    assert with_demo != pytest.approx(without, abs=1e-3)  # the demonstration changes it
+
+    effects: dict[str, list[float]] = {}
+    for r in records:
+        paired = [v - zero[q] for q, v in zip(r["query_ids"], r["query_log_probs"], strict=True)]
+        effects.setdefault(r["demo_ids"][0], []).append(float(np.mean(paired)))
+    ids = sorted(effects)
+    assert all(len(effects[i]) == 2 for i in ids)  # one episode per pass
+    scores = [float(np.mean(effects[i])) for i in ids]
+    table = pd.read_csv(out)
+    clean = [splits.clean_flags[i] for i in ids]
+    assert table["auroc"].iloc[0] == pytest.approx(auroc(np.array(scores), np.array(clean)))
+    halves = [[effects[i][p] for i in ids] for p in (0, 1)]
     expected = spearmanr(halves[0], halves[1]).statistic
     assert table["split_half_reliability"].iloc[0] == pytest.approx(expected, abs=1e-9)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,10 +133,14 @@ class ScoreTable:
 
 # Post-processing of the episode log (no extra model calls); docs/algorithm.md, "Attribution".
 ATTENTION_CORRECTIONS = ("none", "position")
-QUERY_BASELINES = ("none", "mean")
+QUERY_BASELINES = ("none", "mean", "zero_shot")
 AGGREGATIONS = ("mean", "ridge")
-# They change no episode, so they stay out of the plan's id and one episode log serves them all.
+# They change no episode, so they stay out of the plan's id and one episode log serves them all
+# (query_baseline=zero_shot adds one row per query without demonstrations, in its own log).
 ACCUMULATION_SWITCHES = ("attention_correction", "query_baseline", "aggregation")
+# Everything that only re-reads a log: the accumulation switches and which logged value of a
+# likelihood query is read (method.likelihood_score; both are written to every record).
+READING_SWITCHES = (*ACCUMULATION_SWITCHES, "likelihood_score")
 # Ridge penalty of aggregation=ridge. The design's entries are weights of mean 1, so an example
 # seen in P episodes has about P on the diagonal of X'X: alpha 1 shrinks an example seen in 4
 # passes by about a fifth, enough to keep the fit defined when episodes (passes * N / n_d) are
@@ -171,24 +175,35 @@ def position_corrected(weights: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [episode_weights(w / means[: len(w)]) for w in weights]
 
 
-def baselined_scores(contributions: Sequence[Contribution]) -> list[float]:
-    """Each episode's mean over its queries of (query score - that query's mean score).
+def baselined_scores(
+    contributions: Sequence[Contribution], zero_shot: Mapping[str, float] | None = None
+) -> list[float]:
+    """Each episode's mean over its queries of (query score - that query's baseline).
 
-    A query's mean is over every appearance of it in these episodes, so an episode is credited
-    for how much better its queries did than they usually do, not for drawing easy queries.
+    The baseline is the query's mean score over every appearance of it in these episodes, or,
+    given `zero_shot`, its score with no demonstration at all: either way an episode is
+    credited for how much better its queries did than they do anyway, not for drawing easy
+    queries. Against zero-shot, an episode of one demonstration is that demonstration's own
+    paired effect (with it minus without it).
     """
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
     for c in contributions:
         if len(c.query_ids) != len(c.query_scores) or not c.query_ids:
             raise DataError(
-                "method.query_baseline=mean needs each episode's query_ids and query_scores; an "
+                "method.query_baseline needs each episode's query_ids and query_scores; an "
                 "episode log record lacks them (written by an older dwbench?): score it again."
             )
         for q, value in zip(c.query_ids, c.query_scores, strict=True):
             totals[q] = totals.get(q, 0.0) + float(value)
             counts[q] = counts.get(q, 0) + 1
-    means = {q: totals[q] / counts[q] for q in totals}
+    means = {q: totals[q] / counts[q] for q in totals} if zero_shot is None else zero_shot
+    missing = sorted(set(totals) - set(means))
+    if missing:
+        raise DataError(
+            f"query {missing[0]!r} has no zero-shot score ({len(missing)} queries lack one): "
+            "score the run again so its zero-shot rows are written."
+        )
     return [
         float(np.mean([v - means[q] for q, v in zip(c.query_ids, c.query_scores, strict=True)]))
         for c in contributions
@@ -230,12 +245,15 @@ def accumulate(
     attention_correction: str = "none",
     query_baseline: str = "none",
     aggregation: str = "mean",
+    zero_shot: Mapping[str, float] | None = None,
 ) -> ScoreTable:
     """S[i] += s * w_i over episodes, in float64; the score is S[i] / appearances (0 if none).
 
     The switches only re-read the same episodes (no model calls): `attention_correction`
     divides out each position's mean weight, `query_baseline` credits an episode with its
-    queries' scores minus their means, `aggregation=ridge` replaces the mean by a regression.
+    queries' scores minus their means (`mean`) or minus their scores without demonstrations
+    (`zero_shot`, from `zero_shot`: query id -> score), `aggregation=ridge` replaces the mean
+    by a regression.
     At their defaults the arithmetic is exactly the faithful method's.
     """
     episodes = list(contributions)
@@ -244,7 +262,14 @@ def accumulate(
     ]
     if attention_correction == "position":
         weights = position_corrected(weights)
-    scores = baselined_scores(episodes) if query_baseline == "mean" else [c.score for c in episodes]
+    if query_baseline == "none":
+        scores = [c.score for c in episodes]
+    elif query_baseline == "zero_shot":
+        if zero_shot is None:
+            raise ValueError("query_baseline=zero_shot needs each query's zero-shot score")
+        scores = baselined_scores(episodes, zero_shot)
+    else:
+        scores = baselined_scores(episodes)
     total = np.zeros(n_examples, dtype=np.float64)
     raw = np.zeros(n_examples, dtype=np.float64)
     weight_sum = np.zeros(n_examples, dtype=np.float64)
@@ -272,6 +297,7 @@ def split_half_reliability(
     contributions: Sequence[Contribution],
     passes: Sequence[int],
     weighting: bool,
+    zero_shot: Mapping[str, float] | None = None,
     **switches: str,
 ) -> float:
     """Spearman between the scores of the even passes and of the odd passes (label-free).
@@ -289,6 +315,7 @@ def split_half_reliability(
             n_examples,
             [c for c, p in zip(contributions, passes, strict=True) if p % 2 == parity],
             weighting,
+            zero_shot=zero_shot,
             **switches,
         )
         for parity in (0, 1)
