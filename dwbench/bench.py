@@ -1,6 +1,7 @@
 """Benchmarks that later work compares against: `python -m dwbench.bench selection | methods |
-calibrate | gpu | parity` (`calibrate`: dwbench/calibrate.py; `gpu`: dwbench/gpu_bench.py;
-`parity`: dwbench/parity.py, the released preset against a run of the authors' code).
+calibrate | gpu | parity | attribution` (`calibrate`: dwbench/calibrate.py; `gpu`:
+dwbench/gpu_bench.py; `parity`: dwbench/parity.py, the released preset against a run of the
+authors' code; `attribution`: dwbench/attribution.py, Data Whisperer's variants on one pool).
 
 `selection` scores a task's pool with a selection method on the selector model (the embedded
 task and SmolLM2-135M-Instruct unless overridden) at one or more pool sizes and prints a markdown
@@ -328,6 +329,7 @@ def parser() -> argparse.ArgumentParser:
     meth.add_argument("--csv", type=Path, help="also write the table as CSV here")
     add_override_option(meth)
     meth.set_defaults(handler=methods)
+    from dwbench.attribution import add_parser as add_attribution
     from dwbench.calibrate import add_parser as add_calibrate
     from dwbench.gpu_bench import add_parser as add_gpu
     from dwbench.parity import add_parser as add_parity
@@ -335,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
     add_calibrate(commands, add_override_option)
     add_gpu(commands)
     add_parity(commands, add_override_option)
+    add_attribution(commands, add_override_option)
     return top
 
 

@@ -735,7 +735,7 @@ _TWIN = textwrap.dedent(
     # scores depend on what was generated as well as on the attention.
     def by_text(self, out, queries):
         text = out.rows[0].text
-        return [zlib.crc32(text.encode()) % 97 / 96] * len(queries), 0, [], [text]
+        return [zlib.crc32(text.encode()) % 97 / 96] * len(queries), 0, [], [text], None
 
     dw.DataWhisperer._query_scores = by_text
     method = _method(Path(sys.argv[1]), tiny_model_cfg(Path({model!r})), n_demos=3, n_queries=2,

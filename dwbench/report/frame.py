@@ -19,6 +19,7 @@ METHOD_LABELS = {
     "data_whisperer": "Data Whisperer",
     "data_whisperer_likelihood": "Data Whisperer (likelihood)",
     "data_whisperer_separate": "Data Whisperer (separate)",
+    "data_whisperer_one_shot": "Data Whisperer (one-shot)",
     "perplexity_low": "Perplexity (low)",
     "perplexity_middle": "Perplexity (middle)",
     "perplexity_high": "Perplexity (high)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,17 +116,36 @@ def released_plan(
 class Contribution:
     """What one episode gives its demonstrations."""
 
-    demos: Sequence[int]  # pool indices
+    demos: Sequence[int]  # pool indices, in prompt order (position 0 first)
     score: float  # mean metric over the episode's queries
     attention: Sequence[float]  # a_i per demonstration (any positive scale)
+    query_ids: Sequence[str] = ()  # the queries asked (query_baseline=mean needs them)
+    query_scores: Sequence[float] = ()  # each query's metric, in query_ids' order
 
 
 @dataclass
 class ScoreTable:
-    score: np.ndarray  # final score: mean of s * w_i over appearances
+    score: np.ndarray  # final score: mean of s * w_i over appearances (or a ridge coefficient)
     appearances: np.ndarray
     mean_episode_score: np.ndarray  # mean raw s: the "w/o Attn" score
     mean_weight: np.ndarray
+
+
+# Post-processing of the episode log (no extra model calls); docs/algorithm.md, "Attribution".
+ATTENTION_CORRECTIONS = ("none", "position")
+QUERY_BASELINES = ("none", "mean", "zero_shot")
+AGGREGATIONS = ("mean", "ridge")
+# They change no episode, so they stay out of the plan's id and one episode log serves them all
+# (query_baseline=zero_shot adds one row per query without demonstrations, in its own log).
+ACCUMULATION_SWITCHES = ("attention_correction", "query_baseline", "aggregation")
+# Everything that only re-reads a log: the accumulation switches and which logged value of a
+# likelihood query is read (method.likelihood_score; both are written to every record).
+READING_SWITCHES = (*ACCUMULATION_SWITCHES, "likelihood_score")
+# Ridge penalty of aggregation=ridge. The design's entries are weights of mean 1, so an example
+# seen in P episodes has about P on the diagonal of X'X: alpha 1 shrinks an example seen in 4
+# passes by about a fifth, enough to keep the fit defined when episodes (passes * N / n_d) are
+# fewer than examples, small enough that the ranking is the data's.
+RIDGE_ALPHA = 1.0
 
 
 def episode_weights(attention: Sequence[float]) -> np.ndarray:
@@ -138,28 +157,174 @@ def episode_weights(attention: Sequence[float]) -> np.ndarray:
     return a * (len(a) / total)
 
 
+def position_corrected(weights: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each w_i divided by the mean w at its position over these episodes, renormalised.
+
+    A small selector's attention mostly says where a demonstration sits (the last ones get
+    several times the first ones' weight), not what it is; dividing by the position's mean,
+    estimated from the run's own episodes (no labels), leaves what differs between examples at
+    the same position. Weights are compared after the per-episode normalisation, so an episode
+    whose raw attention is larger overall does not dominate a position's mean.
+    """
+    longest = max((len(w) for w in weights), default=0)
+    totals, counts = np.zeros(longest), np.zeros(longest)
+    for w in weights:
+        totals[: len(w)] += w
+        counts[: len(w)] += 1
+    means = totals / np.maximum(counts, 1)
+    return [episode_weights(w / means[: len(w)]) for w in weights]
+
+
+def baselined_scores(
+    contributions: Sequence[Contribution], zero_shot: Mapping[str, float] | None = None
+) -> list[float]:
+    """Each episode's mean over its queries of (query score - that query's baseline).
+
+    The baseline is the query's mean score over every appearance of it in these episodes, or,
+    given `zero_shot`, its score with no demonstration at all: either way an episode is
+    credited for how much better its queries did than they do anyway, not for drawing easy
+    queries. Against zero-shot, an episode of one demonstration is that demonstration's own
+    paired effect (with it minus without it).
+    """
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for c in contributions:
+        if len(c.query_ids) != len(c.query_scores) or not c.query_ids:
+            raise DataError(
+                "method.query_baseline needs each episode's query_ids and query_scores; an "
+                "episode log record lacks them (written by an older dwbench?): score it again."
+            )
+        for q, value in zip(c.query_ids, c.query_scores, strict=True):
+            totals[q] = totals.get(q, 0.0) + float(value)
+            counts[q] = counts.get(q, 0) + 1
+    means = {q: totals[q] / counts[q] for q in totals} if zero_shot is None else zero_shot
+    missing = sorted(set(totals) - set(means))
+    if missing:
+        raise DataError(
+            f"query {missing[0]!r} has no zero-shot score ({len(missing)} queries lack one): "
+            "score the run again so its zero-shot rows are written."
+        )
+    return [
+        float(np.mean([v - means[q] for q, v in zip(c.query_ids, c.query_scores, strict=True)]))
+        for c in contributions
+    ]
+
+
+def ridge_scores(
+    n_examples: int,
+    contributions: Sequence[Contribution],
+    weights: Sequence[np.ndarray],
+    scores: Sequence[float],
+    alpha: float = RIDGE_ALPHA,
+) -> np.ndarray:
+    """Datamodels-style attribution: the coefficients of episode score ~ its demonstrations.
+
+    Row e of the design holds w_i at each demonstration i of episode e (1 without attention
+    weighting), so one fit credits each example with its own effect, the other demonstrations
+    it shared episodes with held fixed, instead of averaging their effects into its score.
+    An intercept absorbs the mean episode score; an example in no episode gets 0.
+    """
+    from scipy import sparse
+    from sklearn.linear_model import Ridge
+
+    rows = np.repeat(np.arange(len(contributions)), [len(c.demos) for c in contributions])
+    cols = np.concatenate([np.asarray(c.demos, dtype=np.int64) for c in contributions])
+    values = np.concatenate(list(weights))
+    design = sparse.csr_matrix(
+        (values, (rows, cols)), shape=(len(contributions), n_examples), dtype=np.float64
+    )
+    model = Ridge(alpha=alpha, fit_intercept=True, solver="sparse_cg", tol=1e-12, max_iter=None)
+    model.fit(design, np.asarray(scores, dtype=np.float64))
+    return np.asarray(model.coef_, dtype=np.float64)
+
+
 def accumulate(
-    n_examples: int, contributions: Iterable[Contribution], weighting: bool
+    n_examples: int,
+    contributions: Iterable[Contribution],
+    weighting: bool,
+    attention_correction: str = "none",
+    query_baseline: str = "none",
+    aggregation: str = "mean",
+    zero_shot: Mapping[str, float] | None = None,
 ) -> ScoreTable:
-    """S[i] += s * w_i over episodes, in float64; the score is S[i] / appearances (0 if none)."""
+    """S[i] += s * w_i over episodes, in float64; the score is S[i] / appearances (0 if none).
+
+    The switches only re-read the same episodes (no model calls): `attention_correction`
+    divides out each position's mean weight, `query_baseline` credits an episode with its
+    queries' scores minus their means (`mean`) or minus their scores without demonstrations
+    (`zero_shot`, from `zero_shot`: query id -> score), `aggregation=ridge` replaces the mean
+    by a regression.
+    At their defaults the arithmetic is exactly the faithful method's.
+    """
+    episodes = list(contributions)
+    weights = [
+        episode_weights(c.attention) if weighting else np.ones(len(c.demos)) for c in episodes
+    ]
+    if attention_correction == "position":
+        weights = position_corrected(weights)
+    if query_baseline == "none":
+        scores = [c.score for c in episodes]
+    elif query_baseline == "zero_shot":
+        if zero_shot is None:
+            raise ValueError("query_baseline=zero_shot needs each query's zero-shot score")
+        scores = baselined_scores(episodes, zero_shot)
+    else:
+        scores = baselined_scores(episodes)
     total = np.zeros(n_examples, dtype=np.float64)
     raw = np.zeros(n_examples, dtype=np.float64)
-    weights = np.zeros(n_examples, dtype=np.float64)
+    weight_sum = np.zeros(n_examples, dtype=np.float64)
     count = np.zeros(n_examples, dtype=np.int64)
-    for c in contributions:
+    for c, w, s in zip(episodes, weights, scores, strict=True):
         demos = np.asarray(c.demos, dtype=np.int64)
-        w = episode_weights(c.attention) if weighting else np.ones(len(demos))
-        np.add.at(total, demos, c.score * w)
+        np.add.at(total, demos, s * w)
         np.add.at(raw, demos, c.score)
-        np.add.at(weights, demos, w)
+        np.add.at(weight_sum, demos, w)
         np.add.at(count, demos, 1)
     seen = np.maximum(count, 1)
+    score = total / seen
+    if aggregation == "ridge" and episodes:
+        score = ridge_scores(n_examples, episodes, weights, scores)
     return ScoreTable(
-        score=total / seen,
+        score=score,
         appearances=count,
         mean_episode_score=raw / seen,
-        mean_weight=weights / seen,
+        mean_weight=weight_sum / seen,
     )
+
+
+def split_half_reliability(
+    n_examples: int,
+    contributions: Sequence[Contribution],
+    passes: Sequence[int],
+    weighting: bool,
+    zero_shot: Mapping[str, float] | None = None,
+    **switches: str,
+) -> float:
+    """Spearman between the scores of the even passes and of the odd passes (label-free).
+
+    Each half is accumulated on its own, with the same switches (position means and query
+    baselines estimated within the half), from the same episode log: no extra model calls.
+    A score that measures the example, not the episodes it happened to land in, agrees with
+    itself across halves; one at chance does not. Only examples seen in both halves count;
+    NaN when fewer than 3 are, or when a half's scores are all equal.
+    """
+    from scipy.stats import spearmanr
+
+    halves = [
+        accumulate(
+            n_examples,
+            [c for c, p in zip(contributions, passes, strict=True) if p % 2 == parity],
+            weighting,
+            zero_shot=zero_shot,
+            **switches,
+        )
+        for parity in (0, 1)
+    ]
+    both = (halves[0].appearances > 0) & (halves[1].appearances > 0)
+    a, b = halves[0].score[both], halves[1].score[both]
+    if both.sum() < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
 
 
 def accumulate_float16(

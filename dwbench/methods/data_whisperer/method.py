@@ -27,8 +27,13 @@ from dwbench.keys import result_identity, stable_hash
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.data_whisperer.attention import use_capture_attention
 from dwbench.methods.data_whisperer.episodes import (
+    ACCUMULATION_SWITCHES,
+    AGGREGATIONS,
+    ATTENTION_CORRECTIONS,
     CHECKPOINT_FILE,
     EPISODE_ORDERS,
+    QUERY_BASELINES,
+    READING_SWITCHES,
     Contribution,
     Episode,
     EpisodeLog,
@@ -37,6 +42,7 @@ from dwbench.methods.data_whisperer.episodes import (
     accumulate_float16,
     plan_episodes,
     read_episode_log,
+    split_half_reliability,
 )
 from dwbench.methods.data_whisperer.prompts import (
     NUMERIC_METRIC,
@@ -70,6 +76,11 @@ logger = logging.getLogger(__name__)
 
 QUERY_SCORINGS = ("generate", "likelihood")
 LIKELIHOOD_SPANS = ("answer", "final")  # the gold tokens a likelihood score averages over
+# A likelihood query's score as accumulation reads it: the mean gold-token probability, or the
+# span's log-probability (sum over its tokens). Both are logged, so it re-reads the same log.
+LIKELIHOOD_SCORES = ("probability", "log_probability")
+ZERO_SHOT_FILE = "zero_shot.jsonl"  # query_baseline=zero_shot: each query without demonstrations
+ZERO_SHOT_ROWS_PER_CALL = 8  # zero-shot rows are short; a runtime choice, not in any key
 QUERY_SOURCES = ("pool_kfold", "validation")
 PROMPT_STYLES = ("dwbench", "released")
 SCORE_ARITHMETICS = ("float64", "float16")
@@ -124,6 +135,11 @@ class Settings:
     parallel_batches: int = 1  # released prompts: episodes padded together (changes numbers)
     score_arithmetic: str = "float64"
     failed_episodes: str = "score_zero"
+    # how the episode log is accumulated; the defaults are the paper's
+    attention_correction: str = "none"
+    query_baseline: str = "none"
+    aggregation: str = "mean"
+    likelihood_score: str = "probability"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
@@ -188,7 +204,41 @@ class Settings:
                 "method.likelihood_span=final chooses the gold tokens a likelihood score "
                 "averages over; it needs method.query_scoring=likelihood."
             )
-        return settings._released_switches(get, positive, choice)
+        return settings._released_switches(get, positive, choice)._accumulation(choice)
+
+    def _accumulation(self, choice: Any) -> Settings:
+        """The attribution switches, checked against what they need."""
+        fields = {
+            "attention_correction": choice("attention_correction", ATTENTION_CORRECTIONS),
+            "query_baseline": choice("query_baseline", QUERY_BASELINES),
+            "aggregation": choice("aggregation", AGGREGATIONS),
+            "likelihood_score": choice("likelihood_score", LIKELIHOOD_SCORES),
+        }
+        changed = [k for k, v in fields.items() if v != Settings.__dataclass_fields__[k].default]
+        if changed and self.score_arithmetic == "float16":
+            raise ConfigError(
+                f"method.{changed[0]}={fields[changed[0]]} re-reads the episode log in float64; "
+                "method.score_arithmetic=float16 reproduces the released accumulation as it is. "
+                "Set one of them back to its default."
+            )
+        if fields["attention_correction"] == "position" and not self.attention_weighting:
+            raise ConfigError(
+                "method.attention_correction=position corrects the attention weights, but "
+                "method.attention_weighting=false uses none; set attention_weighting=true or "
+                "attention_correction=none."
+            )
+        if fields["likelihood_score"] != "probability" and self.query_scoring != "likelihood":
+            raise ConfigError(
+                f"method.likelihood_score={fields['likelihood_score']} reads teacher-forced gold "
+                "answers; it needs method.query_scoring=likelihood."
+            )
+        if fields["query_baseline"] == "zero_shot" and self.query_layout != "separate":
+            raise ConfigError(
+                "method.query_baseline=zero_shot scores each query again without "
+                "demonstrations, which is one row only in the separate layout; set "
+                "method.query_layout=separate."
+            )
+        return replace(self, **fields)
 
     def _released_switches(self, get: Any, positive: Any, choice: Any) -> Settings:
         """The switches between dwbench's default and the released code, checked together."""
@@ -236,7 +286,13 @@ class Settings:
         for key in _SWITCHES:  # at their defaults they leave the plan's id as it was before them
             if fields[key] == defaults[key].default:
                 del fields[key]
+        for key in READING_SWITCHES:  # they decide the scores, not the episodes
+            del fields[key]
         return fields
+
+    def accumulation(self) -> dict[str, str]:
+        """The switches `accumulate` takes."""
+        return {key: getattr(self, key) for key in ACCUMULATION_SWITCHES}
 
     def episodes_per_call(self, device: str) -> int:
         if self.prompt_style == "released":
@@ -255,7 +311,9 @@ class DataWhisperer:
     teacher-forced final-number match for likelihood), capped_episodes (a row hit the token cap),
     generated_tokens_per_episode, seconds_per_episode, seconds_per_example (this call, model
     loading excluded), load_seconds, resumed_episodes, episodes_per_call, mean_episode_score,
-    unscored_examples (no appearance left) and distinct_scores (1: no signal, a warning says so).
+    unscored_examples (no appearance left), distinct_scores (1: no signal, a warning says so)
+    and, with episode_order=random and 2+ passes, split_half_reliability (Spearman between the
+    scores of the even and the odd passes: label-free).
     """
 
     needs_selector = True  # scores with the selector model
@@ -347,10 +405,10 @@ class DataWhisperer:
     def score(self, pool: list[Example]) -> pd.DataFrame:
         start = time.perf_counter()
         plan, queries, plan_id = self._plan(pool)
-        log, load_s, resumed = self._run_episodes(
-            pool, queries, plan, plan, plan_id, Path(self.context.work_dir)
-        )
-        scores = self._scores(pool, plan, log.records)
+        work_dir = Path(self.context.work_dir)
+        log, load_s, resumed = self._run_episodes(pool, queries, plan, plan, plan_id, work_dir)
+        load_s += self._zero_shot(queries, plan, plan_id, work_dir)
+        scores = self._scores(pool, plan, log.records, self._zero_shot_scores(work_dir, plan_id))
         self.stats.update(
             resumed_seconds=self.resumed_seconds,
             resumed_episodes=float(resumed),
@@ -383,7 +441,7 @@ class DataWhisperer:
         }
 
     def merge_units(self, pool: list[Example], shard_dirs: list[Path]) -> pd.DataFrame:
-        plan, _, plan_id = self._plan(pool)
+        plan, queries, plan_id = self._plan(pool)
         records: dict[int, dict[str, Any]] = {}
         for folder in shard_dirs:
             records.update(read_episode_log(folder / CHECKPOINT_FILE, plan_id))
@@ -394,7 +452,9 @@ class DataWhisperer:
                 f"{missing[:5]} of {len(plan)}: score the missing shard again (python -m "
                 "dwbench.plan lists it)."
             )
-        scores = self._scores(pool, plan, records)
+        work_dir = Path(self.context.work_dir)
+        self._zero_shot(queries, plan, plan_id, work_dir)
+        scores = self._scores(pool, plan, records, self._zero_shot_scores(work_dir, plan_id))
         self.stats["shards"] = float(len(shard_dirs))
         self._report()
         return scores
@@ -443,7 +503,11 @@ class DataWhisperer:
         return log, load_s, resumed
 
     def _scores(
-        self, pool: list[Example], plan: list[Episode], done: Mapping[int, dict[str, Any]]
+        self,
+        pool: list[Example],
+        plan: list[Episode],
+        done: Mapping[int, dict[str, Any]],
+        zero_shot: Mapping[str, float] | None = None,
     ) -> pd.DataFrame:
         """Accumulate the episodes' records in plan order into the pool's scores."""
         s = self.settings
@@ -454,13 +518,20 @@ class DataWhisperer:
             for r in records
             if r["demo_ids"] and not (s.failed_episodes == "skip" and r["parse_failures"] > 0)
         ]
+        contributions = [
+            Contribution(
+                [index[i] for i in r["demo_ids"]],
+                float(np.mean(self._query_values(r)))
+                if s.likelihood_score != "probability"
+                else r["score"],
+                r["attention"],
+                r.get("query_ids", ()),
+                self._query_values(r),
+            )
+            for r in counted
+        ]
         table = accumulate(
-            len(pool),
-            (
-                Contribution([index[i] for i in r["demo_ids"]], r["score"], r["attention"])
-                for r in counted
-            ),
-            s.attention_weighting,
+            len(pool), contributions, s.attention_weighting, zero_shot=zero_shot, **s.accumulation()
         )
         if s.score_arithmetic == "float16":
             table.score, _ = accumulate_float16(
@@ -479,6 +550,17 @@ class DataWhisperer:
             attention_layer=float(records[0]["attention_layer"]),
             episodes_per_call=float(s.episodes_per_call(self.context.device)),
         )
+        if s.episode_order == "random" and s.passes >= 2:
+            per_pass = len(plan) // s.passes  # the plan lists its passes one after another
+            passes = {e.index: e.index // per_pass for e in plan}
+            self.stats["split_half_reliability"] = split_half_reliability(
+                len(pool),
+                contributions,
+                [passes[int(r["episode"])] for r in counted],
+                s.attention_weighting,
+                zero_shot=zero_shot,
+                **s.accumulation(),
+            )
         self.params = {
             "query_layout": s.query_layout,
             "query_scoring": s.query_scoring,
@@ -494,6 +576,76 @@ class DataWhisperer:
                 "mean_weight": table.mean_weight,
             }
         )
+
+    def _query_values(self, record: Mapping[str, Any]) -> list[float]:
+        """A record's per-query values as `likelihood_score` reads them."""
+        if self.settings.likelihood_score == "probability":
+            return list(record.get("query_scores", ()))
+        if "query_log_probs" not in record:
+            raise DataError(
+                "method.likelihood_score=log_probability reads each query's log-probability, "
+                "which this episode log lacks (written by an older dwbench): score it again."
+            )
+        return list(record["query_log_probs"])
+
+    def _zero_shot(
+        self, queries: list[Example], plan: list[Episode], plan_id: str, work_dir: Path
+    ) -> float:
+        """With query_baseline=zero_shot, score each query asked without demonstrations, once;
+        the rows go to their own resumable log beside the episodes'. Returns load seconds."""
+        if self.settings.query_baseline != "zero_shot":
+            return 0.0
+        log = EpisodeLog(work_dir / ZERO_SHOT_FILE, plan_id)
+        asked = sorted({q for e in plan for q in e.queries})
+        pending = [q for q in asked if q not in log.records]
+        if not pending:
+            return 0.0
+        load_start = time.perf_counter()
+        model, tokenizer = self._load()
+        load_s = time.perf_counter() - load_start
+        runner = EpisodeRunner(
+            model,
+            tokenizer,
+            int(self.layer),
+            self.settings.attention_span,
+            _stop_ids(model, tokenizer),
+        )
+        per_call = ZERO_SHOT_ROWS_PER_CALL
+        try:
+            for start in tqdm(range(0, len(pending), per_call), desc="zero-shot", unit="batch"):
+                chunk = pending[start : start + per_call]
+                encoded = [self._prompt(tokenizer, [], [queries[q]]) for q in chunk]
+                if self.settings.query_scoring == "likelihood":
+                    outs = runner.likelihood(encoded)
+                else:
+                    outs = [None] * len(chunk)
+
+                    def keep(b: int, out: EpisodeOutput, outs: list = outs) -> None:
+                        outs[b] = out
+
+                    runner.generate(encoded, self._stop_factory(), self._max_new_tokens(), keep)
+                records = []
+                for q, out in zip(chunk, outs, strict=True):
+                    values, _, _, _, log_probs = self._query_scores(out, [queries[q]])
+                    records.append(
+                        {
+                            "episode": q,
+                            "query_id": queries[q].id,
+                            "query_scores": values,
+                            "query_log_probs": log_probs,
+                        }
+                    )
+                log.append(records)
+        finally:
+            runner.close()
+        return load_s
+
+    def _zero_shot_scores(self, work_dir: Path, plan_id: str) -> dict[str, float] | None:
+        """query id -> zero-shot value as `likelihood_score` reads it; None unless asked for."""
+        if self.settings.query_baseline != "zero_shot":
+            return None
+        records = read_episode_log(work_dir / ZERO_SHOT_FILE, plan_id)
+        return {r["query_id"]: self._query_values(r)[0] for r in records.values()}
 
     def _report(self) -> None:
         logger.info("Data Whisperer: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
@@ -776,14 +928,16 @@ class DataWhisperer:
 
     def _query_scores(
         self, out: EpisodeOutput, queries: Sequence[Example]
-    ) -> tuple[list[float], int, list[bool | None], list[str | None]]:
-        """Per-query scores, parse failures, whether each query was answered right, completions."""
+    ) -> tuple[list[float], int, list[bool | None], list[str | None], list[float] | None]:
+        """Per-query scores, parse failures, whether each query was answered right, completions
+        and, for likelihood, each gold span's log-probability."""
         if self.settings.query_scoring == "likelihood":  # one row per query, in query order
             rows = out.rows
             final = self.settings.likelihood_span == "final"
             probs = [p for row in rows for p in (row.final_probs if final else row.gold_probs)]
             correct = [m for row in rows for m in row.number_match]
-            return [float(np.mean(p)) for p in probs], 0, correct, []
+            log_probs = [float(np.sum(np.log(np.asarray(p, dtype=np.float64)))) for p in probs]
+            return [float(np.mean(p)) for p in probs], 0, correct, [], log_probs
         completions = [row.text for row in out.rows]
         if self.settings.query_layout == "separate":
             answers = [separate_answer(text) for text in completions]
@@ -797,7 +951,7 @@ class DataWhisperer:
             else:
                 scores.append(float(self.metric(answer.strip(), query.references)))
             correct.append(scores[-1] == 1.0 if self.numeric else None)
-        return scores, failures, correct, list(completions)
+        return scores, failures, correct, list(completions), None
 
     def _record(
         self,
@@ -809,10 +963,13 @@ class DataWhisperer:
     ) -> dict[str, Any]:
         """One episode's log line: everything accumulation and the statistics need."""
         query_examples = [queries[i] for i in episode.queries]
+        log_probs: list[float] | None = None
         if out is None:
             scores, failures, correct, completions = [0.0] * len(query_examples), 0, [], []
         else:
-            scores, failures, correct, completions = self._query_scores(out, query_examples)
+            scores, failures, correct, completions, log_probs = self._query_scores(
+                out, query_examples
+            )
         return {
             "episode": episode.index,
             "attention_layer": self.layer,
@@ -821,6 +978,7 @@ class DataWhisperer:
             "query_ids": [q.id for q in query_examples],
             "completions": completions,
             "query_scores": scores,
+            **({} if log_probs is None else {"query_log_probs": log_probs}),
             "correct": correct,
             "score": float(np.mean(scores)),
             "parse_failures": failures,
