@@ -23,7 +23,8 @@ composed with Hydra, so any override applies:
 each, a failure does not stop the others; finished stages are reused) and prints one table:
 selection precision and AUROC of the score against the embedded task's clean flags, score after
 fine-tuning, selection seconds (with the scorer fine-tune's share) and STR:
-    python -m dwbench.bench methods --experiment embedded_table2 --budget 0.1 --seed 0
+    python -m dwbench.bench methods --experiment embedded_table2 --budget 0.1 --seed 0 \
+        --methods random oracle_clean perplexity_low less s2l rds_plus ifd data_whisperer
 """
 
 from __future__ import annotations

@@ -361,12 +361,16 @@ def test_table2_shows_the_zero_shot_and_whole_dataset_rows_of_its_companions(tmp
     companions = runs[runs["role"] == "companion"].set_index("budget")
     assert sorted(companions.index) == [0.0, 1.0]
     assert companions.loc[0.0, "method"] == "zero_shot" and companions.loc[0.0, "STR"] == 0.0
-    rows = (out / "table2.md").read_text().splitlines()
+    text, versus_random = (out / "table2.md").read_text().split("\n## Against Random")
+    rows = text.splitlines()
     table = [line for line in rows if line.startswith("| ") and "Method" not in line][1:]
     assert table[0] == "| Zero-shot | 20.00 (57.49) |"  # 6/30; the paper's Llama-3 zero-shot
     assert table[-1] == "| Whole dataset | 33.33 (71.39) |"
     intervals = pd.read_csv(out / "bootstrap.csv")
     assert list(intervals["budget"]) == [0.1] and list(intervals["method"]) == ["data_whisperer"]
+    # the report's own win / tie / loss: one setting, Data Whisperer against Random
+    assert "| Data Whisperer | 1 | " in versus_random and "| Random | 1 | - |" in versus_random
+    assert (out / "standing.png").is_file()
 
 
 def test_the_whole_dataset_line_is_in_view_above_low_budget_scores() -> None:

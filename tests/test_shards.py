@@ -128,6 +128,7 @@ PER_EXAMPLE_SHARDING = {
     "less": ["method.runtime.examples_per_shard=4"],  # 3 feature blocks
     "s2l": ["method.runtime.batch_size=4"],
     "nuggets": [],  # a unit per candidate
+    "ifd": ["method.runtime.batch_size=4"],
 }
 
 

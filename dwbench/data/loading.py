@@ -16,6 +16,11 @@ Decisions worth knowing:
   first field alone, so no dangling "Input:" section reaches the model.
 - Every split is shuffled with `random.Random(task.shuffle_seed)`, then cut to
   `task.pool_limit` / `task.eval_limit`: the data order does not depend on the run seed.
+- `task.noise` (dwbench/data/noise.py) then plants seeded noise in the pool, on any source, so
+  every later stage and method sees only the noisy pool, with `is_clean` flags and corruption
+  kinds recorded as the embedded task records its own. On the embedded task it is refused while
+  the generator corrupts answers itself (`task.generator.corrupt_share` > 0): two noise models
+  in one pool would make the flags mean two things; set one of the shares to 0.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dwbench.data.embedded import check_generator_args, generate_embedded_task
+from dwbench.data.noise import DEFAULTS as NOISE_DEFAULTS
+from dwbench.data.noise import check_noise, plant_noise
 from dwbench.data.records import Example, TaskSplits
 from dwbench.errors import ConfigError, DataError
 
@@ -57,6 +64,7 @@ _DEFAULTS: dict[str, Any] = {
     "eval_limit": None,
     "shuffle_seed": 0,
     "lm_eval_task": None,
+    "noise": NOISE_DEFAULTS,
 }
 _SOURCES = ("hub", "local", "embedded")
 _QUERY_SOURCES = ("pool_kfold", "validation")
@@ -81,7 +89,7 @@ def load_task(task: Mapping[str, Any]) -> TaskSplits:
         pool, eval_rows, queries = _load_hub(cfg["hub"], cfg["query_source"])
     else:
         return _load_embedded(cfg)
-    return _finish(cfg, pool, eval_rows, queries, clean=None)
+    return _finish(cfg, pool, eval_rows, queries, corruption=None)
 
 
 def check_task(task: Mapping[str, Any]) -> None:
@@ -90,6 +98,19 @@ def check_task(task: Mapping[str, Any]) -> None:
     cfg = _resolve(task)
     if cfg["path"] is None and cfg["source"] == "embedded":
         _generator_args(cfg)
+
+
+def plants_noise(task: Mapping[str, Any]) -> bool:
+    """Whether `task.noise` corrupts part of the pool (share > 0)."""
+    noise = task.get("noise")
+    return isinstance(noise, Mapping) and bool(noise.get("share"))
+
+
+def has_clean_flags(task: Mapping[str, Any]) -> bool:
+    """Whether the loaded pool will carry `is_clean` flags: the embedded generator's, or planted
+    noise's on any task."""
+    embedded = task.get("path") is None and task.get("source") == "embedded"
+    return embedded or plants_noise(task)
 
 
 def _resolve(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,6 +155,17 @@ def _resolve(task: Mapping[str, Any]) -> dict[str, Any]:
                 f"task.{key} must be a positive integer or null, got {value!r}; "
                 f"e.g. task.{key}=100, or task.{key}=null to keep every example."
             )
+    cfg["noise"] = check_noise(cfg["noise"])
+    generator = cfg["generator"] if isinstance(cfg["generator"], Mapping) else {}
+    embedded = cfg["path"] is None and cfg["source"] == "embedded"
+    if embedded and cfg["noise"]["share"] > 0 and generator.get("corrupt_share"):
+        raise ConfigError(
+            f"task.noise.share={cfg['noise']['share']} on the embedded task, whose generator "
+            f"already corrupts task.generator.corrupt_share={generator['corrupt_share']} of the "
+            "pool: one noise model per pool, so the is_clean flags mean one thing. Set "
+            "task.generator.corrupt_share=0 to plant text noise instead, or task.noise.share=0 "
+            "to keep the arithmetic corruptions."
+        )
     if isinstance(cfg["shuffle_seed"], bool) or not isinstance(cfg["shuffle_seed"], int):
         raise ConfigError(f"task.shuffle_seed must be an integer, got {cfg['shuffle_seed']!r}.")
     fields = cfg["fields"]
@@ -281,8 +313,8 @@ def _load_embedded(cfg: dict[str, Any]) -> TaskSplits:
         difficulty=generator["difficulty"],
     )
     origin = "the embedded generator (task.generator)"
-    clean = [row["is_clean"] for row in pool]
-    return _finish(cfg, _Rows(origin, pool), _Rows(origin, eval_rows), None, clean=clean)
+    corruption = [row["corruption"] for row in pool]
+    return _finish(cfg, _Rows(origin, pool), _Rows(origin, eval_rows), None, corruption=corruption)
 
 
 def _generator_args(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -318,9 +350,10 @@ def _finish(
     pool_rows: _Rows,
     eval_rows: _Rows,
     query_rows: _Rows | None,
-    clean: list[bool] | None,
+    corruption: list[str | None] | None,
 ) -> TaskSplits:
-    """Rows -> examples, eval references grouped, every split shuffled and limited."""
+    """Rows -> examples, eval references grouped, every split shuffled and limited, noise
+    planted in the pool; `corruption` is the generator's kind per pool row (None: clean)."""
     pool = _examples(pool_rows, "pool", cfg)
     eval_examples = _group_references(_examples(eval_rows, "eval", cfg))
     queries = None if query_rows is None else _examples(query_rows, "queries", cfg)
@@ -334,7 +367,11 @@ def _finish(
             )
         _check_unique_ids(rows.origin, examples, cfg["fields"]["id"])
 
-    flags = None if clean is None else {ex.id: ok for ex, ok in zip(pool, clean, strict=True)}
+    kinds = (
+        None
+        if corruption is None
+        else {ex.id: kind for ex, kind in zip(pool, corruption, strict=True)}
+    )
     seed = cfg["shuffle_seed"]
     for field, split in (("pool_limit", pool), ("eval_limit", eval_examples)):
         if cfg[field] is not None and cfg[field] > len(split):
@@ -344,11 +381,16 @@ def _finish(
             )
     pool = _shuffled(pool, seed)[: cfg["pool_limit"]]
     eval_examples = _shuffled(eval_examples, seed)[: cfg["eval_limit"]]
+    kind_of = None if kinds is None else {ex.id: kinds[ex.id] for ex in pool}
+    if cfg["noise"]["share"] > 0:
+        noisy = plant_noise(pool, cfg["noise"])
+        pool, kind_of = noisy.pool, noisy.corruption
     return TaskSplits(
         pool=pool,
         queries=None if queries is None else _shuffled(queries, seed),
         eval=eval_examples,
-        clean_flags=None if flags is None else {ex.id: flags[ex.id] for ex in pool},
+        clean_flags=None if kind_of is None else {i: k is None for i, k in kind_of.items()},
+        corruptions=kind_of,
     )
 
 

@@ -38,8 +38,12 @@ class TaskSplits:
     pool: list[Example]  # training pool that selection methods rank
     queries: list[Example] | None  # the task's own query split (DialogSum validation), else None
     eval: list[Example]  # evaluation split
-    # Ground truth for the embedded task only (id -> is_clean); selection methods must never see it.
+    # Ground truth of the embedded task or of planted noise (task.noise), else None:
+    # id -> is_clean; selection methods must never see it.
     clean_flags: dict[str, bool] | None
+    # id -> corruption kind (None: clean), where clean_flags is set; kept out of the fingerprint,
+    # as the flags and the content already fix it
+    corruptions: dict[str, str | None] | None = None
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:

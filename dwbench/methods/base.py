@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
-from dwbench.errors import DwbenchError
+from dwbench.errors import ConfigError, DwbenchError
 
 
 class CellData(Protocol):
@@ -171,6 +171,24 @@ TIE_BREAK_STREAM = 7_919  # a seed stream of its own, apart from the one a metho
 def method_params(method: SelectionMethod) -> dict[str, Any]:
     """Settings a method resolved while scoring (e.g. Data Whisperer's decoding), for the log."""
     return dict(getattr(method, "params", {}))
+
+
+def target_examples(
+    pool: list[Example], queries: list[Example] | None, n_targets: int, seed: int
+) -> tuple[list[Example], list[int]]:
+    """The target examples of the methods that select toward the task (LESS, RDS+), and the pool
+    positions that are targets themselves: `n_targets` seeded examples of the task's query split
+    (held-out task examples) where it has one, else of the pool. One rule, so such methods
+    compare on the same targets."""
+    if queries:
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(len(queries), min(n_targets, len(queries)), replace=False)
+        return [queries[i] for i in sorted(picked)], []
+    if n_targets >= len(pool):
+        raise ConfigError(f"method.n_targets={n_targets} must be below the pool size.")
+    rng = np.random.default_rng(seed + 1)
+    positions = sorted(rng.choice(len(pool), n_targets, replace=False).tolist())
+    return [pool[i] for i in positions], positions
 
 
 def top_k(scores: pd.DataFrame, k: int, seed: int) -> list[str]:

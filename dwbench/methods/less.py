@@ -28,7 +28,7 @@ import pandas as pd
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError, DwbenchError
 from dwbench.methods import lm_signals
-from dwbench.methods.base import ScoringContext, top_k
+from dwbench.methods.base import ScoringContext, target_examples, top_k
 from dwbench.methods.gradient_features import (
     FeatureShards,
     RademacherProjector,
@@ -109,16 +109,7 @@ class LESS:
 
     def _targets(self, pool: list[Example]) -> tuple[list[Example], list[int]]:
         """Target examples, and the pool positions that are targets themselves."""
-        queries = self.context.queries
-        if queries:
-            rng = np.random.default_rng(self.context.seed)
-            picked = rng.choice(len(queries), min(self.n_targets, len(queries)), replace=False)
-            return [queries[i] for i in sorted(picked)], []
-        if self.n_targets >= len(pool):
-            raise ConfigError(f"method.n_targets={self.n_targets} must be below the pool size.")
-        rng = np.random.default_rng(self.context.seed + 1)
-        positions = sorted(rng.choice(len(pool), self.n_targets, replace=False).tolist())
-        return [pool[i] for i in positions], positions
+        return target_examples(pool, self.context.queries, self.n_targets, self.context.seed)
 
     def score(self, pool: list[Example]) -> pd.DataFrame:
         folder = self.context.work_dir

@@ -93,6 +93,14 @@ def _batches(records: Sequence[Record], batch_size: int) -> Iterator[list[int]]:
         yield order[start : start + batch_size]
 
 
+def batch_positions(
+    records: Sequence[Record], batch_size: int, units: range | None = None
+) -> list[list[int]]:
+    """The batches `token_stats` computes, as record positions: all, or a score shard's units."""
+    batches = list(_batches(records, batch_size))
+    return batches if units is None else batches[units.start : units.stop]
+
+
 def _padded(records: Sequence[Record], device: Any) -> tuple[torch.Tensor, ...]:
     import torch
 
@@ -156,9 +164,7 @@ def token_stats(
     import torch
 
     device = next(model.parameters()).device
-    batches = list(_batches(records, batch_size))
-    if units is not None:
-        batches = batches[units.start : units.stop]
+    batches = batch_positions(records, batch_size, units)
     computed = np.array(sorted(i for batch in batches for i in batch), dtype=np.int64)
     nll_sum = np.zeros(len(records))
     el2n_sum = np.zeros(len(records))
@@ -180,6 +186,31 @@ def token_stats(
             progress.update(len(batch))
     with np.errstate(invalid="ignore"):  # 0 / 0: a record not computed, or without a response
         return TokenStats(nll_sum / counts, -nll_sum, el2n_sum / counts, counts, computed)
+
+
+def weighted_mean_hidden(
+    model: PreTrainedModel, records: Sequence[Record], batch_size: int, desc: str = "embed"
+) -> np.ndarray:
+    """Each record's final hidden states (after the decoder's last norm), averaged over its
+    tokens with weights proportional to position (1, 2, ..., n): the pooling RDS+ found best, as
+    later tokens have read more of the sequence in a causal model. (records x hidden) float64."""
+    import torch
+
+    device = next(model.parameters()).device
+    decoder, _ = _decoder_and_head(model)
+    out: np.ndarray | None = None
+    bar = tqdm(total=len(records), desc=desc, unit="ex", disable=not desc)
+    with torch.no_grad(), bar as progress:
+        for batch in _batches(records, batch_size):
+            ids, _, mask = _padded([records[i] for i in batch], device)
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            weights = (torch.cumsum(mask, dim=1) * mask).float()  # right padding: 1..n, then 0
+            pooled = (hidden * (weights / weights.sum(1, keepdim=True))[..., None]).sum(1)
+            if out is None:
+                out = np.zeros((len(records), pooled.shape[1]))
+            out[batch] = pooled.double().cpu().numpy()
+            progress.update(len(batch))
+    return np.zeros((0, 0)) if out is None else out
 
 
 def gradient_parameters(model: PreTrainedModel, scope: str) -> list[tuple[str, torch.Tensor]]:

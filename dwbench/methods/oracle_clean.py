@@ -1,7 +1,8 @@
 """Oracle (clean only): a uniform, seeded subset of the examples whose answers are clean.
 
-A reference, not a competitor: it reads the embedded task's `is_clean` flags, which real methods
-never see, so its score bounds what a perfect noise filter could gain over random selection.
+A reference, not a competitor: it reads the `is_clean` flags (the embedded task's, or those of
+noise planted with `task.noise.share` on any task), which real methods never see, so its score
+bounds what a perfect noise filter could gain over random selection.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dwbench.data.loading import has_clean_flags
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext, top_k
 
 NO_FLAGS = (
-    "method=oracle_clean selects by the task's is_clean flags, and this task has none; use the "
-    "embedded task, e.g. python -m dwbench task=embedded_gsm method=oracle_clean."
+    "method=oracle_clean selects by the task's is_clean flags, and this task has none; plant "
+    "noise with task.noise.share (e.g. task.noise.share=0.3), or use the embedded task: "
+    "python -m dwbench task=embedded_gsm method=oracle_clean."
 )
 
 
@@ -35,8 +38,9 @@ class OracleClean:
     def check_options(
         method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
     ) -> None:
-        """Run before anything is written (dwbench.validate): only the generator labels data."""
-        if task_cfg.get("path") is not None or task_cfg.get("source") != "embedded":
+        """Run before anything is written (dwbench.validate): only the generator and planted
+        noise label data."""
+        if not has_clean_flags(task_cfg):
             raise ConfigError(NO_FLAGS)
 
     def __init__(self, context: ScoringContext) -> None:

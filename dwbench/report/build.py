@@ -19,12 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from dwbench.errors import DataError, DwbenchError
-from dwbench.report import bootstrap, figures, snapshot, tables
+from dwbench.report import bootstrap, figures, snapshot, standing, tables
 from dwbench.report.cells import GRID, Missing, ReportGrid, load_report_grid
 from dwbench.report.frame import build
 from dwbench.report.paper import PAPER_CSV, Paper
 from dwbench.sweep.grid import varying_overrides
 
+STANDING = "Against Random, setting by setting (this report's cells)"
 STYLE = {"found": "green", "missing": "yellow", "failed": "red", "running": "cyan"}
 
 
@@ -182,8 +183,10 @@ def _render(grid: ReportGrid, frozen: snapshot.Snapshot, options: Options) -> li
     out = options.out_dir / grid.name
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    versus_random = standing.summary(standing.outcomes(frame, intervals))
+    markdown = tables.to_markdown(table) + "\n" + standing.to_markdown(versus_random, STANDING)
     for path, text in (
-        (out / f"{grid.kind}.md", tables.to_markdown(table)),
+        (out / f"{grid.kind}.md", markdown),
         (out / f"{grid.kind}.tex", tables.to_latex(table)),
     ):
         path.write_text(text, encoding="utf-8")
@@ -192,4 +195,5 @@ def _render(grid: ReportGrid, frozen: snapshot.Snapshot, options: Options) -> li
     intervals.to_csv(intervals_path, index=False)
     written.append(intervals_path)
     written += figures.draw_all(frame, grid.kind, out)
+    written += standing.draw(versus_random, out)
     return written

@@ -25,6 +25,8 @@ METHOD_LABELS = {
     "perplexity_high": "Perplexity (high)",
     "less": "LESS",
     "s2l": "S2L",
+    "rds_plus": "RDS+",
+    "ifd": "IFD",
 }
 REFERENCE_METHODS = ("oracle_clean",)  # rows that bound the task, listed with Whole dataset
 DATA_WHISPERERS = ("data_whisperer", "data_whisperer_likelihood")  # ablated in Tables 4 and 5

@@ -1,6 +1,7 @@
 """prepare: load the task's pool, query and evaluation splits and freeze them as JSONL.
 
-The key hashes the task config and a fingerprint of the data's content, so every later key
+The key hashes the task config (`task.noise` only while it plants noise) and a fingerprint of
+the data's content, so every later key
 changes when the data does, and never when only its location does. A folder under the key is
 reused only when it holds that data: its marker's fingerprint and sizes, and its split files
 read back, must match what was loaded (evaluation reads eval.jsonl from there).
@@ -18,7 +19,7 @@ from dwbench.artifacts import SUCCESS_MARKER, ArtifactStore
 from dwbench.data.loading import TaskSplits, load_task
 from dwbench.data.records import Example, fingerprint, read_jsonl, write_jsonl
 from dwbench.errors import DataError
-from dwbench.keys import stage_key
+from dwbench.stages.keys import prepare_key
 from dwbench.stages.records import Prepared
 
 
@@ -26,7 +27,7 @@ def run(task_cfg: DictConfig, store: ArtifactStore, splits: TaskSplits | None = 
     """Freeze the splits (loaded here unless the caller already checked them)."""
     splits = load_task(task_cfg) if splits is None else splits
     data_fingerprint = fingerprint(splits)
-    key = stage_key("prepare", task=task_cfg, data=data_fingerprint)
+    key = prepare_key(task_cfg, data_fingerprint)
     with store.lock("prepare", key):
         if not store.reusable(
             "prepare",
@@ -55,6 +56,8 @@ def write_prepared(store: ArtifactStore, key: str, splits: Any, data_fingerprint
             write_jsonl(out / "queries.jsonl", splits.queries)
         if splits.clean_flags is not None:
             (out / "labels.json").write_text(json.dumps(splits.clean_flags, indent=0))
+        if getattr(splits, "corruptions", None) is not None:
+            (out / "corruptions.json").write_text(json.dumps(splits.corruptions, indent=0))
         marker.update(
             fingerprint=data_fingerprint,
             n_pool=len(splits.pool),

@@ -20,7 +20,8 @@ class Prepared:
     pool: list[Example]
     queries: list[Example] | None
     eval_path: Path
-    clean_flags: dict[str, bool] | None  # the embedded ground truth; only reference methods see it
+    # the embedded task's or planted noise's ground truth; only reference methods see it
+    clean_flags: dict[str, bool] | None
 
 
 @dataclass

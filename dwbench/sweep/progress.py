@@ -24,10 +24,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
-from dwbench.keys import stage_key
 from dwbench.pipeline import validate
 from dwbench.stages import score
-from dwbench.stages.keys import chain
+from dwbench.stages.keys import chain, prepare_key
 from dwbench.sweep.grid import Cell
 
 logger = logging.getLogger(__name__)
@@ -56,13 +55,13 @@ def prepared_keys(cfg: DictConfig) -> list[str]:
     return [
         m["key"]
         for m in sorted(markers, key=lambda m: m.get("finished_at", ""))
-        if stage_key("prepare", task=cfg.task, data=m["fingerprint"]) == m["key"]
+        if prepare_key(cfg.task, m["fingerprint"]) == m["key"]
     ]
 
 
-def stage_keys(cfg: DictConfig, prepare_key: str) -> dict[str, str]:
+def stage_keys(cfg: DictConfig, prepared: str) -> dict[str, str]:
     """The cell's stage keys from its prepare key (dwbench.stages.keys.chain)."""
-    return chain(cfg, prepare_key)
+    return chain(cfg, prepared)
 
 
 def store_runs(uri: str) -> pd.DataFrame:
