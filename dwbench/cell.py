@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from dwbench.keys import result_identity, stable_hash
+from dwbench.keys import result_identity, stable_hash, task_identity
 from dwbench.models import model_identity
 
 
@@ -12,7 +12,7 @@ def cell_key(cfg: DictConfig, last_stage: str) -> str:
     """Identity of a cell's result, computable without data (paths and runtime knobs left out)."""
     return stable_hash(
         {
-            "task": result_identity(cfg.task),
+            "task": task_identity(cfg.task),
             "method": result_identity(cfg.method),
             "selector": result_identity(model_identity(cfg.selector_model)),
             "target": result_identity(model_identity(cfg.target_model)),

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
-from dwbench.keys import result_identity, stable_hash
+from dwbench.keys import stable_hash, task_identity
 from dwbench.tracking import Tracker
 
 ZERO_SHOT_METHOD = "zero_shot"  # what a budget-0 cell is called in tags, snapshots, paper rows
@@ -38,7 +38,7 @@ class RunContext:
         return {
             "task": str(cfg.task.name),
             # the task's whole config: one name can mean other data (the embedded difficulties)
-            "task_config": stable_hash(result_identity(cfg.task))[:12],
+            "task_config": stable_hash(task_identity(cfg.task))[:12],
             "method": method_name(cfg),
             "budget": str(cfg.budget),
             "selector": str(cfg.selector_model.name),

@@ -37,6 +37,17 @@ def result_identity(node: Any) -> Any:
     return plain
 
 
+def task_identity(task_cfg: Any) -> Any:
+    """A task config's result identity. `task.noise` enters only while it plants noise (share >
+    0): switched off it changes nothing, so keys and cells made before the option existed still
+    name the same data and results; switched on, any of its settings makes another key."""
+    task = result_identity(task_cfg)
+    noise = task.get("noise") if isinstance(task, Mapping) else None
+    if isinstance(task, Mapping) and not (isinstance(noise, Mapping) and noise.get("share")):
+        task.pop("noise", None)
+    return task
+
+
 def stable_hash(payload: Any) -> str:
     """A short sha256 of canonical JSON: identical across processes and Python hash seeds."""
     text = json.dumps(to_plain(payload), sort_keys=True, separators=(",", ":"), default=str)

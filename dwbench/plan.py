@@ -125,7 +125,7 @@ def score_chain(
     not done yet and the merge, once per score key (`chained` collects the keys planned); None
     while a job of that chain still runs (`active`)."""
     from dwbench.context import zero_shot
-    from dwbench.keys import result_identity, stable_hash
+    from dwbench.keys import stable_hash, task_identity
     from dwbench.methods.registry import method_class
     from dwbench.stages import score
     from dwbench.sweep.progress import stage_keys, store_of
@@ -137,7 +137,7 @@ def score_chain(
     if count == 1 or zero_shot(cfg):
         return []
     # a task not prepared yet has no score key: a stand-in names its jobs until it is
-    chain = keys or stage_keys(cfg, "unprepared-" + stable_hash(result_identity(cfg.task)))
+    chain = keys or stage_keys(cfg, "unprepared-" + stable_hash(task_identity(cfg.task)))
     score_key, store = chain["score"], store_of(cfg)
     if score_key in chained or store.is_done("score", score_key):
         return []

@@ -13,21 +13,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dwbench.context import zero_shot
-from dwbench.keys import result_identity, stage_key
+from dwbench.keys import stage_key, task_identity
 from dwbench.models import model_identity
 
 TIE_BREAK = "run_seed"  # ties in the scores are broken by the run seed (methods.base.top_k)
 
 
 def prepare_key(task_cfg: Mapping[str, Any], data_fingerprint: str) -> str:
-    """The task config and the data's fingerprint. `task.noise` enters only while it plants
-    noise (share > 0): switched off it changes nothing, so keys made before the option existed
-    still name the same data; switched on, any of its settings makes another key."""
-    task = result_identity(task_cfg)
-    noise = task.get("noise")
-    if not isinstance(noise, Mapping) or not noise.get("share"):
-        task.pop("noise", None)
-    return stage_key("prepare", task=task, data=data_fingerprint)
+    """The task config (dwbench.keys.task_identity) and the data's fingerprint."""
+    return stage_key("prepare", task=task_identity(task_cfg), data=data_fingerprint)
 
 
 def score_key(cfg: DictConfig, prepare_key: str) -> str:
