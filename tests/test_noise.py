@@ -168,6 +168,23 @@ def test_prepare_key_keeps_old_keys_with_noise_off_and_changes_with_each_setting
     assert len(keys) == 4 and off not in keys
 
 
+def test_a_cell_with_noise_off_keeps_the_identity_it_had_before_task_noise_existed() -> None:
+    """Frozen snapshots name their cells by cell_key: noise off must not rename them."""
+    from omegaconf import OmegaConf, open_dict
+
+    from dwbench.cell import cell_key
+
+    cfg = _cfg()
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(before):
+        del before.task.noise
+    assert cell_key(cfg, "evaluate") == cell_key(before, "evaluate")
+    noisy = _cfg("task.noise.share=0.3", "task.generator.corrupt_share=0")
+    assert cell_key(noisy, "evaluate") != cell_key(
+        _cfg("task.generator.corrupt_share=0"), "evaluate"
+    )
+
+
 def _cfg(*overrides: str) -> Any:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose("config", overrides=list(overrides))
