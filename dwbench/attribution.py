@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dwbench.data.records import TaskSplits
 from dwbench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -214,8 +215,9 @@ def run_variant(
     generator_seed: int,
     seed: int,
     work_dir: Path,
-) -> tuple[pd.DataFrame, dict[str, float], dict[str, bool], float, bool]:
-    """Score the pool with one variant: (scores, stats, clean flags, selection s, log reused).
+) -> tuple[pd.DataFrame, dict[str, float], TaskSplits, float, bool]:
+    """Score the pool with one variant: (scores, stats, the task's splits with its clean flags
+    and corruption kinds, selection s, log reused).
 
     The episode log stays in `work_dir`, so a later variant with the same episodes reuses it;
     the seconds of the run that wrote it are kept beside it and counted as its cost.
@@ -253,7 +255,7 @@ def run_variant(
         seconds += float(json.loads(cost_file.read_text())["seconds"])
     elif (work_dir / "episodes.jsonl").is_file():
         cost_file.write_text(json.dumps({"seconds": seconds}))
-    return scores, stats, dict(splits.clean_flags), seconds, reused
+    return scores, stats, splits, seconds, reused
 
 
 def needs_passes(method_cfg: Any) -> bool:
@@ -287,6 +289,28 @@ def diagnostics(records: Sequence[Mapping[str, Any]], flags: Mapping[str, bool])
     if len(set(corrupted)) > 1:
         slope = float(np.polyfit(corrupted, scores, 1)[0])
         rows.append({"quantity": "score_per_corrupted_demo", "value": slope, "n": len(scores)})
+    return rows
+
+
+def auroc_by_kind(
+    scores: pd.DataFrame, flags: Mapping[str, bool], kinds: Mapping[str, str | None]
+) -> list[dict]:
+    """AUROC of clean examples against each corruption kind alone: what a score can see (a
+    missing final line, a final number that contradicts the working) and what it cannot."""
+    from dwbench.bench import auroc
+
+    value = dict(zip(scores["id"], scores["score"], strict=True))
+    clean = [i for i in value if flags.get(i, False)]
+    rows = []
+    for kind in sorted({k for k in kinds.values() if k}):
+        bad = [i for i in value if kinds.get(i) == kind]
+        if clean and bad:
+            both = clean + bad
+            score = auroc(
+                np.array([value[i] for i in both]),
+                np.array([flags[i] for i in both]),
+            )
+            rows.append({"quantity": f"auroc_vs_{kind}", "value": score, "n": len(bad)})
     return rows
 
 
@@ -330,9 +354,10 @@ def study(
         overrides = [*overrides, *extra]
         key = log_key(task, pool_size, generator_seed, seed, overrides)
         work_dir = work_root / key
-        scores, stats, flags, seconds, reused = run_variant(
+        scores, stats, splits, seconds, reused = run_variant(
             overrides, task, pool_size, generator_seed, seed, work_dir
         )
+        flags = dict(splits.clean_flags or {})
         clean = [flags.get(i, False) for i in scores["id"]]
         low, high = auroc_interval(scores["score"], clean, resamples)
         k = max(1, int(budget * len(scores)))
@@ -363,6 +388,10 @@ def study(
             }
         )
         print(rows[-1], flush=True)
+        diagnostic_rows += [
+            {"variant": label, "log": key, **r}
+            for r in auroc_by_kind(scores, flags, splits.corruptions or {})
+        ]
         records = read_records(work_dir)
         if records and key not in seen_logs:
             seen_logs.add(key)

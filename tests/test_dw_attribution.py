@@ -245,6 +245,16 @@ def test_diagnostics_match_hand_counts() -> None:
     assert rows[("score_per_corrupted_demo", None)]["value"] == pytest.approx(0.2 - 0.6)
 
 
+def test_auroc_by_kind_compares_clean_examples_with_each_kind_alone() -> None:
+    scores = pd.DataFrame({"id": list("abcde"), "score": [0.9, 0.8, 0.1, 0.85, 0.5]})
+    flags = {"a": True, "b": True, "c": False, "d": False, "e": False}
+    kinds = {"a": None, "b": None, "c": "missing_final", "d": "broken_step", "e": "broken_step"}
+    rows = {r["quantity"]: r for r in at.auroc_by_kind(scores, flags, kinds)}
+    assert rows["auroc_vs_missing_final"]["value"] == 1.0  # 0.1 below both clean
+    assert rows["auroc_vs_broken_step"]["value"] == pytest.approx(3 / 4)  # 0.85 beats 0.8 only
+    assert rows["auroc_vs_broken_step"]["n"] == 2
+
+
 def test_the_bench_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Two variants share one episode log; reliability is the split halves' Spearman."""
     from dwbench.bench import main
