@@ -19,7 +19,8 @@ variants, each a list of Hydra overrides on a Data Whisperer preset (or another 
 
 Variants that differ only in how the log is accumulated (method.attention_correction,
 query_baseline, aggregation) share one episode log under `--work-dir`, so they cost one run:
-their selection seconds are the run that wrote the log plus their own accumulation.
+their selection seconds are the run that wrote the log plus their own accumulation (and the
+zero-shot rows, with query_baseline=zero_shot, whichever call scored them).
 
 Diagnostics, one row per quantity, per episode log, read from its records (demo_ids,
 attention, score): mean attention weight by demonstration position, mean weight and mean
@@ -251,8 +252,9 @@ def run_variant(
     passes = cfg.method.get("passes") if needs_passes(cfg.method) else None
     stats["passes"] = float("nan") if passes is None else float(passes)
     seconds = time.perf_counter() - start - stats.get("load_seconds", 0.0)
-    if reused:
+    if reused:  # the run that wrote the log, and zero-shot rows an earlier variant scored
         seconds += float(json.loads(cost_file.read_text())["seconds"])
+        seconds += stats.get("resumed_zero_shot_seconds", 0.0)
     elif (work_dir / "episodes.jsonl").is_file():
         cost_file.write_text(json.dumps({"seconds": seconds}))
     return scores, stats, splits, seconds, reused

@@ -351,6 +351,7 @@ def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
     zero_lines = (work / "zero_shot.jsonl").read_text().splitlines()[1:]
     zero = {r["query_id"]: r["query_log_probs"][0] for r in map(json.loads, zero_lines)}
     assert set(zero) == {q for r in records for q in r["query_ids"]}
+    assert all(json.loads(line)["seconds"] > 0 for line in zero_lines)  # selection time too
 
     cfg = compose("data_whisperer_likelihood", "embedded_gsm", 12, 0, ["task.generator.seed=0"])
     splits = load_task(cfg.task)

@@ -358,6 +358,7 @@ class DataWhisperer:
         self.params: dict[str, Any] = {}
         self._single_score = 0.0  # the score every example shares, when they all share one
         self.resumed_seconds = 0.0  # decoding time of episodes an earlier attempt finished
+        self.resumed_zero_shot_seconds = 0.0  # of it, zero-shot rows an earlier attempt scored
 
     def _configured_layer(self) -> int | None:
         """selector_model.attention_layer, checked against num_layers when the config has it."""
@@ -411,6 +412,7 @@ class DataWhisperer:
         scores = self._scores(pool, plan, log.records, self._zero_shot_scores(work_dir, plan_id))
         self.stats.update(
             resumed_seconds=self.resumed_seconds,
+            resumed_zero_shot_seconds=self.resumed_zero_shot_seconds,
             resumed_episodes=float(resumed),
             load_seconds=load_s,
             seconds_per_example=(time.perf_counter() - start - load_s) / len(pool),
@@ -598,6 +600,10 @@ class DataWhisperer:
         log = EpisodeLog(work_dir / ZERO_SHOT_FILE, plan_id)
         asked = sorted({q for e in plan for q in e.queries})
         pending = [q for q in asked if q not in log.records]
+        # rows an earlier call scored are selection time all the same (STR counts them)
+        earlier = sum(float(log.records[q].get("seconds", 0.0)) for q in asked if q in log.records)
+        self.resumed_seconds += earlier
+        self.resumed_zero_shot_seconds = earlier
         if not pending:
             return 0.0
         load_start = time.perf_counter()
@@ -614,6 +620,7 @@ class DataWhisperer:
         try:
             for start in tqdm(range(0, len(pending), per_call), desc="zero-shot", unit="batch"):
                 chunk = pending[start : start + per_call]
+                batch_start = time.perf_counter()
                 encoded = [self._prompt(tokenizer, [], [queries[q]]) for q in chunk]
                 if self.settings.query_scoring == "likelihood":
                     outs = runner.likelihood(encoded)
@@ -624,7 +631,7 @@ class DataWhisperer:
                         outs[b] = out
 
                     runner.generate(encoded, self._stop_factory(), self._max_new_tokens(), keep)
-                records = []
+                records, seconds = [], (time.perf_counter() - batch_start) / len(chunk)
                 for q, out in zip(chunk, outs, strict=True):
                     values, _, _, _, log_probs = self._query_scores(out, [queries[q]])
                     records.append(
@@ -633,6 +640,7 @@ class DataWhisperer:
                             "query_id": queries[q].id,
                             "query_scores": values,
                             "query_log_probs": log_probs,
+                            "seconds": seconds,
                         }
                     )
                 log.append(records)
