@@ -255,20 +255,25 @@ def test_auroc_by_kind_compares_clean_examples_with_each_kind_alone() -> None:
     assert rows["auroc_vs_broken_step"]["n"] == 2
 
 
-def test_the_bench_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    """Two variants share one episode log; reliability is the split halves' Spearman."""
-    from dwbench.bench import main
-
-    small = "method=data_whisperer_likelihood,method.episode_order=random,method.passes=2"
-    small += ",method.n_demos=3,method.n_queries=2"
-    model = [
-        f"selector_model.path={tiny_llama_dir}",
+def _tiny_selector(folder: Path) -> list[str]:
+    """Overrides that make the tiny llama the selector (attention read at its last layer)."""
+    return [
+        f"selector_model.path={folder}",
         "selector_model.name=tiny_llama",
         "selector_model.id=tiny/llama",
         "selector_model.embedded=null",
         "selector_model.attention_layer=1",
         "selector_model.num_layers=2",
     ]
+
+
+def test_the_bench_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Two variants share one episode log; reliability is the split halves' Spearman."""
+    from dwbench.bench import main
+
+    small = "method=data_whisperer_likelihood,method.episode_order=random,method.passes=2"
+    small += ",method.n_demos=3,method.n_queries=2"
+    model = _tiny_selector(tiny_llama_dir)
     out = tmp_path / "study.csv"
     argv = ["attribution", "--pool-size", "24", "--resamples", "50", "--csv", str(out)]
     argv += ["--diagnostics", str(tmp_path / "diag.csv"), "--figure", str(tmp_path / "f.png")]
@@ -331,14 +336,7 @@ def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
     one = "method=data_whisperer_likelihood,method.n_demos=1,method.n_queries=2"
     one += ",method.episode_order=random,method.passes=2"
     one += ",method.query_baseline=zero_shot,method.likelihood_score=log_probability"
-    model_overrides = [
-        f"selector_model.path={tiny_llama_dir}",
-        "selector_model.name=tiny_llama",
-        "selector_model.id=tiny/llama",
-        "selector_model.embedded=null",
-        "selector_model.attention_layer=1",
-        "selector_model.num_layers=2",
-    ]
+    model_overrides = _tiny_selector(tiny_llama_dir)
     out = tmp_path / "study.csv"
     argv = ["attribution", "--pool-size", "12", "--resamples", "20", "--csv", str(out)]
     argv += ["--diagnostics", str(tmp_path / "diag.csv"), "--figure", str(tmp_path / "f.png")]

@@ -173,6 +173,20 @@ def method_params(method: SelectionMethod) -> dict[str, Any]:
     return dict(getattr(method, "params", {}))
 
 
+def check_target_count(
+    method_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], pool_size: int | None
+) -> None:
+    """`method.n_targets` below the pool size where the targets are held out of the pool (no
+    query split), checked before anything is written (`target_examples` draws them)."""
+    n_targets = method_cfg.get("n_targets")
+    from_pool = task_cfg.get("query_source") != "validation"  # no query split to draw from
+    if from_pool and pool_size is not None and n_targets is not None and n_targets >= pool_size:
+        raise ConfigError(
+            f"method.n_targets={n_targets} must be below the pool's {pool_size} examples "
+            "(the targets are held out of it); lower it."
+        )
+
+
 def target_examples(
     pool: list[Example], queries: list[Example] | None, n_targets: int, seed: int
 ) -> tuple[list[Example], list[int]]:

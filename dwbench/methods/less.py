@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from dwbench.data.records import Example
-from dwbench.errors import ConfigError, DwbenchError
+from dwbench.errors import DwbenchError
 from dwbench.methods import lm_signals
-from dwbench.methods.base import ScoringContext, target_examples, top_k
+from dwbench.methods.base import ScoringContext, check_target_count, target_examples, top_k
 from dwbench.methods.gradient_features import (
     FeatureShards,
     RademacherProjector,
@@ -82,13 +82,7 @@ class LESS:
     ) -> None:
         """Run before anything is written (dwbench.validate), and by the constructor."""
         check_fields(method_cfg, OPTIONS, "method.")
-        n_targets = method_cfg.get("n_targets")
-        from_pool = task_cfg.get("query_source") != "validation"  # no query split to draw from
-        if from_pool and pool_size is not None and n_targets is not None and n_targets >= pool_size:
-            raise ConfigError(
-                f"method.n_targets={n_targets} must be below the pool's {pool_size} examples "
-                "(the targets are held out of it); lower it."
-            )
+        check_target_count(method_cfg, task_cfg, pool_size)
 
     def __init__(self, context: ScoringContext) -> None:
         cfg = context.method_cfg
