@@ -483,17 +483,8 @@ def attribution(args: argparse.Namespace) -> None:
     table.to_csv(args.csv, index=False)
     diagnostic.to_csv(args.diagnostics, index=False)
     figure(table, args.figure)
-    shown = [
-        "variant",
-        "auroc",
-        "auroc_low",
-        "auroc_high",
-        "precision_at_budget",
-        "distinct_scores",
-        "selection_s",
-        "s_per_example",
-        "str",
-        "split_half_reliability",
-    ]
+    hidden = {"method", "overrides", "pool", "generator_seed", "finetune_s", "spearman_brown"}
+    hidden |= {"passes", "queries_right", "parse_failure_rate", "log_reused"}  # in the CSV
+    shown = [c for c in COLUMNS if c not in hidden]
     print(markdown_table(table.to_dict("records"), shown))
     print(f"wrote {args.csv}, {args.diagnostics}, {args.figure}")

@@ -520,18 +520,19 @@ class DataWhisperer:
             for r in records
             if r["demo_ids"] and not (s.failed_episodes == "skip" and r["parse_failures"] > 0)
         ]
-        contributions = [
-            Contribution(
-                [index[i] for i in r["demo_ids"]],
-                float(np.mean(self._query_values(r)))
-                if s.likelihood_score != "probability"
-                else r["score"],
-                r["attention"],
-                r.get("query_ids", ()),
-                self._query_values(r),
+        contributions = []
+        for r in counted:
+            values = self._query_values(r)
+            score = r["score"] if s.likelihood_score == "probability" else float(np.mean(values))
+            contributions.append(
+                Contribution(
+                    [index[i] for i in r["demo_ids"]],
+                    score,
+                    r["attention"],
+                    r.get("query_ids", ()),
+                    values,
+                )
             )
-            for r in counted
-        ]
         table = accumulate(
             len(pool), contributions, s.attention_weighting, zero_shot=zero_shot, **s.accumulation()
         )
