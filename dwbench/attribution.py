@@ -73,6 +73,19 @@ _ONE_SHOT = (
     "method.episode_order=random",
     "method.passes=2",
 )
+# Leave-one-out: each demonstration's paired effect, its episode's queries with it and with it
+# hidden (a 4D mask over the shared prefix), so neither attention nor query difficulty enters.
+_LEAVE_ONE_OUT = (
+    "method=data_whisperer_likelihood",
+    "method.attention_weighting=false",
+    "method.leave_one_out=true",
+    "method.episode_order=random",
+)
+_LOO_D4 = (*_LEAVE_ONE_OUT, "method.n_demos=4", "method.n_queries=8", "method.passes=2")
+_LOO_D10 = (*_LEAVE_ONE_OUT, "method.passes=4")
+# More queries per episode: the likelihood rows are cheap next to a generated answer.
+_ONE_SHOT_Q16 = tuple(o.replace("n_queries=8", "n_queries=16") for o in _ONE_SHOT)
+_Q20_P4 = (*_P4, "method.n_queries=20")
 # label -> overrides; a leading "method=..." picks the preset (data_whisperer otherwise).
 VARIANTS: dict[str, tuple[str, ...]] = {
     "faithful": ("method=data_whisperer",),
@@ -97,6 +110,14 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "oneshot-p2-logprob-zeroshot": (*_ONE_SHOT, _LOG_PROBABILITY, _ZERO_SHOT),
     "separate-p4": _SEPARATE_P4,
     "separate-p4-position-baseline": (*_SEPARATE_P4, _POSITION, _BASELINE),
+    "loo-d4-q8-p2": _LOO_D4,
+    "loo-d4-q8-p2-logprob": (*_LOO_D4, _LOG_PROBABILITY),
+    "loo-d10-q5-p4": _LOO_D10,
+    "loo-d10-q5-p4-logprob": (*_LOO_D10, _LOG_PROBABILITY),
+    "oneshot-q16-p2-baseline": (*_ONE_SHOT_Q16, _BASELINE),
+    "oneshot-q16-p2-zeroshot": (*_ONE_SHOT_Q16, _ZERO_SHOT),
+    "likelihood-q20-p4-baseline": (*_Q20_P4, _BASELINE),
+    "likelihood-q20-p4-position-baseline": (*_Q20_P4, _POSITION, _BASELINE),
 }
 FAITHFUL, BASELINE_METHOD = "data_whisperer", "perplexity_low"
 COLUMNS = (

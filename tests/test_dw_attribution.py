@@ -383,3 +383,114 @@ def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
     halves = [[effects[i][p] for i in ids] for p in (0, 1)]
     expected = spearmanr(halves[0], halves[1]).statistic
     assert table["split_half_reliability"].iloc[0] == pytest.approx(expected, abs=1e-9)
+
+
+def _knockout_log_probability(
+    model: Any, tokenizer: Any, turns: list[dict], answer: str, hidden: tuple[str, str]
+) -> float:
+    """log p(answer | chat prompt) when the prompt's and answer's tokens cannot see the tokens
+    from `hidden`'s first text to the end of its second (a demonstration's question through its
+    answer): one plain forward with a causal 4D mask whose hidden columns are cut below them."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    encoded = tokenizer(prompt + answer, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = encoded["offset_mapping"]
+    start = prompt.index(hidden[0])
+    end = prompt.index(hidden[1], start) + len(hidden[1])
+    columns = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    # the row: the tokens that end after the earlier turns' text (the shared prefix)
+    shared = len(tokenizer.apply_chat_template(turns[:-1], tokenize=False))
+    row = next(i for i, (_, e) in enumerate(offsets) if e > shared)
+    n = len(encoded["input_ids"])
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    mask[row:, columns[0] : columns[-1] + 1] = False
+    ids = torch.tensor([encoded["input_ids"]])
+    first = next(i for i, (s, _) in enumerate(offsets) if s >= len(prompt))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask[None, None]).logits[0].double().log_softmax(-1)
+    return float(sum(logits[t - 1, ids[0, t]] for t in range(first, n)))
+
+
+def test_leave_one_out_effects_are_with_minus_without_each_demonstration(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """Each hidden-demonstration row equals a plain forward whose query and answer cannot see
+    that demonstration; an example's score is the mean of with-minus-without over its
+    episodes' queries; its split-half reliability is recomputed from the log."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dwbench.bench import auroc, compose, main
+    from dwbench.data.loading import load_task
+
+    loo = "method=data_whisperer_likelihood,method.n_demos=2,method.n_queries=2"
+    loo += ",method.episode_order=random,method.passes=2,method.attention_weighting=false"
+    loo += ",method.leave_one_out=true,method.likelihood_score=log_probability"
+    out = tmp_path / "study.csv"
+    argv = ["attribution", "--pool-size", "12", "--resamples", "20", "--csv", str(out)]
+    argv += ["--diagnostics", str(tmp_path / "diag.csv"), "--figure", str(tmp_path / "f.png")]
+    argv += ["--work-dir", str(tmp_path / "work"), "--variants", f"loo={loo}"]
+    for o in _tiny_selector(tiny_llama_dir):
+        argv += ["-o", o]
+    main(argv)
+    log = next((tmp_path / "work").glob("*/episodes.jsonl"))
+    records = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    assert all(len(r["blind_query_log_probs"]) == len(r["demo_ids"]) == 2 for r in records)
+
+    cfg = compose("data_whisperer_likelihood", "embedded_gsm", 12, 0, ["task.generator.seed=0"])
+    splits = load_task(cfg.task)
+    pool = {ex.id: ex for ex in splits.pool}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32").eval()
+    record = records[0]
+    demos = [pool[i] for i in record["demo_ids"]]
+    shown = [
+        {"role": role, "content": text}
+        for demo in demos
+        for role, text in (("user", demo.prompt.strip()), ("assistant", demo.response.strip()))
+    ]
+    for q, query_id in enumerate(record["query_ids"]):
+        query = pool[query_id]
+        turns = [*shown, {"role": "user", "content": query.prompt.strip()}]
+        answer = query.response.strip()
+        with_all = _gold_log_probability(model, tokenizer, turns, answer)
+        assert record["query_log_probs"][q] == pytest.approx(with_all, abs=1e-3)
+        for i, demo in enumerate(demos):
+            hidden = (demo.prompt.strip(), demo.response.strip())
+            blind = _knockout_log_probability(model, tokenizer, turns, answer, hidden)
+            assert record["blind_query_log_probs"][i][q] == pytest.approx(blind, abs=1e-3)
+            assert blind != pytest.approx(with_all, abs=1e-3)  # hiding it changes the row
+
+    effects: dict[str, list[float]] = {}
+    for r in records:
+        for i, demo_id in enumerate(r["demo_ids"]):
+            paired = np.subtract(r["query_log_probs"], r["blind_query_log_probs"][i])
+            effects.setdefault(demo_id, []).append(float(np.mean(paired)))
+    ids = sorted(effects)
+    assert all(len(effects[i]) == 2 for i in ids)  # once per pass
+    table = pd.read_csv(out)
+    scores = [float(np.mean(effects[i])) for i in ids]
+    clean = [splits.clean_flags[i] for i in ids]
+    assert table["auroc"].iloc[0] == pytest.approx(auroc(np.array(scores), np.array(clean)))
+    halves = [[effects[i][p] for i in ids] for p in (0, 1)]
+    expected = spearmanr(halves[0], halves[1]).statistic
+    assert table["split_half_reliability"].iloc[0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_leave_one_out_is_checked_and_changes_the_plan_id() -> None:
+    likelihood = {"query_scoring": "likelihood", "query_layout": "separate"}
+    loo = _settings(**likelihood, attention_weighting=False, leave_one_out=True)
+    assert loo.leave_one_out
+    assert loo.result_fields() != _settings(**likelihood, attention_weighting=False).result_fields()
+    assert "leave_one_out" not in _settings().result_fields()  # old plan ids stay as they were
+    for bad, message in [
+        ({"attention_weighting": False}, "needs method.query_scoring=likelihood"),
+        ({"query_scoring": "likelihood", "attention_weighting": False}, "query_layout=separate"),
+        (likelihood, "needs method.attention_weighting=false"),
+        ({**likelihood, "attention_weighting": False, "query_baseline": "mean"}, "cancels"),
+        ({**likelihood, "attention_weighting": False, "aggregation": "ridge"}, "aggregation=mean"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            _settings(**bad, leave_one_out=True)
+    with pytest.raises(ConfigError, match="method.leave_one_out='yes' must be true or false"):
+        _settings(leave_one_out="yes")

@@ -121,6 +121,7 @@ class Contribution:
     attention: Sequence[float]  # a_i per demonstration (any positive scale)
     query_ids: Sequence[str] = ()  # the queries asked (query_baseline=mean needs them)
     query_scores: Sequence[float] = ()  # each query's metric, in query_ids' order
+    effects: Sequence[float] | None = None  # leave-one-out: each demo's with - without effect
 
 
 @dataclass
@@ -253,7 +254,8 @@ def accumulate(
     divides out each position's mean weight, `query_baseline` credits an episode with its
     queries' scores minus their means (`mean`) or minus their scores without demonstrations
     (`zero_shot`, from `zero_shot`: query id -> score), `aggregation=ridge` replaces the mean
-    by a regression.
+    by a regression. An episode with leave-one-out `effects` credits each demonstration with
+    its own measured effect instead of s * w_i.
     At their defaults the arithmetic is exactly the faithful method's.
     """
     episodes = list(contributions)
@@ -276,7 +278,7 @@ def accumulate(
     count = np.zeros(n_examples, dtype=np.int64)
     for c, w, s in zip(episodes, weights, scores, strict=True):
         demos = np.asarray(c.demos, dtype=np.int64)
-        np.add.at(total, demos, s * w)
+        np.add.at(total, demos, s * w if c.effects is None else np.asarray(c.effects))
         np.add.at(raw, demos, c.score)
         np.add.at(weight_sum, demos, w)
         np.add.at(count, demos, 1)

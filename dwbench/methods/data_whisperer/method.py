@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dwbench.chat import require_chat_template
 from dwbench.data.metrics import get_metric
 from dwbench.data.records import Example
-from dwbench.errors import ConfigError, DataError
+from dwbench.errors import ConfigError, DataError, DwbenchError
 from dwbench.keys import result_identity, stable_hash
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.data_whisperer.attention import use_capture_attention
@@ -70,6 +70,7 @@ from dwbench.methods.data_whisperer.runner import (
     GREEDY,
     EpisodeOutput,
     EpisodeRunner,
+    RowOutput,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ _SWITCHES = (
     "parallel_batches",
     "score_arithmetic",
     "failed_episodes",
+    "leave_one_out",
 )
 
 
@@ -140,6 +142,8 @@ class Settings:
     query_baseline: str = "none"
     aggregation: str = "mean"
     likelihood_score: str = "probability"
+    # each demonstration's paired effect: its episode's queries with and without it
+    leave_one_out: bool = False
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
@@ -204,7 +208,8 @@ class Settings:
                 "method.likelihood_span=final chooses the gold tokens a likelihood score "
                 "averages over; it needs method.query_scoring=likelihood."
             )
-        return settings._released_switches(get, positive, choice)._accumulation(choice)
+        released = settings._released_switches(get, positive, choice)
+        return released._accumulation(choice)._leave_one_out(get("leave_one_out"))
 
     def _accumulation(self, choice: Any) -> Settings:
         """The attribution switches, checked against what they need."""
@@ -239,6 +244,35 @@ class Settings:
                 "method.query_layout=separate."
             )
         return replace(self, **fields)
+
+    def _leave_one_out(self, value: Any) -> Settings:
+        """Leave-one-out credits each demonstration with its own with-minus-without effect, so
+        nothing is shared out by attention and a query's difficulty cancels in the pair."""
+        if not isinstance(value, bool):
+            raise ConfigError(f"method.leave_one_out={value!r} must be true or false.")
+        if not value:
+            return self
+        needs = {
+            "query_scoring": ("likelihood", "it scores each query twice by teacher forcing"),
+            "query_layout": ("separate", "each query row must be its own to hide a demo from"),
+            "attention_weighting": (False, "each demonstration's effect is measured, not shared"),
+            "attention_correction": ("none", "there are no attention weights to correct"),
+            "query_baseline": ("none", "a query's baseline cancels in the with/without pair"),
+            "aggregation": ("mean", "the effects are per demonstration already"),
+        }
+        for key, (wanted, why) in needs.items():
+            if getattr(self, key) != wanted:
+                shown = str(wanted).lower() if isinstance(wanted, bool) else wanted
+                raise ConfigError(
+                    f"method.leave_one_out=true needs method.{key}={shown} ({why}); it is "
+                    f"{getattr(self, key)}."
+                )
+        if self.prompt_style == "released" or self.score_arithmetic == "float16":
+            raise ConfigError(
+                "method.leave_one_out=true is a dwbench variant; set method.prompt_style=dwbench "
+                "and method.score_arithmetic=float64."
+            )
+        return replace(self, leave_one_out=True)
 
     def _released_switches(self, get: Any, positive: Any, choice: Any) -> Settings:
         """The switches between dwbench's default and the released code, checked together."""
@@ -531,6 +565,7 @@ class DataWhisperer:
                     r["attention"],
                     r.get("query_ids", ()),
                     values,
+                    self._effects(r, values) if s.leave_one_out else None,
                 )
             )
         table = accumulate(
@@ -580,16 +615,28 @@ class DataWhisperer:
             }
         )
 
-    def _query_values(self, record: Mapping[str, Any]) -> list[float]:
-        """A record's per-query values as `likelihood_score` reads them."""
+    def _query_values(self, record: Mapping[str, Any], prefix: str = "") -> list:
+        """A record's per-query values as `likelihood_score` reads them (`prefix="blind_"`:
+        per demonstration, its queries' values with that demonstration hidden)."""
         if self.settings.likelihood_score == "probability":
-            return list(record.get("query_scores", ()))
-        if "query_log_probs" not in record:
+            return list(record.get(f"{prefix}query_scores", ()))
+        if f"{prefix}query_log_probs" not in record:
             raise DataError(
                 "method.likelihood_score=log_probability reads each query's log-probability, "
                 "which this episode log lacks (written by an older dwbench): score it again."
             )
-        return list(record["query_log_probs"])
+        return list(record[f"{prefix}query_log_probs"])
+
+    def _effects(self, record: Mapping[str, Any], values: Sequence[float]) -> list[float]:
+        """Per demonstration: mean over the episode's queries of value with it - without it."""
+        blind = self._query_values(record, "blind_")
+        if len(blind) != len(record["demo_ids"]):
+            raise DataError(
+                f"episode {record['episode']} has no leave-one-out rows for each of its "
+                "demonstrations (a log written without method.leave_one_out?): score it again."
+            )
+        full = np.asarray(values, dtype=np.float64)
+        return [float(np.mean(full - np.asarray(b, dtype=np.float64))) for b in blind]
 
     def _zero_shot(
         self, queries: list[Example], plan: list[Episode], plan_id: str, work_dir: Path
@@ -915,7 +962,8 @@ class DataWhisperer:
             if self.settings.query_layout == "separate"
             else build_joint_prompt
         )
-        return encode_episode(tokenizer, build(tokenizer, demos, queries, self.instruction, gold))
+        encoded = encode_episode(tokenizer, build(tokenizer, demos, queries, self.instruction, gold))
+        return encoded.with_knockouts() if self.settings.leave_one_out else encoded
 
     def _fit(
         self,
@@ -962,6 +1010,25 @@ class DataWhisperer:
             correct.append(scores[-1] == 1.0 if self.numeric else None)
         return scores, failures, correct, list(completions), None
 
+    def _blind_scores(
+        self, rows: Sequence[RowOutput], queries: Sequence[Example], n_demos: int
+    ) -> dict[str, list[list[float]]]:
+        """The leave-one-out rows read per hidden demonstration: `blind_query_scores[i]` and
+        `blind_query_log_probs[i]` are the queries' values without demonstration i."""
+        n = len(queries)
+        if len(rows) != n * n_demos:
+            raise DwbenchError(
+                f"expected {n * n_demos} leave-one-out rows ({n_demos} demonstrations x {n} "
+                f"queries), got {len(rows)}"
+            )
+        scores, log_probs = [], []
+        for i in range(n_demos):
+            part = EpisodeOutput([], list(rows[i * n : (i + 1) * n]))
+            values, _, _, _, logs = self._query_scores(part, queries)
+            scores.append(values)
+            log_probs.append(logs)
+        return {"blind_query_scores": scores, "blind_query_log_probs": log_probs}
+
     def _record(
         self,
         episode: Episode,
@@ -973,9 +1040,14 @@ class DataWhisperer:
         """One episode's log line: everything accumulation and the statistics need."""
         query_examples = [queries[i] for i in episode.queries]
         log_probs: list[float] | None = None
+        blind: dict[str, list[list[float]]] = {}
         if out is None:
             scores, failures, correct, completions = [0.0] * len(query_examples), 0, [], []
         else:
+            n = len(query_examples)
+            if self.settings.leave_one_out:  # rows: the n queries, then n per hidden demo
+                blind = self._blind_scores(out.rows[n:], query_examples, len(kept))
+                out = EpisodeOutput(out.attention, out.rows[:n], out.seconds)
             scores, failures, correct, completions, log_probs = self._query_scores(
                 out, query_examples
             )
@@ -988,6 +1060,7 @@ class DataWhisperer:
             "completions": completions,
             "query_scores": scores,
             **({} if log_probs is None else {"query_log_probs": log_probs}),
+            **blind,
             "correct": correct,
             "score": float(np.mean(scores)),
             "parse_failures": failures,

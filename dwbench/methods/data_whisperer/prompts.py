@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
@@ -238,6 +238,7 @@ class EncodedRow:
     query_tokens: tuple[int, int] | None  # None: the row does not weigh the demonstrations
     answer_tokens: tuple[tuple[int, int], ...] = ()
     number_tokens: tuple[tuple[int, int] | None, ...] = ()
+    hidden_demo: int | None = None  # leave-one-out: this demonstration's tokens are masked out
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,28 @@ class EncodedEpisode:
 
     def longest_row(self) -> int:
         return len(self.prefix_ids) + max(len(row.suffix_ids) for row in self.rows)
+
+    def with_knockouts(self) -> EncodedEpisode:
+        """The rows again once per demonstration i, each blind to i's tokens (leave-one-out).
+
+        Row order: the n_q rows as they are, then demonstration 0's n_q blind copies, then 1's,
+        and so on. The copies share the prefix computed once (the runner's 4D mask hides i's
+        keys from them), so the with/without pairs cost one extra row each, not an extra
+        prefix. It is a knockout, not a deletion: demonstrations after i still carry what they
+        read from i, and positions keep i's gap. Copies weigh no demonstration (query_tokens
+        None). Every query block must lie in the row itself (the separate layout).
+        """
+        if any(row.query_tokens is None or row.query_tokens[0] < 0 for row in self.rows):
+            raise ConfigError(
+                "method.leave_one_out=true hides a demonstration from each query row, which "
+                "needs the query in its own row: set method.query_layout=separate."
+            )
+        blind = tuple(
+            replace(row, query_tokens=None, hidden_demo=i)
+            for i in range(len(self.demo_tokens))
+            for row in self.rows
+        )
+        return replace(self, rows=self.rows + blind)
 
 
 def char_to_token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:

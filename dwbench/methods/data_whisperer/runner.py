@@ -145,7 +145,8 @@ class Packed:
 
     A row's tokens attend to the prefix and to their own row only (a 4D mask), at positions that
     continue the prefix's, so each row sees exactly prefix + row: the prefix is computed once
-    and no row is padded to another's length. Episodes are left-padded to one width.
+    and no row is padded to another's length. A leave-one-out row also masks its hidden
+    demonstration's tokens. Episodes are left-padded to one width.
     """
 
     ids: torch.Tensor  # (episodes, width)
@@ -181,6 +182,12 @@ def pack(episodes: Sequence[EncodedEpisode], pad_id: int) -> Packed:
     index = torch.arange(width)
     query, key = segment[:, :, None], segment[:, None, :]
     mask = ((key == 0) | (key == query)) & (key >= 0) & (index[None, :] <= index[:, None])
+    for b, episode in enumerate(episodes):  # leave-one-out rows do not see their demonstration
+        for row, at in zip(episode.rows, row_start[b], strict=True):
+            if row.hidden_demo is not None:
+                start, end = episode.demo_tokens[row.hidden_demo]
+                shift = prefix_start[b]
+                mask[b, at : at + len(row.suffix_ids), shift + start : shift + end] = False
     mask |= torch.eye(width, dtype=torch.bool)  # a pad token attends to itself: no empty softmax
     return Packed(ids, mask[:, None], positions, prefix_start, row_start)
 
