@@ -962,7 +962,9 @@ class DataWhisperer:
             if self.settings.query_layout == "separate"
             else build_joint_prompt
         )
-        encoded = encode_episode(tokenizer, build(tokenizer, demos, queries, self.instruction, gold))
+        encoded = encode_episode(
+            tokenizer, build(tokenizer, demos, queries, self.instruction, gold)
+        )
         return encoded.with_knockouts() if self.settings.leave_one_out else encoded
 
     def _fit(
