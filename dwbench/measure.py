@@ -41,8 +41,9 @@ def run_cells(overrides: Sequence[str]) -> int:
 class Measured:
     """The finished cells of a sweep: one row per cell, and per-example scores (0/1 or ROUGE)."""
 
-    # method, budget, seed, score, eval_s, n_eval; where selected: selection_precision,
-    # selection_s, distinct_scores and (embedded task) auroc of the scores against is_clean
+    # method, budget, seed, score, eval_s, n_eval, metric, n_pool; where selected: k,
+    # selection_precision, selection_s, distinct_scores and (a pool with is_clean flags) auroc
+    # of the scores against them; where fine-tuned: train_s
     cells: pd.DataFrame
     examples: pd.DataFrame  # method, budget, seed, example_id, score
     missing: list[str]  # overrides of cells that did not finish
@@ -68,10 +69,14 @@ def measured(overrides: Sequence[str]) -> Measured:
             "seed": int(cell.cfg.seed),
         }
         row = {**described, "score": 100 * marker["score"], "eval_s": marker["eval_s"]}
-        row["n_eval"] = marker["n_eval"]
+        row["n_eval"], row["metric"] = marker["n_eval"], marker.get("metric")
+        row["n_pool"] = store.marker("prepare", keys["prepare"]).get("n_pool")
         if "select" in keys and store.is_done("select", keys["select"]):
             select = store.marker("select", keys["select"])
             row["selection_precision"] = select.get("selection_precision")
+            row["k"] = select.get("k")
+        if "train" in keys and store.is_done("train", keys["train"]):
+            row["train_s"] = store.marker("train", keys["train"])["train_s"]
         if "score" in keys and store.is_done("score", keys["score"]):
             row["selection_s"] = store.marker("score", keys["score"])["selection_s"]
             scores = pd.read_csv(

@@ -13,8 +13,9 @@ import pytest
 from test_cli import REPO, tiny_overrides
 
 from dwbench import calibrate
-from dwbench.calibrate import Setting, choose
+from dwbench.calibrate import Setting, choose, reference_cells
 from dwbench.measure import Measured, versus_random
+from dwbench.sweep.grid import load_sweep
 
 
 def examples(method: str, budget: float, seeds: list[int], scores: list[float]) -> pd.DataFrame:
@@ -103,6 +104,64 @@ def test_setting_caps_answers_by_difficulty() -> None:
     assert "task.answer_max_tokens=128" in overrides
     assert "task.generator.difficulty=multi_step" in overrides
     assert "task.answer_max_tokens=64" in Setting("one_step", 0.3, 200, 200, 0.1).task_overrides()
+
+
+def test_noise_calibration_cells_are_the_dialogsum_slices(tmp_path) -> None:
+    """Calibrating through the preset runs the slice's own Random and oracle_clean cells (and
+    its whole-pool and zero-shot rows), so the slice reuses them."""
+    preset = ["+experiment=dialogsum_noise_table2", f"task.path={tmp_path}"]
+    setting = Setting(None, 0.3, None, None, 0.1, task="dialogsum")
+    zero, whole, pair = (
+        {c.key for c in load_sweep([*cells, *preset], progress=False).cells}
+        for cells in reference_cells(setting, [0, 1, 2], [0], [0.05, 0.1, 0.2])
+    )
+    slice_ = load_sweep([*preset, "method=random,oracle_clean"], progress=False)
+    assert {c.key for c in slice_.cells} < pair and len(pair) == 2 * 3 * 3
+    for suffix, keys in (("_reference", whole), ("_zero_shot", zero)):
+        rows = load_sweep(
+            [f"+experiment=dialogsum_noise_table2{suffix}", *preset[1:]], progress=False
+        )
+        assert {c.key for c in rows.cells} == keys
+
+
+def test_noise_setting_overrides_only_what_it_is_given() -> None:
+    plain = Setting(None, 0.2, None, None, 0.1, task="dialogsum").task_overrides()
+    assert plain == ["task=dialogsum", "task.noise.share=0.2"]
+    sized = Setting(None, 0.2, 300, 50, 0.1, task="dialogsum").task_overrides()
+    assert sized[2:] == ["task.pool_limit=300", "task.eval_limit=50"]
+
+
+def test_noise_row_reads_the_task_metric_and_costs(monkeypatch) -> None:
+    setting = Setting(None, 0.3, None, None, 0.1, task="dialogsum")
+    rng = np.random.default_rng(2)
+    random = rng.uniform(10, 30, 100)
+    oracle = random + rng.uniform(0, 6, 100)
+
+    def fake_measured(cells: list[str]) -> Measured:
+        budget = float(next(c for c in cells if c.startswith("budget=")).split("=")[1])
+        found = {0.0: [("random", [12.0] * 100)], 1.0: [("random", [35.0] * 100)]}.get(
+            budget, [("random", list(random)), ("oracle_clean", list(oracle))]
+        )
+        cells_frame = pd.DataFrame(
+            [
+                {"method": m, "budget": budget, "seed": 0, "score": float(np.mean(s))}
+                | {"eval_s": 50.0, "n_eval": 100, "metric": "rouge_l", "n_pool": 200}
+                | ({"k": 20, "train_s": 90.0, "selection_precision": 0.7} if 0 < budget < 1 else {})
+                for m, s in found
+            ]
+        )
+        per_example = pd.concat([examples(m, budget, [0], s) for m, s in found])
+        return Measured(cells_frame, per_example, [])
+
+    monkeypatch.setattr(calibrate, "measured", fake_measured)
+    row = calibrate.noise_row(setting, [0], [0], [])
+    assert row["metric"] == "rouge_l" and (row["pool"], row["eval"], row["k"]) == (200, 100, 20)
+    assert row["zero-shot"] == 12.0 and row["whole pool"] == 35.0
+    assert row["oracle - random"] == pytest.approx((oracle - random).mean())
+    assert row["power"] == "yes" and row["ci low"] > 0
+    assert row["train s / cell"] == 90.0 and row["eval s / example"] == 0.5
+    assert row["random precision"] == 0.7
+    assert choose(pd.DataFrame([row, row | {"budget": 0.05}]))["budget"] == 0.05
 
 
 def test_demo_compares_each_method_with_random(tmp_path, tiny_llama_dir, cache_dir) -> None:

@@ -40,6 +40,9 @@ GRIDS = {
     "embedded_table6": 18 * 3 * 3,  # 17 methods and oracle_clean
     "embedded_fig3": 3 * 3,
     "embedded_multi_step": 3 * 1 * 3,
+    "dialogsum_noise_table2": 8 * 1 * 3,  # 7 methods and oracle_clean, 10%, 3 seeds
+    "dialogsum_noise_table2_reference": 1,
+    "dialogsum_noise_table2_zero_shot": 1,
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 EMBEDDED = [p for p in PRESETS if p.startswith("embedded_")]
@@ -61,7 +64,7 @@ def _axes(experiment: str) -> list[list[str]]:
 def test_every_sweep_preset_has_a_grid_size_and_an_embedded_twin() -> None:
     assert sorted(GRIDS) == [p for p in PRESETS if p != "gsm8k_10pct"]
     for preset in GRIDS:
-        if not preset.startswith("embedded_"):
+        if not preset.startswith(("embedded_", "dialogsum_noise_")):
             assert f"embedded_{preset}" in GRIDS, preset
 
 
@@ -109,6 +112,20 @@ def test_models_axis_moves_both_models_and_the_papers_learning_rate() -> None:
     weak = _base("+experiment=fig3", "model_pair=mistral_7b_to_nemo")
     assert weak.selector_model.name == "mistral_7b_instruct_v0_2"
     assert weak.target_model.name == "mistral_nemo_instruct"
+
+
+def test_dialogsum_noise_slice_needs_a_local_path_and_runs_on_cpu(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="task.source=local needs task.path"):
+        load_sweep(["+experiment=dialogsum_noise_table2", "seed=0"], progress=False)
+    sweep = load_sweep(
+        ["+experiment=dialogsum_noise_table2", f"task.path={tmp_path}", "seed=0"], progress=False
+    )
+    assert len(sweep.cells) == GRIDS["dialogsum_noise_table2"] // 3
+    assert len({c.key for c in sweep.cells}) == len(sweep.cells)
+    cfg = sweep.cells[0].cfg
+    assert cfg.task.name == "dialogsum" and cfg.task.noise.share == 0.3
+    assert cfg.target_model.name == "smollm2_135m" and not cfg.target_model.requires_gpu
+    assert cfg.finetune.max_seq_len >= 768  # a 384-token cap cuts a fifth of the summaries
 
 
 def test_synthetic_dialogsum_needs_a_local_path() -> None:

@@ -468,3 +468,19 @@ def test_oracle_is_a_reference_row_beside_whole_dataset() -> None:
     assert max(ranks["random"], ranks["data_whisperer"], ranks["s2l"]) < ranks["oracle_clean"]
     assert ranks["oracle_clean"] < whole
     assert variant(cell(method="oracle_clean", budget=0.1), "table2")[0] == "Oracle (clean only)"
+
+
+def test_a_twin_on_another_setting_takes_its_own_reference_rows(tmp_path) -> None:
+    """dialogsum_noise_table2 renders as Table 2 with its own whole-pool and zero-shot presets."""
+    report = load_report_grid(
+        "dialogsum_noise_table2",
+        [f"task.path={tmp_path}", "method=random", "seed=0"],
+        progress=False,
+    )
+    assert report.kind == "table2" and report.embedded  # the paper's numbers as stand-ins only
+    assert sorted(s.name for s in report.companions) == [
+        "dialogsum_noise_table2_reference",
+        "dialogsum_noise_table2_zero_shot",
+    ]
+    budgets = sorted(float(c.cfg.budget) for s in report.companions for c in s.cells)
+    assert budgets == [0.0, 1.0]

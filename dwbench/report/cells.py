@@ -52,7 +52,7 @@ DESCRIPTORS = [
 class Companion:
     """Cells of another preset that a table shows beside the experiment's own."""
 
-    preset: str  # preset name without the embedded_ prefix
+    preset: str  # preset name without the setting's prefix (embedded_, dialogsum_noise_)
     keep: tuple[str, ...]  # sweep axes taken over from the experiment (and the command line)
     fixed: dict[str, str] = field(default_factory=dict)  # axes the companion sets itself
     models: str | None = None  # "same" | "weaker": model_pair presets for the grid's targets
@@ -102,7 +102,9 @@ class ReportGrid:
 
     @property
     def embedded(self) -> bool:
-        return self.experiment.startswith("embedded_")
+        """A twin on a setting the paper did not run (embedded_*, dialogsum_noise_*): its cells
+        stand beside the paper's for orientation only."""
+        return bool(preset_parts(self.experiment)[0])
 
     def cells(self) -> list[tuple[str, Cell]]:
         """(role, cell) for every cell, grid first; a companion equal to a grid cell is dropped."""
@@ -122,6 +124,19 @@ class ReportGrid:
         )
 
 
+def preset_parts(experiment: str) -> tuple[str, str | None]:
+    """(prefix, kind) of a preset name: `table2` -> ("", "table2"); a twin on another setting
+    such as `embedded_table2_reference` or `dialogsum_noise_table2` -> ("embedded_", "table2"),
+    ("dialogsum_noise_", "table2"); kind None for a preset that is no paper table or figure."""
+    name = experiment
+    for suffix in REFERENCE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    for kind in KINDS:
+        if name == kind or name.endswith(f"_{kind}"):
+            return name.removesuffix(kind), kind
+    return "", None
+
+
 def experiment_kind(experiment: str) -> str:
     """table1 ... table6 or fig3 from a preset name; a clear error for anything else."""
     presets = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -130,11 +145,11 @@ def experiment_kind(experiment: str) -> str:
             f"Unknown experiment '{experiment}': there is no experiment/{experiment}.yaml. "
             f"Available: {', '.join(presets)}."
         )
-    kind = experiment.removeprefix("embedded_")
-    for suffix in REFERENCE_SUFFIXES:
-        kind = kind.removesuffix(suffix)
-    if kind not in KINDS:
-        reportable = [p for p in presets if p.removeprefix("embedded_") in KINDS]
+    kind = preset_parts(experiment)[1]
+    if kind is None:
+        reportable = [
+            p for p in presets if preset_parts(p)[1] and not p.endswith(REFERENCE_SUFFIXES)
+        ]
         raise ConfigError(
             f"Experiment '{experiment}' is no paper table or figure, so the report has no layout "
             f"for it. Report one of: {', '.join(reportable)}."
@@ -160,7 +175,7 @@ def load_report_grid(
     grid = load_sweep([f"+experiment={experiment}", *overrides], name, progress=progress)
     companions = []
     if not experiment.endswith(REFERENCE_SUFFIXES):
-        prefix = "embedded_" if experiment.startswith("embedded_") else ""
+        prefix = preset_parts(experiment)[0]
         for companion in COMPANIONS.get(kind, []):
             sweep = _companion_sweep(companion, prefix, grid, overrides)
             if sweep is not None:
