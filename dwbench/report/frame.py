@@ -20,6 +20,7 @@ METHOD_LABELS = {
     "data_whisperer_likelihood": "Data Whisperer (likelihood)",
     "data_whisperer_separate": "Data Whisperer (separate)",
     "data_whisperer_one_shot": "Data Whisperer (one-shot)",
+    "data_whisperer_one_shot_16q": "Data Whisperer (one-shot, 16 queries)",
     "perplexity_low": "Perplexity (low)",
     "perplexity_middle": "Perplexity (middle)",
     "perplexity_high": "Perplexity (high)",
