@@ -18,6 +18,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 KEY_LENGTH = 16
 NON_RESULT_FIELDS = frozenset({"path", "runtime", "_target_"})  # where, not what
+# Switches added after results were logged, at the value that changes nothing: left out of keys,
+# so cells and stages logged before the switch existed keep their keys; set otherwise, they enter.
+NEUTRAL_SWITCHES: Mapping[str, Any] = {"leave_one_out": False}  # method.leave_one_out (DW)
 
 
 def to_plain(value: Any) -> Any:
@@ -28,10 +31,16 @@ def to_plain(value: Any) -> Any:
 
 
 def result_identity(node: Any) -> Any:
-    """The part of a config node that can change results: drops `path` and `runtime` fields."""
+    """The part of a config node that can change results: drops `path` and `runtime` fields,
+    and switches at their neutral value (NEUTRAL_SWITCHES)."""
     plain = to_plain(node)
     if isinstance(plain, Mapping):
-        return {str(k): result_identity(v) for k, v in plain.items() if k not in NON_RESULT_FIELDS}
+        return {
+            str(k): result_identity(v)
+            for k, v in plain.items()
+            if k not in NON_RESULT_FIELDS
+            and not (k in NEUTRAL_SWITCHES and v is NEUTRAL_SWITCHES[k])
+        }
     if isinstance(plain, list | tuple):
         return [result_identity(v) for v in plain]
     return plain

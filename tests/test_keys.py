@@ -47,3 +47,12 @@ def test_key_stable_across_processes() -> None:
         for seed in ("1", "2")
     }
     assert outputs == {stage_key("prepare", task=TASK, data="f1")}
+
+
+def test_a_switch_at_its_neutral_value_leaves_keys_as_they_were() -> None:
+    """method.leave_one_out arrived after cells were logged: false keeps their keys."""
+    from dwbench.keys import result_identity
+
+    before = {"n_demos": 1, "runtime": {"prompts_per_call": 4}}
+    assert result_identity({**before, "leave_one_out": False}) == result_identity(before)
+    assert result_identity({**before, "leave_one_out": True}) != result_identity(before)
