@@ -265,14 +265,23 @@ def calibration_row(
         "whole pool EM": refs.whole,
         "random EM": refs.mean("random", setting.budget),
         "oracle_clean EM": refs.mean("oracle_clean", setting.budget),
-        "oracle - random": None if interval is None else interval.difference,
-        "ci low": None if interval is None else interval.low,
-        "ci high": None if interval is None else interval.high,
+        **interval_columns(interval),
         "eval s / problem": float((trained["eval_s"] / trained["n_eval"]).mean())
         if len(trained)
         else None,
         "power": "yes" if refs.power else "no",
         "interval": interval_text(interval),
+    }
+
+
+def interval_columns(interval: Interval | None) -> dict[str, float | None]:
+    """oracle_clean minus Random and its 95% interval, as table columns (None if unmeasured)."""
+    if interval is None:
+        return {"oracle - random": None, "ci low": None, "ci high": None}
+    return {
+        "oracle - random": interval.difference,
+        "ci low": interval.low,
+        "ci high": interval.high,
     }
 
 
@@ -300,9 +309,7 @@ def noise_row(
         "whole pool": refs.whole,
         "random": refs.mean("random", setting.budget),
         "oracle_clean": refs.mean("oracle_clean", setting.budget),
-        "oracle - random": None if interval is None else interval.difference,
-        "ci low": None if interval is None else interval.low,
-        "ci high": None if interval is None else interval.high,
+        **interval_columns(interval),
         "random precision": refs.mean("random", setting.budget, "selection_precision"),
         "train s / cell": float(at_budget["train_s"].mean()) if "train_s" in at_budget else None,
         "eval s / example": float((at_budget["eval_s"] / at_budget["n_eval"]).mean())
