@@ -29,15 +29,15 @@ GRIDS = {
     "table5": 4 * 1 * 3 * 2 * 3 * 3,
     "table6": 3 * 2 * 7 * 3 * 3,
     "fig3": 3 * 2 * 1 * 3 * 3,
-    "embedded_table1": 18 * 3 * 3,  # 17 methods and oracle_clean
-    "embedded_table2": 18 * 3 * 3,  # 17 methods and oracle_clean
+    "embedded_table1": 19 * 3 * 3,  # 18 methods and oracle_clean
+    "embedded_table2": 19 * 3 * 3,  # 18 methods and oracle_clean
     "embedded_table2_reference": 3,
     "embedded_table2_zero_shot": 1,
-    "embedded_table3": 18 * 3 * 3,  # 17 methods and oracle_clean
+    "embedded_table3": 19 * 3 * 3,  # 18 methods and oracle_clean
     "embedded_table3_reference": 3,
     "embedded_table4": 3 * 2 * 3 * 3,
     "embedded_table5": 4 * 2 * 3 * 3,
-    "embedded_table6": 18 * 3 * 3,  # 17 methods and oracle_clean
+    "embedded_table6": 19 * 3 * 3,  # 18 methods and oracle_clean
     "embedded_fig3": 3 * 3,
     "embedded_multi_step": 3 * 1 * 3,
     "dialogsum_noise_table2": 8 * 1 * 3,  # 7 methods and oracle_clean, 10%, 3 seeds
