@@ -310,17 +310,35 @@ def test_the_bench_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None
     assert table["split_half_reliability"].iloc[0] == pytest.approx(expected, abs=1e-9)
 
 
-def _gold_log_probability(model: Any, tokenizer: Any, turns: list[dict], answer: str) -> float:
-    """log p(answer | chat prompt) by one plain forward pass over the whole text."""
+def _gold_log_probability(
+    model: Any,
+    tokenizer: Any,
+    turns: list[dict],
+    answer: str,
+    hidden: tuple[str, str] | None = None,
+) -> float:
+    """log p(answer | chat prompt) by one plain forward pass over the whole text; with `hidden`
+    (a demonstration's question and answer), the last turn's and the answer's tokens cannot see
+    the tokens from its first text to the end of its second (a causal 4D mask, columns cut)."""
     import torch
 
     prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     encoded = tokenizer(prompt + answer, return_offsets_mapping=True, add_special_tokens=False)
+    offsets, n = encoded["offset_mapping"], len(encoded["input_ids"])
     ids = torch.tensor([encoded["input_ids"]])
-    first = next(i for i, (s, _) in enumerate(encoded["offset_mapping"]) if s >= len(prompt))
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    if hidden is not None:
+        start = prompt.index(hidden[0])
+        end = prompt.index(hidden[1], start) + len(hidden[1])
+        columns = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+        # the row: the tokens that end after the earlier turns' text (the shared prefix)
+        shared = len(tokenizer.apply_chat_template(turns[:-1], tokenize=False))
+        row = next(i for i, (_, e) in enumerate(offsets) if e > shared)
+        mask[row:, columns[0] : columns[-1] + 1] = False
+    first = next(i for i, (s, _) in enumerate(offsets) if s >= len(prompt))
     with torch.no_grad():
-        logits = model(ids).logits[0].double().log_softmax(-1)
-    return float(sum(logits[t - 1, ids[0, t]] for t in range(first, ids.shape[1])))
+        logits = model(ids, attention_mask=mask[None, None]).logits[0].double().log_softmax(-1)
+    return float(sum(logits[t - 1, ids[0, t]] for t in range(first, n)))
 
 
 def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
@@ -385,33 +403,6 @@ def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
     assert table["split_half_reliability"].iloc[0] == pytest.approx(expected, abs=1e-9)
 
 
-def _knockout_log_probability(
-    model: Any, tokenizer: Any, turns: list[dict], answer: str, hidden: tuple[str, str]
-) -> float:
-    """log p(answer | chat prompt) when the prompt's and answer's tokens cannot see the tokens
-    from `hidden`'s first text to the end of its second (a demonstration's question through its
-    answer): one plain forward with a causal 4D mask whose hidden columns are cut below them."""
-    import torch
-
-    prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    encoded = tokenizer(prompt + answer, return_offsets_mapping=True, add_special_tokens=False)
-    offsets = encoded["offset_mapping"]
-    start = prompt.index(hidden[0])
-    end = prompt.index(hidden[1], start) + len(hidden[1])
-    columns = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
-    # the row: the tokens that end after the earlier turns' text (the shared prefix)
-    shared = len(tokenizer.apply_chat_template(turns[:-1], tokenize=False))
-    row = next(i for i, (_, e) in enumerate(offsets) if e > shared)
-    n = len(encoded["input_ids"])
-    mask = torch.ones(n, n, dtype=torch.bool).tril()
-    mask[row:, columns[0] : columns[-1] + 1] = False
-    ids = torch.tensor([encoded["input_ids"]])
-    first = next(i for i, (s, _) in enumerate(offsets) if s >= len(prompt))
-    with torch.no_grad():
-        logits = model(ids, attention_mask=mask[None, None]).logits[0].double().log_softmax(-1)
-    return float(sum(logits[t - 1, ids[0, t]] for t in range(first, n)))
-
-
 def test_leave_one_out_effects_are_with_minus_without_each_demonstration(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
@@ -457,7 +448,7 @@ def test_leave_one_out_effects_are_with_minus_without_each_demonstration(
         assert record["query_log_probs"][q] == pytest.approx(with_all, abs=1e-3)
         for i, demo in enumerate(demos):
             hidden = (demo.prompt.strip(), demo.response.strip())
-            blind = _knockout_log_probability(model, tokenizer, turns, answer, hidden)
+            blind = _gold_log_probability(model, tokenizer, turns, answer, hidden)
             assert record["blind_query_log_probs"][i][q] == pytest.approx(blind, abs=1e-3)
             assert blind != pytest.approx(with_all, abs=1e-3)  # hiding it changes the row
 
