@@ -91,7 +91,7 @@ def compose(method: str, task: str, pool_size: int, seed: int, overrides: Sequen
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dwbench.cli import CONF_DIR
+    from dwbench.config_files import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(
@@ -305,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
         "--pool-sizes", type=int, nargs="+", default=[64, 128, 256], help="pool sizes to time"
     )
     sel.add_argument("--method", default="data_whisperer", help="registered method name")
-    sel.add_argument("--task", default="embedded_gsm", help="dwbench/conf/task choice")
+    sel.add_argument("--task", default="embedded_gsm", help="conf/task choice")
     sel.add_argument(
         "--variants",
         nargs="+",

@@ -438,7 +438,7 @@ def add_parser(commands: argparse._SubParsersAction, add_override_option) -> Non
     cal.add_argument(
         "--task",
         default=EMBEDDED,
-        help="dwbench/conf/task choice; any but embedded_gsm plants noise with task.noise",
+        help="conf/task choice; any but embedded_gsm plants noise with task.noise",
     )
     cal.add_argument(
         "--difficulties", nargs="+", default=list(HARDEST_FIRST[::-1]), help="embedded task only"

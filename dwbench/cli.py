@@ -13,11 +13,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dwbench.config_files import CONF_DIR
 from dwbench.errors import DwbenchError
 from dwbench.methods.registry import register_installed_methods
 from dwbench.storage import DropRaisedStorageErrors, storage_problem
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # installed with the package
 register_installed_methods()  # entry-point methods compose as method=<name> (dwbench.methods)
 # MLflow logs a failed store call with its traceback before raising it; a disk problem is said
 # once, in one line, by main.

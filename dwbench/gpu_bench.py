@@ -120,7 +120,7 @@ def build_model(shape: dict[str, Any], device: str, dtype: Any, cache_dir: Path)
 def _smollm2_cfg() -> Any:
     from omegaconf import OmegaConf
 
-    from dwbench.cli import CONF_DIR
+    from dwbench.config_files import CONF_DIR
 
     return OmegaConf.load(CONF_DIR / "model" / "smollm2_135m.yaml")
 

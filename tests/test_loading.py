@@ -66,7 +66,7 @@ def test_path_wins_over_source(gsm_dir: Path) -> None:
 def test_accepts_an_omegaconf_config(gsm_dir: Path) -> None:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO / "dwbench" / "conf" / "task" / "gsm8k.yaml")
+    cfg = OmegaConf.load(REPO / "conf" / "task" / "gsm8k.yaml")
     cfg.path = str(gsm_dir)
     assert fingerprint(load_task(cfg)) == fingerprint(load_task(_task(gsm_dir)))
 

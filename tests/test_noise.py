@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.data.loading import has_clean_flags, load_task
 from dwbench.data.noise import KINDS, check_noise, foreign_text, plant_noise
 from dwbench.data.records import Example, fingerprint

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError
 from dwbench.methods.base import ScoringContext, top_k

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.data.embedded import generate_embedded_task
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError

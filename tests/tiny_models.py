@@ -31,7 +31,7 @@ from transformers import (
 
 from dwbench.models import gguf_path, gguf_tokenizer
 
-MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "dwbench" / "conf" / "model"
+MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 SEED = 0
 # ChatML-shaped, but GPT-2 has no <|im_start|>/<|im_end|> tokens: the start marker is plain text
 # and each turn ends with the real eos token, so generation after the prompt can stop on its own.
@@ -44,7 +44,7 @@ GPT2_CHAT_TEMPLATE = (
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """A model config from dwbench/conf/model/ as a plain dict, as Hydra would compose it."""
+    """A model config from conf/model/ as a plain dict, as Hydra would compose it."""
     return OmegaConf.to_container(OmegaConf.load(MODEL_CONF_DIR / f"{name}.yaml"), resolve=True)
 
 

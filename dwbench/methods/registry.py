@@ -2,7 +2,7 @@
 
 A method is one class (`SelectionMethod`: `score` and `select`) plus one YAML whose `_target_`
 names it and whose `name` is what tags and tables call it. The YAML lives in dwbench's own
-`dwbench/conf/method/` or in your config folder (`python -m dwbench --config-dir my_conf`, or
+`conf/method/` or in your config folder (`python -m dwbench --config-dir my_conf`, or
 `hydra.searchpath`), so comparing your own method needs no fork (docs/compare-your-method.md).
 An installed package can also register methods through the entry-point group `dwbench.methods`
 (`my_method = "my_package.module:MyMethod"`): `method=my_method` then composes a config made of

@@ -29,7 +29,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "experiment",
         help=(
-            "a dwbench/conf/experiment preset: table1..table6, fig3, their embedded_* twins, "
+            "a conf/experiment preset: table1..table6, fig3, their embedded_* twins, "
             "*_reference, *_zero_shot"
         ),
     )

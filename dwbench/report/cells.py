@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.context import method_name
 from dwbench.errors import ConfigError
 from dwbench.sweep.grid import Cell, Sweep, load_sweep
@@ -95,7 +95,7 @@ class ReportGrid:
     """The experiment's grid and its companion cells."""
 
     name: str  # snapshot and output name (default: the experiment)
-    experiment: str  # dwbench/conf/experiment preset
+    experiment: str  # conf/experiment preset
     kind: str  # the paper table or figure it renders: table1 ... table6, fig3
     grid: Sweep
     companions: list[Sweep]

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dwbench.cell import cell_key as cell_identity
-from dwbench.cli import CONF_DIR
+from dwbench.config_files import CONF_DIR
 from dwbench.errors import ConfigError, DwbenchError
 from dwbench.methods.registry import check_method_name
 from dwbench.pipeline import validate

@@ -5,7 +5,7 @@ queries; the episode's score s is the mean task metric over the queries. Demonst
 s * w_i, where w_i comes from the attention that the query rows pay to demonstration i at one
 layer l; an example's score is the mean over its appearances.
 
-Variants (dwbench/conf/method/data_whisperer.yaml):
+Variants (conf/method/data_whisperer.yaml):
 - `query_layout=joint` (the paper's and the released code's prompt: one completion answers
   all numbered queries) or `separate` (each query its own row over the shared demonstrations);
 - `query_scoring=generate` (the paper: greedy answers scored with the task metric; a joint

@@ -1,7 +1,7 @@
 """The method: settings, the scoring run (plan, resume, run, accumulate) and selection.
 
 Registered as `data_whisperer` (and `data_whisperer_likelihood`, the same class with
-`query_scoring=likelihood`); config in dwbench/conf/method/.
+`query_scoring=likelihood`); config in conf/method/.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class Settings:
         def get(key: str, node: Mapping[str, Any] = cfg, prefix: str = "method") -> Any:
             if key not in node:
                 raise ConfigError(
-                    f"{prefix}.{key} is missing; dwbench/conf/method/data_whisperer.yaml lists "
+                    f"{prefix}.{key} is missing; conf/method/data_whisperer.yaml lists "
                     "every key."
                 )
             return node[key]
