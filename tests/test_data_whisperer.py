@@ -32,6 +32,7 @@ from dwbench.data.records import Example
 from dwbench.errors import ConfigError, DataError
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.data_whisperer import episodes as ep
+from dwbench.methods.data_whisperer import log_scores
 from dwbench.methods.data_whisperer import method as dw
 from dwbench.methods.data_whisperer import prompts as pr
 from dwbench.methods.data_whisperer import runner as rn
@@ -299,11 +300,11 @@ def test_episodes_that_all_score_zero_are_reported_as_no_signal() -> None:
         },
     ]
     contributions = [ep.Contribution([0, 1], 0.0, [1.0, 2.0]), ep.Contribution([2, 3], 0.0, [3, 1])]
-    stats = dw._summarise(records, ep.accumulate(4, contributions, weighting=True), 4, 2)
+    stats = log_scores._summarise(records, ep.accumulate(4, contributions, weighting=True), 4, 2)
     assert stats["distinct_scores"] == 1
     assert stats["parse_failure_rate"] == 0.75 and stats["capped_episodes"] == 1
     contributions[1] = ep.Contribution([2, 3], 0.5, [3, 1])
-    stats = dw._summarise(records, ep.accumulate(4, contributions, weighting=True), 4, 2)
+    stats = log_scores._summarise(records, ep.accumulate(4, contributions, weighting=True), 4, 2)
     assert stats["distinct_scores"] == 3  # 0 for a and b; 0.75 and 0.25 for c and d
 
 

@@ -21,7 +21,7 @@ from dwbench import attribution as at
 from dwbench.config_files import CONF_DIR
 from dwbench.errors import ConfigError
 from dwbench.methods.data_whisperer import episodes as ep
-from dwbench.methods.data_whisperer import method as dw
+from dwbench.methods.data_whisperer.settings import Settings
 
 # Five examples, four episodes of two or three demonstrations, two queries each.
 EPISODES = [
@@ -166,13 +166,13 @@ def test_split_half_reliability_is_spearman_of_even_and_odd_passes() -> None:
         assert got < 1.0
 
 
-def _settings(**overrides: Any) -> dw.Settings:
+def _settings(**overrides: Any) -> Settings:
     cfg = OmegaConf.to_container(
         OmegaConf.load(CONF_DIR / "method" / "data_whisperer.yaml"), resolve=False
     )
     cfg.update(query_source="pool_kfold", max_new_tokens_per_answer=64, prompt_dataset="gsm8k")
     cfg.update(overrides)
-    return dw.Settings.from_config(cfg)
+    return Settings.from_config(cfg)
 
 
 def test_switches_are_checked_and_stay_out_of_the_plan_id() -> None:

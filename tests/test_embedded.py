@@ -10,7 +10,9 @@ from collections import Counter
 import pytest
 
 from dwbench.data.answers import parse_final_number
-from dwbench.data.embedded import CORRUPTIONS, DIFFICULTIES, generate_embedded_task
+from dwbench.data.embedded import generate_embedded_task
+from dwbench.data.embedded_answers import CORRUPTIONS
+from dwbench.data.embedded_problems import DIFFICULTIES
 from dwbench.data.loading import load_task
 from dwbench.errors import ConfigError
 

@@ -45,7 +45,7 @@ def test_tiny_runs_every_measurement(cache_dir) -> None:
 
 
 def test_runtime_defaults_follow_the_device() -> None:
-    from dwbench.methods.data_whisperer.method import EPISODES_PER_CALL
+    from dwbench.methods.data_whisperer.settings import EPISODES_PER_CALL
     from dwbench.stages.evaluate import eval_batch_size
 
     assert [eval_batch_size(None, d) for d in ("cpu", "cuda:0", "mps")] == [32, 64, 16]

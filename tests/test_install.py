@@ -112,7 +112,7 @@ def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
 
 def test_the_wheel_ships_every_tracked_config_and_no_machine_settings(tmp_path: Path) -> None:
     """The configs live in the checkout's top-level conf/ and travel inside the wheel as
-    dwbench/conf/, which is where `config_files.config_dir()` looks first once installed."""
+    conf/, which is where `config_files.config_dir()` looks first once installed."""
     from dwbench.config_files import config_dir
 
     assert config_dir() == REPO / "conf"  # a checkout (and an editable install) reads conf/
@@ -135,7 +135,7 @@ def test_the_wheel_ships_every_tracked_config_and_no_machine_settings(tmp_path: 
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("dwbench-*.whl")
-    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("dwbench/conf/")}
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("conf/")}
     tracked = subprocess.run(
         ["git", "ls-files", "conf"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()

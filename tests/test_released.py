@@ -32,6 +32,7 @@ from dwbench.methods.data_whisperer.released import (
     ReleasedRunner,
     fields_from_prompt,
 )
+from dwbench.methods.data_whisperer.settings import Settings
 
 FIGURES = json.loads(
     (Path(__file__).parent / "fixtures" / "released_dialogsum_figures.json").read_text()
@@ -186,13 +187,13 @@ def test_fields_are_recovered_from_the_task_prompt() -> None:
     assert fields_from_prompt(dialog.format(dialogue="A: hi"), dialog, ["dialogue"]) == ["A: hi"]
 
 
-def _settings(**overrides: Any) -> dw.Settings:
+def _settings(**overrides: Any) -> Settings:
     cfg = OmegaConf.to_container(
         OmegaConf.load(CONF_DIR / "method" / "data_whisperer.yaml"), resolve=False
     )
     cfg.update(query_source="pool_kfold", max_new_tokens_per_answer=64, prompt_dataset="gsm8k")
     cfg.update(overrides)
-    return dw.Settings.from_config(cfg)
+    return Settings.from_config(cfg)
 
 
 def test_released_prompts_refuse_settings_they_cannot_honour() -> None:

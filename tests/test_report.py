@@ -26,7 +26,7 @@ from dwbench.report.bootstrap import paired_interval
 from dwbench.report.cells import load_report_grid
 from dwbench.report.frame import WHOLE, ZERO_SHOT
 from dwbench.report.paper import Paper
-from dwbench.report.tables import Entry, format_entry
+from dwbench.report.table_render import Entry, format_entry
 from dwbench.stages import prepare
 from dwbench.sweep.progress import stage_keys
 from dwbench.tracking import Tracker

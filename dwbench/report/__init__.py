@@ -8,7 +8,8 @@ One module per concern, in the order the report runs them:
 - `snapshot`: the two CSVs under `results/`, written and read back (the only input of what follows);
 - `paper`: `paper_reported.csv` and which paper number stands beside which cell;
 - `bootstrap`: paired bootstrap intervals of each method's difference to Random;
-- `tables` and `figures`: Markdown / LaTeX tables and seaborn figures.
+- `tables` (with `table_layouts`, the blocks of each layout, and `table_render`, Markdown and
+  LaTeX) and `figures`: the paper's tables and seaborn figures.
 
 `python -m dwbench.report <experiment> [overrides]` runs it (`__main__`).
 """

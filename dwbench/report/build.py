@@ -23,6 +23,7 @@ from dwbench.report import bootstrap, figures, snapshot, standing, tables
 from dwbench.report.cells import GRID, Missing, ReportGrid, load_report_grid
 from dwbench.report.frame import build
 from dwbench.report.paper import PAPER_CSV, Paper
+from dwbench.report.table_render import to_latex, to_markdown
 from dwbench.sweep.grid import varying_overrides
 
 STANDING = "Against Random, setting by setting (this report's cells)"
@@ -184,10 +185,10 @@ def _render(grid: ReportGrid, frozen: snapshot.Snapshot, options: Options) -> li
     out.mkdir(parents=True, exist_ok=True)
     written = []
     versus_random = standing.summary(standing.outcomes(frame, intervals))
-    markdown = tables.to_markdown(table) + "\n" + standing.to_markdown(versus_random, STANDING)
+    markdown = to_markdown(table) + "\n" + standing.to_markdown(versus_random, STANDING)
     for path, text in (
         (out / f"{grid.kind}.md", markdown),
-        (out / f"{grid.kind}.tex", tables.to_latex(table)),
+        (out / f"{grid.kind}.tex", to_latex(table)),
     ):
         path.write_text(text, encoding="utf-8")
         written.append(path)

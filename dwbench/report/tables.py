@@ -5,31 +5,27 @@ the paired bootstrap interval of its difference to Random lies above or below ze
 number comes from `paper.Paper`; "–" where there is none or nothing was measured. Three layouts
 cover the paper: methods x (task, budget) per target model (Tables 2 and 3, Figure 3), methods x
 (task: STR per budget, average score) per target model (Tables 1 and 6), and (task, budget) x
-setting per target model (the ablations, Tables 4 and 5). Each renders as Markdown and LaTeX
-from the same entries.
+setting per target model (the ablations, Tables 4 and 5). This module picks the layout and
+writes the caption and notes; table_layouts.py builds each layout's blocks, and table_render.py
+prints the table as Markdown and LaTeX from the same entries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
 import pandas as pd
 
-from dwbench.report.bootstrap import ABOVE, BELOW, CELL, mark
+from dwbench.report.bootstrap import ABOVE, BELOW
 from dwbench.report.frame import (
-    DATA_WHISPERERS,
     MODEL_ORDER,
     TASK_ORDER,
-    WHOLE,
-    ZERO_SHOT,
     budget_label,
     metric_label,
     selected_budget,
     sort_values,
-    variants,
 )
-from dwbench.report.paper import Paper, PaperValue, model_label, table_label, task_label
+from dwbench.report.paper import Paper, model_label, table_label, task_label
+from dwbench.report.table_layouts import _ablation_block, _Intervals, _methods_block, _str_block
+from dwbench.report.table_render import Block, Table
 
 TITLES = {
     "table1": "Table 1: selection-to-tuning ratio (STR) and average score",
@@ -49,33 +45,6 @@ LAYOUTS = {
     "table3": "methods",
     "fig3": "methods",
 }
-
-
-@dataclass
-class Entry:
-    mean: float | None
-    std: float | None
-    paper: PaperValue | None
-    mark: str = ""
-    ratio: bool = False  # an STR (a ratio), not a score in %
-
-
-@dataclass
-class Block:
-    title: str
-    row_header: list[str]
-    groups: list[str]  # column group of each data column ("" when the block has none)
-    columns: list[str]
-    rows: list[tuple[list[str], list[Entry | None]]] = field(default_factory=list)
-
-
-@dataclass
-class Table:
-    name: str
-    title: str
-    caption: list[str]
-    blocks: list[Block]
-    footnotes: list[str]
 
 
 def build_table(
@@ -126,168 +95,6 @@ def build_table(
     return Table(kind, TITLES[kind], caption, blocks, footnotes)
 
 
-class _Intervals:
-    """Bootstrap intervals by (task, target, selector, method, ablation, budget)."""
-
-    def __init__(self, intervals: pd.DataFrame) -> None:
-        self.rows = {
-            (*(r[c] for c in CELL), _budget_key(r["budget"])): r
-            for r in intervals.to_dict("records")
-        }
-
-    def mark(self, row: pd.Series, budget: float | None) -> str:
-        return mark(self.rows.get((*(row[c] for c in CELL), _budget_key(budget))))
-
-
-def _budget_key(budget: float | None) -> float | None:
-    return None if budget is None or pd.isna(budget) else round(float(budget), 6)
-
-
-def _entry(cells: pd.DataFrame, column: str, paper: PaperValue | None, **kwargs) -> Entry:
-    values = cells[column].dropna()
-    mean = float(values.mean()) if len(values) else None
-    std = float(values.std(ddof=1)) if len(values) > 1 else None
-    return Entry(mean, std, paper, **kwargs)
-
-
-def _at(cells: pd.DataFrame, task: str, budget: float) -> pd.DataFrame:
-    return cells[(cells["task"] == task) & np.isclose(cells["budget"], budget)]
-
-
-def _methods_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
-    """Methods x (task, budget); the zero-shot and whole-dataset rows under each task's first
-    budget (the paper's layout)."""
-    tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
-    budgets = sorted(sub.loc[selected_budget(sub["budget"]), "budget"].unique()) or [1.0]
-    references = {WHOLE: 1.0, ZERO_SHOT: 0.0}
-    block = Block(
-        title,
-        ["Method"],
-        [task_label(t) for t in tasks for _ in budgets],
-        [budget_label(b) for _ in tasks for b in budgets],
-    )
-    for name in variants(sub):
-        own = sub[sub["variant"] == name]
-        entries: list[Entry | None] = []
-        for task in tasks:
-            for budget in budgets:
-                cells = _at(own, task, references.get(name, budget))
-                if cells.empty or (name in references and budget != budgets[0]):
-                    entries.append(None)
-                    continue
-                row = cells.iloc[0]
-                marked = lookup.mark(row, budget) if name not in references else ""
-                entries.append(_entry(cells, "score_pct", paper.score(row), mark=marked))
-        block.rows.append(([name], entries))
-    return block
-
-
-def _str_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
-    """Methods x (task: STR at each budget, then the average score over budgets)."""
-    sub = sub[selected_budget(sub["budget"])]
-    tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
-    budgets = sorted(sub["budget"].unique())
-    per_task = [*(f"STR {budget_label(b)}" for b in budgets), "Avg"]
-    block = Block(
-        title,
-        ["Method"],
-        [task_label(t) for t in tasks for _ in per_task],
-        [column for _ in tasks for column in per_task],
-    )
-    for name in variants(sub):
-        own = sub[sub["variant"] == name]
-        entries: list[Entry | None] = []
-        for task in tasks:
-            for budget in budgets:
-                cells = _at(own, task, budget)
-                if cells.empty:
-                    entries.append(None)
-                    continue
-                entries.append(_entry(cells, "STR", paper.str_ratio(cells.iloc[0]), ratio=True))
-            cells = own[own["task"] == task]
-            if cells.empty:
-                entries.append(None)
-                continue
-            averages = _seed_averages(cells, budgets)
-            row = cells.iloc[0]
-            over = budgets[0] if len(budgets) == 1 else None  # one budget: its own interval
-            entries.append(
-                _entry(averages, "score_pct", paper.average(row), mark=lookup.mark(row, over))
-            )
-        block.rows.append(([name], entries))
-    block.rows += _speedup_rows(sub, tasks, budgets, paper)
-    return block
-
-
-def _speedup_rows(
-    sub: pd.DataFrame, tasks: list[str], budgets: list[float], paper: Paper
-) -> list[tuple[list[str], list[Entry | None]]]:
-    """The paper's "Speedup vs Nuggets" (Nuggets STR / Data Whisperer STR), one row per Data
-    Whisperer variant (same model, weaker selector): each seed's ratio, then mean ± std."""
-    plain = sub[sub["ablation"] == ""]
-    nuggets = plain[plain["method"] == "nuggets"]
-    whisperers = plain[plain["method"].isin(DATA_WHISPERERS)]
-    if nuggets.empty or whisperers.empty:
-        return []
-    rows = []
-    for name in variants(whisperers):
-        own = whisperers[whisperers["variant"] == name]
-        entries: list[Entry | None] = []
-        for task in tasks:
-            for budget in budgets:
-                pairs = _at(own, task, budget)[["seed", "STR", "target", "selector", "task"]]
-                pairs = pairs.merge(
-                    _at(nuggets, task, budget)[["seed", "STR"]], on="seed", suffixes=("", "_n")
-                )
-                pairs = pairs[(pairs["STR"] > 0) & pairs["STR_n"].notna()]
-                if pairs.empty:
-                    entries.append(None)
-                    continue
-                ratios = pairs.assign(speedup=pairs["STR_n"] / pairs["STR"])
-                value = paper.speedup(pairs.iloc[0], budget)
-                entries.append(_entry(ratios, "speedup", value, ratio=True))
-            entries.append(None)  # no Avg for a speedup
-        rows.append(([f"Speedup: Nuggets / {name}"], entries))
-    return rows
-
-
-def _seed_averages(cells: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
-    """Each seed's mean score over the budgets, for seeds that finished every budget."""
-    measured = cells[cells["score_pct"].notna()]
-    complete = measured.groupby("seed")["budget"].nunique() == len(budgets)
-    kept = measured[measured["seed"].isin(complete[complete].index)]
-    return kept.groupby("seed", as_index=False)["score_pct"].mean()
-
-
-def _ablation_block(title: str, sub: pd.DataFrame, paper: Paper, lookup: _Intervals) -> Block:
-    """(task, budget) x setting, Random first: how the paper prints its ablations. Table 4's 0%
-    row is the untuned model: one cell, the same under every setting, as the paper prints it."""
-    untuned = sub[sub["variant"] == ZERO_SHOT]
-    sub = sub[selected_budget(sub["budget"])]
-    tasks = sort_values(list(sub["task"].unique()), TASK_ORDER)
-    budgets = sorted(sub["budget"].unique())
-    names = variants(sub)
-    block = Block(title, ["Dataset", "Budget"], [""] * len(names), names)
-    for task in tasks:
-        cells = _at(untuned, task, 0.0)
-        if not cells.empty:
-            entry = _entry(cells, "score_pct", paper.score(cells.iloc[0]))
-            block.rows.append(([task_label(task), "0% (zero-shot)"], [entry] * len(names)))
-        for budget in budgets:
-            entries: list[Entry | None] = []
-            for name in names:
-                cells = _at(sub[sub["variant"] == name], task, budget)
-                if cells.empty:
-                    entries.append(None)
-                    continue
-                row = cells.iloc[0]
-                entries.append(
-                    _entry(cells, "score_pct", paper.score(row), mark=lookup.mark(row, budget))
-                )
-            block.rows.append(([task_label(task), budget_label(budget)], entries))
-    return block
-
-
 def _layout_notes(kind: str, frame: pd.DataFrame, layout: str) -> list[str]:
     notes = []
     if layout == "str":
@@ -335,130 +142,3 @@ def _caveats(blocks: list[Block]) -> list[str]:
                     )
                     notes[f"* {where}, {value.value:g}: {value.note}."] = None
     return list(notes)
-
-
-def _number(value: float, ratio: bool) -> str:
-    """Two decimals, as the paper prints; two significant digits for ratios below 0.01."""
-    if ratio and abs(value) < 0.01 and value != 0:
-        return f"{value:.2g}"
-    return f"{value:.2f}"
-
-
-def format_entry(entry: Entry | None, tex: bool = False) -> str:
-    """ "measured (paper)", e.g. "45.00 ± 3.33† (69.65)"; empty for a blank cell."""
-    if entry is None:
-        return ""
-    dash = "--" if tex else "–"
-    if entry.mean is None:
-        measured = dash
-    else:
-        measured = _number(entry.mean, entry.ratio)
-        if entry.std is not None:
-            measured += (r" $\pm$ " if tex else " ± ") + _number(entry.std, entry.ratio)
-        if entry.mark:
-            measured += _tex_symbol(entry.mark) if tex else entry.mark
-    if entry.paper is None:
-        paper = dash
-    else:
-        paper = _number(entry.paper.value, entry.ratio)
-        if entry.paper.caveat:
-            paper += "$^*$" if tex else "*"
-    return f"{measured} ({paper})"
-
-
-def _tex_symbol(symbol: str) -> str:
-    return {ABOVE: r"$^\dagger$", BELOW: r"$^\ddagger$"}[symbol]
-
-
-def tex_escape(text: str) -> str:
-    """Plain text (labels, captions, notes) as LaTeX: specials escaped, symbols as math."""
-    for plain, escaped in (
-        ("\\", r"\textbackslash{}"),
-        ("$", r"\$"),
-        ("&", r"\&"),
-        ("%", r"\%"),
-        ("_", r"\_"),
-        ("#", r"\#"),
-        ("~", r"\textasciitilde{}"),
-        ("±", r"$\pm$"),
-        ("–", "--"),
-        (ABOVE, r"$^\dagger$"),
-        (BELOW, r"$^\ddagger$"),
-    ):
-        text = text.replace(plain, escaped)
-    return text
-
-
-def to_markdown(table: Table) -> str:
-    lines = [f"## {table.title}", "", " ".join(table.caption), ""]
-    for block in table.blocks:
-        header = [*block.row_header] + [
-            f"{g} {c}".strip() for g, c in zip(block.groups, block.columns, strict=True)
-        ]
-        lines += [f"### {block.title}", ""]
-        lines.append("| " + " | ".join(header) + " |")
-        rule = ["---"] * len(block.row_header) + ["---:"] * len(block.columns)
-        lines.append("| " + " | ".join(rule) + " |")
-        for labels, entries in block.rows:
-            cells = [*labels, *(format_entry(e) for e in entries)]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [f"- {note}" for note in table.footnotes]
-    return "\n".join(lines) + "\n"
-
-
-def to_latex(table: Table) -> str:
-    """One table environment (booktabs), a tabular per target model; \\usepackage{booktabs}."""
-    # LaTeX numbers the table itself: the caption says which of the paper's it reproduces.
-    source, _, description = table.title.partition(": ")
-    caption = tex_escape(
-        f"{description[:1].upper()}{description[1:]} (the paper's {source}). "
-        + " ".join(table.caption)
-    )
-    lines = [r"\begin{table*}[t]", r"\centering", r"\scriptsize", rf"\caption{{{caption}}}"]
-    lines.append(rf"\label{{tab:dwbench-{table.name}}}")
-    for block in table.blocks:
-        n_labels = len(block.row_header)
-        spec = "l" * n_labels + "r" * len(block.columns)
-        lines += [
-            rf"\par\medskip\textbf{{{tex_escape(block.title)}}}\par\smallskip",
-            rf"\begin{{tabular}}{{{spec}}}",
-            r"\toprule",
-        ]
-        if any(block.groups):
-            lines += _tex_group_header(block, n_labels)
-        header = [tex_escape(h) for h in block.row_header] + [tex_escape(c) for c in block.columns]
-        lines += [" & ".join(header) + r" \\", r"\midrule"]
-        for labels, entries in block.rows:
-            cells = [tex_escape(label) for label in labels]
-            cells += [format_entry(e, tex=True) for e in entries]
-            lines.append(" & ".join(cells) + r" \\")
-        lines += [r"\bottomrule", r"\end{tabular}"]
-    lines.append(r"\par\smallskip\raggedright")
-    lines += [_tex_note(note) + r"\\" for note in table.footnotes]
-    lines.append(r"\end{table*}")
-    return "\n".join(lines) + "\n"
-
-
-def _tex_note(note: str) -> str:
-    """A footnote line; a leading * (a caveat on a paper number) becomes a superscript."""
-    if note.startswith("* "):
-        return "$^*$ " + tex_escape(note[2:])
-    return tex_escape(note)
-
-
-def _tex_group_header(block: Block, n_labels: int) -> list[str]:
-    """A \\multicolumn per run of equal column groups, with \\cmidrule under each."""
-    spans: list[tuple[str, int, int]] = []
-    for index, group in enumerate(block.groups):
-        column = n_labels + index + 1
-        if spans and spans[-1][0] == group:
-            spans[-1] = (group, spans[-1][1], column)
-        else:
-            spans.append((group, column, column))
-    cells = [""] * n_labels + [
-        rf"\multicolumn{{{end - start + 1}}}{{c}}{{{tex_escape(group)}}}"
-        for group, start, end in spans
-    ]
-    rules = " ".join(rf"\cmidrule(lr){{{start}-{end}}}" for _, start, end in spans)
-    return [" & ".join(cells) + r" \\", rules]

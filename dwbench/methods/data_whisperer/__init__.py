@@ -34,9 +34,11 @@ What differs from the authors' released code, on purpose:
 
 Modules: attention (the capture), prompts (layouts, token spans, reading answers), episodes
 (planning, accumulation, the resumable log), runner (prefill, decoding, teacher forcing),
-method (settings and the scoring run).
+settings (the method config, checked), episode_records (an episode's log line), log_scores (the
+log read back into scores), method (the scoring run).
 """
 
-from dwbench.methods.data_whisperer.method import DataWhisperer, Settings
+from dwbench.methods.data_whisperer.method import DataWhisperer
+from dwbench.methods.data_whisperer.settings import Settings
 
 __all__ = ["DataWhisperer", "Settings"]

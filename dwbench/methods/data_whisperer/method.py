@@ -1,4 +1,7 @@
-"""The method: settings, the scoring run (plan, resume, run, accumulate) and selection.
+"""The method: the scoring run (plan, resume, run the selector) and selection.
+
+Its settings are checked in settings.py, an episode's log line is written by
+episode_records.py and the log is read back into scores by log_scores.py.
 
 Registered as `data_whisperer` (and `data_whisperer_likelihood`, the same class with
 `query_scoring=likelihood`); config in conf/method/.
@@ -9,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -22,322 +24,40 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dwbench.chat import require_chat_template
 from dwbench.data.metrics import get_metric
 from dwbench.data.records import Example
-from dwbench.errors import ConfigError, DataError, DwbenchError
+from dwbench.errors import ConfigError, DataError
 from dwbench.keys import result_identity, stable_hash
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.data_whisperer.attention import use_capture_attention
+from dwbench.methods.data_whisperer.episode_records import EpisodeRecords
 from dwbench.methods.data_whisperer.episodes import (
-    ACCUMULATION_SWITCHES,
-    AGGREGATIONS,
-    ATTENTION_CORRECTIONS,
     CHECKPOINT_FILE,
-    EPISODE_ORDERS,
-    QUERY_BASELINES,
-    READING_SWITCHES,
-    Contribution,
     Episode,
     EpisodeLog,
-    ScoreTable,
-    accumulate,
-    accumulate_float16,
     plan_episodes,
     read_episode_log,
-    split_half_reliability,
 )
+from dwbench.methods.data_whisperer.log_scores import ZERO_SHOT_FILE, LogScores
 from dwbench.methods.data_whisperer.prompts import (
     NUMERIC_METRIC,
-    QUERY_LAYOUTS,
     EncodedEpisode,
     JointStop,
     SeparateStop,
-    answer_failed,
     build_joint_prompt,
     build_separate_prompt,
     default_instruction,
     encode_episode,
     has_final_answer,
-    joint_reply,
-    separate_answer,
-    split_answers,
 )
-from dwbench.methods.data_whisperer.released import (
-    ReleasedOutput,
-    ReleasedPrompts,
-    ReleasedRunner,
-)
-from dwbench.methods.data_whisperer.runner import (
-    ATTENTION_SPANS,
-    GREEDY,
-    EpisodeOutput,
-    EpisodeRunner,
-    RowOutput,
-)
+from dwbench.methods.data_whisperer.released import ReleasedPrompts, ReleasedRunner
+from dwbench.methods.data_whisperer.runner import EpisodeOutput, EpisodeRunner
+from dwbench.methods.data_whisperer.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-QUERY_SCORINGS = ("generate", "likelihood")
-LIKELIHOOD_SPANS = ("answer", "final")  # the gold tokens a likelihood score averages over
-# A likelihood query's score as accumulation reads it: the mean gold-token probability, or the
-# span's log-probability (sum over its tokens). Both are logged, so it re-reads the same log.
-LIKELIHOOD_SCORES = ("probability", "log_probability")
-ZERO_SHOT_FILE = "zero_shot.jsonl"  # query_baseline=zero_shot: each query without demonstrations
 ZERO_SHOT_ROWS_PER_CALL = 8  # zero-shot rows are short; a runtime choice, not in any key
-QUERY_SOURCES = ("pool_kfold", "validation")
-PROMPT_STYLES = ("dwbench", "released")
-SCORE_ARITHMETICS = ("float64", "float16")
-FAILED_EPISODES = ("score_zero", "skip")
-MAX_PASSES = 1000  # a typo's bound: 1,000 passes of a 200-example pool are 20,000 episodes
-# Episodes per batch when method.runtime.prompts_per_call is null, by device type and scoring.
-# cpu: measured on 2 cores with `python -m dwbench.bench selection` (README, "Data Whisperer"):
-# decoding reads every weight once per step whatever the batch, so more rows per step pay off,
-# while a teacher-forced pass is compute-bound and only pays for padding when batched.
-# cuda / mps: stated, not measured here (room for 32 episodes of ~1.5k tokens with an 8B
-# selector in bf16 on a 40 GB GPU; raise them on larger cards).
-EPISODES_PER_CALL = {
-    "cpu": {"generate": 8, "likelihood": 1},
-    "cuda": {"generate": 32, "likelihood": 16},
-    "mps": {"generate": 8, "likelihood": 4},
-}
 
 
-_SWITCHES = (
-    "prompt_style",
-    "prompt_family",
-    "prompt_dataset",
-    "max_token",
-    "parallel_batches",
-    "score_arithmetic",
-    "failed_episodes",
-    "leave_one_out",
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The method config, checked: every bad value fails here, before any model is loaded."""
-
-    n_demos: int
-    n_queries: int
-    query_layout: str
-    query_scoring: str
-    likelihood_span: str
-    attention_span: str
-    attention_weighting: bool
-    episode_order: str
-    passes: int
-    query_source: str
-    instruction: str | None
-    max_new_tokens_per_answer: int
-    prompts_per_call: int | None  # None: EPISODES_PER_CALL for the device
-    # switches that reproduce the released code (docs/algorithm.md, "Switches")
-    prompt_style: str = "dwbench"
-    prompt_family: str | None = None  # released prompts: llama3_8b | qwen | mistral
-    prompt_dataset: str | None = None  # released prompts: dialogsum | gsm8k | bioinstruct
-    max_token: int = 8192  # released prompts: prompt + new tokens
-    parallel_batches: int = 1  # released prompts: episodes padded together (changes numbers)
-    score_arithmetic: str = "float64"
-    failed_episodes: str = "score_zero"
-    # how the episode log is accumulated; the defaults are the paper's
-    attention_correction: str = "none"
-    query_baseline: str = "none"
-    aggregation: str = "mean"
-    likelihood_score: str = "probability"
-    # each demonstration's paired effect: its episode's queries with and without it
-    leave_one_out: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
-        def get(key: str, node: Mapping[str, Any] = cfg, prefix: str = "method") -> Any:
-            if key not in node:
-                raise ConfigError(
-                    f"{prefix}.{key} is missing; conf/method/data_whisperer.yaml lists "
-                    "every key."
-                )
-            return node[key]
-
-        def positive(key: str, value: Any, prefix: str = "method") -> int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{prefix}.{key}={value!r} must be a positive integer.")
-            return value
-
-        def choice(key: str, options: tuple[str, ...]) -> str:
-            value = get(key)
-            if value not in options:
-                raise ConfigError(f"method.{key}={value!r} is not one of {', '.join(options)}.")
-            return str(value)
-
-        runtime = get("runtime")
-        weighting = get("attention_weighting")
-        if not isinstance(weighting, bool):
-            raise ConfigError(f"method.attention_weighting={weighting!r} must be true or false.")
-        instruction = get("instruction")
-        if instruction is not None and not str(instruction).strip():
-            raise ConfigError("method.instruction is empty; set it to null for the built-in one.")
-        per_call = get("prompts_per_call", runtime, "method.runtime")
-        settings = cls(
-            n_demos=positive("n_demos", get("n_demos")),
-            n_queries=positive("n_queries", get("n_queries")),
-            query_layout=choice("query_layout", QUERY_LAYOUTS),
-            query_scoring=choice("query_scoring", QUERY_SCORINGS),
-            likelihood_span=choice("likelihood_span", LIKELIHOOD_SPANS),
-            attention_span=choice("attention_span", ATTENTION_SPANS),
-            attention_weighting=weighting,
-            episode_order=choice("episode_order", EPISODE_ORDERS),
-            passes=positive("passes", get("passes")),
-            query_source=choice("query_source", QUERY_SOURCES),
-            instruction=None if instruction is None else str(instruction).strip(),
-            max_new_tokens_per_answer=positive(
-                "max_new_tokens_per_answer", get("max_new_tokens_per_answer")
-            ),
-            prompts_per_call=None
-            if per_call is None
-            else positive("prompts_per_call", per_call, "method.runtime"),
-        )
-        if settings.passes > MAX_PASSES:
-            raise ConfigError(
-                f"method.passes={settings.passes} is above {MAX_PASSES}: each pass scores the "
-                "whole pool again (split-half reliability settles within tens); lower it."
-            )
-        if settings.episode_order in ("sequential", "released") and settings.passes != 1:
-            raise ConfigError(
-                f"method.passes={settings.passes} needs method.episode_order=random "
-                f"({settings.episode_order} order walks the pool once, as the released code does)."
-            )
-        if settings.likelihood_span == "final" and settings.query_scoring != "likelihood":
-            raise ConfigError(
-                "method.likelihood_span=final chooses the gold tokens a likelihood score "
-                "averages over; it needs method.query_scoring=likelihood."
-            )
-        released = settings._released_switches(get, positive, choice)
-        return released._accumulation(choice)._leave_one_out(get("leave_one_out"))
-
-    def _accumulation(self, choice: Any) -> Settings:
-        """The attribution switches, checked against what they need."""
-        fields = {
-            "attention_correction": choice("attention_correction", ATTENTION_CORRECTIONS),
-            "query_baseline": choice("query_baseline", QUERY_BASELINES),
-            "aggregation": choice("aggregation", AGGREGATIONS),
-            "likelihood_score": choice("likelihood_score", LIKELIHOOD_SCORES),
-        }
-        changed = [k for k, v in fields.items() if v != Settings.__dataclass_fields__[k].default]
-        if changed and self.score_arithmetic == "float16":
-            raise ConfigError(
-                f"method.{changed[0]}={fields[changed[0]]} re-reads the episode log in float64; "
-                "method.score_arithmetic=float16 reproduces the released accumulation as it is. "
-                "Set one of them back to its default."
-            )
-        if fields["attention_correction"] == "position" and not self.attention_weighting:
-            raise ConfigError(
-                "method.attention_correction=position corrects the attention weights, but "
-                "method.attention_weighting=false uses none; set attention_weighting=true or "
-                "attention_correction=none."
-            )
-        if fields["likelihood_score"] != "probability" and self.query_scoring != "likelihood":
-            raise ConfigError(
-                f"method.likelihood_score={fields['likelihood_score']} reads teacher-forced gold "
-                "answers; it needs method.query_scoring=likelihood."
-            )
-        if fields["query_baseline"] == "zero_shot" and self.query_layout != "separate":
-            raise ConfigError(
-                "method.query_baseline=zero_shot scores each query again without "
-                "demonstrations, which is one row only in the separate layout; set "
-                "method.query_layout=separate."
-            )
-        return replace(self, **fields)
-
-    def _leave_one_out(self, value: Any) -> Settings:
-        """Leave-one-out credits each demonstration with its own with-minus-without effect, so
-        nothing is shared out by attention and a query's difficulty cancels in the pair."""
-        if not isinstance(value, bool):
-            raise ConfigError(f"method.leave_one_out={value!r} must be true or false.")
-        if not value:
-            return self
-        needs = {
-            "query_scoring": ("likelihood", "it scores each query twice by teacher forcing"),
-            "query_layout": ("separate", "each query row must be its own to hide a demo from"),
-            "attention_weighting": (False, "each demonstration's effect is measured, not shared"),
-            "attention_correction": ("none", "there are no attention weights to correct"),
-            "query_baseline": ("none", "a query's baseline cancels in the with/without pair"),
-            "aggregation": ("mean", "the effects are per demonstration already"),
-        }
-        for key, (wanted, why) in needs.items():
-            if getattr(self, key) != wanted:
-                shown = str(wanted).lower() if isinstance(wanted, bool) else wanted
-                raise ConfigError(
-                    f"method.leave_one_out=true needs method.{key}={shown} ({why}); it is "
-                    f"{getattr(self, key)}."
-                )
-        if self.prompt_style == "released" or self.score_arithmetic == "float16":
-            raise ConfigError(
-                "method.leave_one_out=true is a dwbench variant; set method.prompt_style=dwbench "
-                "and method.score_arithmetic=float64."
-            )
-        return replace(self, leave_one_out=True)
-
-    def _released_switches(self, get: Any, positive: Any, choice: Any) -> Settings:
-        """The switches between dwbench's default and the released code, checked together."""
-        style = choice("prompt_style", PROMPT_STYLES)
-        fields: dict[str, Any] = {
-            "prompt_style": style,
-            "score_arithmetic": choice("score_arithmetic", SCORE_ARITHMETICS),
-            "failed_episodes": choice("failed_episodes", FAILED_EPISODES),
-        }
-        if style == "released":
-            needs = {
-                "query_layout": "joint",
-                "query_scoring": "generate",
-                "attention_span": "query_block",
-            }
-            for key, value in needs.items():
-                if getattr(self, key) != value:
-                    raise ConfigError(
-                        f"method.prompt_style=released answers every query in one generated "
-                        f"completion read over the query block: set method.{key}={value} "
-                        f"(it is {getattr(self, key)})."
-                    )
-            if self.instruction is not None:
-                raise ConfigError(
-                    "method.instruction is set, but method.prompt_style=released uses the "
-                    "released instruction; set method.instruction=null."
-                )
-            family, dataset = get("prompt_family"), get("prompt_dataset")
-            from dwbench.methods.data_whisperer.released import ReleasedPrompts
-
-            ReleasedPrompts.load(str(family), str(dataset))  # both checked, with the fix
-            fields.update(
-                prompt_family=str(family),
-                prompt_dataset=str(dataset),
-                max_token=positive("max_token", get("max_token")),
-                parallel_batches=positive("parallel_batches", get("parallel_batches")),
-            )
-        return replace(self, **fields)
-
-    def result_fields(self) -> dict[str, Any]:
-        """What decides the scores: everything except the runtime batch size."""
-        fields = asdict(self)
-        del fields["prompts_per_call"]
-        defaults = Settings.__dataclass_fields__
-        for key in _SWITCHES:  # at their defaults they leave the plan's id as it was before them
-            if fields[key] == defaults[key].default:
-                del fields[key]
-        for key in READING_SWITCHES:  # they decide the scores, not the episodes
-            del fields[key]
-        return fields
-
-    def accumulation(self) -> dict[str, str]:
-        """The switches `accumulate` takes."""
-        return {key: getattr(self, key) for key in ACCUMULATION_SWITCHES}
-
-    def episodes_per_call(self, device: str) -> int:
-        if self.prompt_style == "released":
-            return self.parallel_batches
-        if self.prompts_per_call is not None:
-            return self.prompts_per_call
-        defaults = EPISODES_PER_CALL.get(device.split(":")[0], EPISODES_PER_CALL["cpu"])
-        return defaults[self.query_scoring]
-
-
-class DataWhisperer:
+>>>>>>> split-files
     """Data Whisperer's scoring; `stats` holds the run's diagnostics after `score`.
 
     attention_layer, episodes, truncated_episodes / dropped_demonstrations / skipped_episodes
@@ -538,106 +258,6 @@ class DataWhisperer:
         load_s = self._run(pool, queries, episodes, log) if pending else 0.0
         return log, load_s, resumed
 
-    def _scores(
-        self,
-        pool: list[Example],
-        plan: list[Episode],
-        done: Mapping[int, dict[str, Any]],
-        zero_shot: Mapping[str, float] | None = None,
-    ) -> pd.DataFrame:
-        """Accumulate the episodes' records in plan order into the pool's scores."""
-        s = self.settings
-        records = [done[e.index] for e in plan]
-        index = {ex.id: i for i, ex in enumerate(pool)}
-        counted = [
-            r
-            for r in records
-            if r["demo_ids"] and not (s.failed_episodes == "skip" and r["parse_failures"] > 0)
-        ]
-        contributions = []
-        for r in counted:
-            values = self._query_values(r)
-            score = r["score"] if s.likelihood_score == "probability" else float(np.mean(values))
-            contributions.append(
-                Contribution(
-                    [index[i] for i in r["demo_ids"]],
-                    score,
-                    r["attention"],
-                    r.get("query_ids", ()),
-                    values,
-                    self._effects(r, values) if s.leave_one_out else None,
-                )
-            )
-        table = accumulate(
-            len(pool), contributions, s.attention_weighting, zero_shot=zero_shot, **s.accumulation()
-        )
-        if s.score_arithmetic == "float16":
-            table.score, _ = accumulate_float16(
-                len(pool),
-                (
-                    (
-                        [index[i] for i in r["demo_ids"]],
-                        r["query_scores"],
-                        r["attention"] if s.attention_weighting else [1.0] * len(r["demo_ids"]),
-                    )
-                    for r in counted
-                ),
-            )
-        self.stats = _summarise(records, table, len(pool), s.n_queries)
-        self.stats.update(
-            attention_layer=float(records[0]["attention_layer"]),
-            episodes_per_call=float(s.episodes_per_call(self.context.device)),
-        )
-        if s.episode_order == "random" and s.passes >= 2:
-            per_pass = len(plan) // s.passes  # the plan lists its passes one after another
-            passes = {e.index: e.index // per_pass for e in plan}
-            self.stats["split_half_reliability"] = split_half_reliability(
-                len(pool),
-                contributions,
-                [passes[int(r["episode"])] for r in counted],
-                s.attention_weighting,
-                zero_shot=zero_shot,
-                **s.accumulation(),
-            )
-        self.params = {
-            "query_layout": s.query_layout,
-            "query_scoring": s.query_scoring,
-            **({"generation": GREEDY} if s.query_scoring == "generate" else {}),
-        }
-        self._single_score = float(table.score[0])
-        return pd.DataFrame(
-            {
-                "id": [ex.id for ex in pool],
-                "score": table.score,
-                "appearances": table.appearances,
-                "mean_episode_score": table.mean_episode_score,
-                "mean_weight": table.mean_weight,
-            }
-        )
-
-    def _query_values(self, record: Mapping[str, Any], prefix: str = "") -> list:
-        """A record's per-query values as `likelihood_score` reads them (`prefix="blind_"`:
-        per demonstration, its queries' values with that demonstration hidden)."""
-        if self.settings.likelihood_score == "probability":
-            return list(record.get(f"{prefix}query_scores", ()))
-        if f"{prefix}query_log_probs" not in record:
-            raise DataError(
-                "method.likelihood_score=log_probability reads each query's log-probability, "
-                "which this episode log lacks (written by an older dwbench): score it again."
-            )
-        return list(record[f"{prefix}query_log_probs"])
-
-    def _effects(self, record: Mapping[str, Any], values: Sequence[float]) -> list[float]:
-        """Per demonstration: mean over the episode's queries of value with it - without it."""
-        blind = self._query_values(record, "blind_")
-        if len(blind) != len(record["demo_ids"]):
-            raise DataError(
-                f"episode {record['episode']} has no leave-one-out rows for each of its "
-                "demonstrations (a log written without method.leave_one_out?): score it again."
-            )
-        full = np.asarray(values, dtype=np.float64)
-        return [float(np.mean(full - np.asarray(b, dtype=np.float64))) for b in blind]
-
     def _zero_shot(
         self, queries: list[Example], plan: list[Episode], plan_id: str, work_dir: Path
     ) -> float:
@@ -695,13 +315,6 @@ class DataWhisperer:
         finally:
             runner.close()
         return load_s
-
-    def _zero_shot_scores(self, work_dir: Path, plan_id: str) -> dict[str, float] | None:
-        """query id -> zero-shot value as `likelihood_score` reads it; None unless asked for."""
-        if self.settings.query_baseline != "zero_shot":
-            return None
-        records = read_episode_log(work_dir / ZERO_SHOT_FILE, plan_id)
-        return {r["query_id"]: self._query_values(r)[0] for r in records.values()}
 
     def _report(self) -> None:
         logger.info("Data Whisperer: %s", ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
@@ -908,46 +521,6 @@ class DataWhisperer:
                 log.append(new)
                 progress.update(len(new))
 
-    def _released_record(
-        self,
-        episode: Episode,
-        query_records: list[dict[str, str]],
-        out: ReleasedOutput | None,
-        pool: list[Example],
-        queries: list[Example],
-        prompts: ReleasedPrompts,
-    ) -> dict[str, Any]:
-        """One episode's log line, as the released code scores it: more answers than queries
-        are cut to the first ones; fewer fail the episode (every query unanswered)."""
-        references = [prompts.reference_of(r) for r in query_records]
-        predictions = [] if out is None else out.predictions
-        failed = len(predictions) < len(references)
-        metrics = [prompts.score(p, r) for p, r in zip(predictions, references, strict=False)]
-        scores = [0.0] * len(references) if failed else metrics
-        return {
-            "episode": episode.index,
-            "attention_layer": self.layer,
-            "demo_ids": [pool[i].id for i in episode.demos],
-            "dropped": 0,
-            "query_ids": [queries[i].id for i in episode.queries],
-            "completions": [] if out is None else [out.generated_text],
-            "predictions": predictions,
-            "references": references,
-            "query_scores": scores,
-            "correct": [m == 1.0 for m in scores] if prompts.numbers else [],
-            "score": float(np.mean(scores)),
-            "parse_failures": len(references) if failed else 0,
-            "failed": failed,
-            "attention": [] if out is None else out.attention,
-            "new_tokens": 0 if out is None else len(out.generated_ids),
-            "complete": out is not None and not out.hit_cap,
-            "hit_cap": out is not None and out.hit_cap,
-            "max_new_tokens": 0 if out is None else out.max_new_tokens,
-            "prompt_token_ids": [] if out is None else out.prompt_ids,
-            "generated_token_ids": [] if out is None else out.generated_ids,
-            "seconds": 0.0 if out is None else out.seconds,
-        }
-
     def _stop_factory(self) -> Any:
         if self.settings.query_layout == "separate":
             return lambda: SeparateStop(self.numeric)
@@ -984,93 +557,6 @@ class DataWhisperer:
                 return demos, encoded
             demos.pop()
         return [], None
-
-    def _query_scores(
-        self, out: EpisodeOutput, queries: Sequence[Example]
-    ) -> tuple[list[float], int, list[bool | None], list[str | None], list[float] | None]:
-        """Per-query scores, parse failures, whether each query was answered right, completions
-        and, for likelihood, each gold span's log-probability."""
-        if self.settings.query_scoring == "likelihood":  # one row per query, in query order
-            rows = out.rows
-            final = self.settings.likelihood_span == "final"
-            probs = [p for row in rows for p in (row.final_probs if final else row.gold_probs)]
-            correct = [m for row in rows for m in row.number_match]
-            log_probs = [float(np.sum(np.log(np.asarray(p, dtype=np.float64)))) for p in probs]
-            return [float(np.mean(p)) for p in probs], 0, correct, [], log_probs
-        completions = [row.text for row in out.rows]
-        if self.settings.query_layout == "separate":
-            answers = [separate_answer(text) for text in completions]
-        else:  # the completion continues the pre-filled "Answer 1:"
-            answers = split_answers(joint_reply(completions[0]), len(queries), self.numeric)
-        scores, failures, correct = [], 0, []
-        for answer, query in zip(answers, queries, strict=True):
-            if answer_failed(answer, self.numeric):
-                scores.append(0.0)
-                failures += 1
-            else:
-                scores.append(float(self.metric(answer.strip(), query.references)))
-            correct.append(scores[-1] == 1.0 if self.numeric else None)
-        return scores, failures, correct, list(completions), None
-
-    def _blind_scores(
-        self, rows: Sequence[RowOutput], queries: Sequence[Example], n_demos: int
-    ) -> dict[str, list[list[float]]]:
-        """The leave-one-out rows read per hidden demonstration: `blind_query_scores[i]` and
-        `blind_query_log_probs[i]` are the queries' values without demonstration i."""
-        n = len(queries)
-        if len(rows) != n * n_demos:
-            raise DwbenchError(
-                f"expected {n * n_demos} leave-one-out rows ({n_demos} demonstrations x {n} "
-                f"queries), got {len(rows)}"
-            )
-        scores, log_probs = [], []
-        for i in range(n_demos):
-            part = EpisodeOutput([], list(rows[i * n : (i + 1) * n]))
-            values, _, _, _, logs = self._query_scores(part, queries)
-            scores.append(values)
-            log_probs.append(logs)
-        return {"blind_query_scores": scores, "blind_query_log_probs": log_probs}
-
-    def _record(
-        self,
-        episode: Episode,
-        kept: list[int],
-        out: EpisodeOutput | None,
-        pool: list[Example],
-        queries: list[Example],
-    ) -> dict[str, Any]:
-        """One episode's log line: everything accumulation and the statistics need."""
-        query_examples = [queries[i] for i in episode.queries]
-        log_probs: list[float] | None = None
-        blind: dict[str, list[list[float]]] = {}
-        if out is None:
-            scores, failures, correct, completions = [0.0] * len(query_examples), 0, [], []
-        else:
-            n = len(query_examples)
-            if self.settings.leave_one_out:  # rows: the n queries, then n per hidden demo
-                blind = self._blind_scores(out.rows[n:], query_examples, len(kept))
-                out = EpisodeOutput(out.attention, out.rows[:n], out.seconds)
-            scores, failures, correct, completions, log_probs = self._query_scores(
-                out, query_examples
-            )
-        return {
-            "episode": episode.index,
-            "attention_layer": self.layer,
-            "demo_ids": [pool[i].id for i in kept],
-            "dropped": len(episode.demos) - len(kept),
-            "query_ids": [q.id for q in query_examples],
-            "completions": completions,
-            "query_scores": scores,
-            **({} if log_probs is None else {"query_log_probs": log_probs}),
-            **blind,
-            "correct": correct,
-            "score": float(np.mean(scores)),
-            "parse_failures": failures,
-            "attention": [] if out is None else out.attention,
-            "new_tokens": 0 if out is None else sum(row.new_tokens for row in out.rows),
-            "complete": out is not None and all(row.complete for row in out.rows),
-            "seconds": 0.0 if out is None else out.seconds,
-        }
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -1115,28 +601,3 @@ def _check_final_answers(queries: Sequence[Example]) -> None:
 def _batches(items: Sequence[Episode], size: int) -> Iterator[Sequence[Episode]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _summarise(
-    records: Sequence[dict[str, Any]], table: ScoreTable, n_pool: int, n_queries: int
-) -> dict[str, float]:
-    """Run diagnostics for the score stage's log; rates are over all episodes of the plan."""
-    ran = [r for r in records if r["demo_ids"]]
-    answers = max(len(ran) * n_queries, 1)
-    correct = [c for r in ran for c in r["correct"] if c is not None]
-    accuracy = {"query_accuracy": float(np.mean(correct))} if correct else {}
-    return {
-        **accuracy,
-        "episodes": float(len(records)),
-        "truncated_episodes": float(sum(r["dropped"] > 0 for r in records)),
-        "skipped_episodes": float(len(records) - len(ran)),
-        "dropped_demonstrations": float(sum(r["dropped"] for r in records)),
-        "parse_failure_rate": sum(r["parse_failures"] for r in ran) / answers,
-        "capped_episodes": float(sum(not r["complete"] for r in ran)),
-        "generated_tokens_per_episode": float(np.mean([r["new_tokens"] for r in ran] or [0])),
-        "seconds_per_episode": float(np.mean([r["seconds"] for r in ran] or [0])),
-        "mean_episode_score": float(np.mean([r["score"] for r in ran] or [0])),
-        "unscored_examples": float(np.sum(table.appearances == 0)),
-        "distinct_scores": float(len(np.unique(table.score))),
-        "pool_size": float(n_pool),
-    }
