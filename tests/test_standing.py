@@ -101,7 +101,7 @@ def test_committed_snapshots_count_each_cell_once(tmp_path: Path) -> None:
     assert len(from_table) == settings
     assert rows.duplicated(["method", "cells"]).sum() == 0
     table = standing.summary(rows).set_index("method")
-    assert table.loc["Oracle (clean only)", "win"] >= 1  # README: +9.7 and +7.2 at 5% and 10%
+    assert table.loc["Oracle (clean only)", "win"] >= 1  # docs/embedded-task.md: +9.7, +7.2
     assert (table[["win", "tie", "loss"]].sum(axis=1) <= table["settings"]).all()
     assert (
         standing.main(["--results", str(RESULTS), "--out-dir", str(tmp_path), "--resamples", "500"])

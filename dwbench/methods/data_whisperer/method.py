@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 ZERO_SHOT_ROWS_PER_CALL = 8  # zero-shot rows are short; a runtime choice, not in any key
 
 
->>>>>>> split-files
+class DataWhisperer(EpisodeRecords, LogScores):
     """Data Whisperer's scoring; `stats` holds the run's diagnostics after `score`.
 
     attention_layer, episodes, truncated_episodes / dropped_demonstrations / skipped_episodes

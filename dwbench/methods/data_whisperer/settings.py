@@ -34,7 +34,7 @@ SCORE_ARITHMETICS = ("float64", "float16")
 FAILED_EPISODES = ("score_zero", "skip")
 MAX_PASSES = 1000  # a typo's bound: 1,000 passes of a 200-example pool are 20,000 episodes
 # Episodes per batch when method.runtime.prompts_per_call is null, by device type and scoring.
-# cpu: measured on 2 cores with `python -m dwbench.bench selection` (README, "Data Whisperer"):
+# cpu: measured on 2 cores with `python -m dwbench.bench selection` (docs/data-whisperer.md):
 # decoding reads every weight once per step whatever the batch, so more rows per step pay off,
 # while a teacher-forced pass is compute-bound and only pays for padding when batched.
 # cuda / mps: stated, not measured here (room for 32 episodes of ~1.5k tokens with an 8B
