@@ -37,7 +37,7 @@ install-gemma: install
 # The default run: Random, Data Whisperer and the clean-data oracle on the embedded default at
 # the default budget, then each one's difference to Random with its bootstrap interval.
 demo: install
-	$(PY) -m dwbench.demo $(ARGS)
+	$(PY) -m dwbench.bench demo $(ARGS)
 
 # Two pytest workers, one test file each at a time (a file's fixtures, such as the local SLURM
 # cluster, stay in one process), longest files first (tests/conftest.py orders them);

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from dwbench.keys import result_identity, stable_hash, task_identity
+from dwbench.content_hash import result_identity, stable_hash, task_identity
 from dwbench.models import model_identity
 
 

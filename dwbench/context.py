@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dwbench.artifacts import ArtifactStore
-from dwbench.keys import stable_hash, task_identity
+from dwbench.content_hash import stable_hash, task_identity
 from dwbench.tracking import Tracker
 
 ZERO_SHOT_METHOD = "zero_shot"  # what a budget-0 cell is called in tags, snapshots, paper rows

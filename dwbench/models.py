@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dwbench.content_hash import stable_hash, to_plain
 from dwbench.errors import ConfigError, DwbenchError
-from dwbench.keys import stable_hash, to_plain
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

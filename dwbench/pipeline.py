@@ -24,7 +24,7 @@ from dwbench.errors import ConfigError
 from dwbench.methods.registry import check_method
 from dwbench.models import preflight, resolve_device
 from dwbench.stages import evaluate, keys, log, prepare, score, select, train
-from dwbench.stages.records import Prepared, Summary
+from dwbench.stages.outputs import Prepared, Summary
 from dwbench.tracking import ReadOnlyTracker, StageRun, Tracker
 from dwbench.validate import check_method_options, validate_config
 

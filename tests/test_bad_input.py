@@ -91,7 +91,7 @@ def _command(
     )
 
 
-@pytest.mark.parametrize("module", ["dwbench.plan", "dwbench.status"])
+@pytest.mark.parametrize("module", ["dwbench.sweep.plan", "dwbench.sweep.status"])
 def test_sweep_commands_refuse_a_typo_the_run_refuses(module, tmp_path, cache_dir) -> None:
     """The issue's case: `plan` wrote a line per cell carrying `+buget`, each job failing at start
     (the grid's size is test_experiments' to check)."""
@@ -109,7 +109,7 @@ def test_plan_names_the_one_cell_whose_method_refuses_its_options(tmp_path, cach
     the other methods: the cell refused is Data Whisperer's, by its own check."""
     results = tmp_path / "results"
     args = ["+experiment=embedded_table2", "seed=0", "budget=0.5", "task.pool_limit=12"]
-    done = _command("dwbench.plan", [*args, f"results_dir={results}"], tmp_path, cache_dir)
+    done = _command("dwbench.sweep.plan", [*args, f"results_dir={results}"], tmp_path, cache_dir)
     assert done.returncode == 2, done.stderr[-2000:]
     refused = r"dwbench: cell \d+ of \d+ \([^)]*method=data_whisperer\b[^)]*\): method.n_demos"
     assert re.search(refused, done.stderr), done.stderr[-2000:]
@@ -127,7 +127,7 @@ def test_plan_on_a_read_only_results_folder_says_so_in_one_line(tmp_path, cache_
         if subprocess.run(["mount", "-o", "remount,bind,ro", str(view)]).returncode:
             pytest.skip("read-only remounts are not allowed here")
         args = ["+experiment=embedded_table2", "method=random", "seed=0", "budget=0.1"]
-        done = _command("dwbench.plan", [*args, f"results_dir={view}"], tmp_path, cache_dir)
+        done = _command("dwbench.sweep.plan", [*args, f"results_dir={view}"], tmp_path, cache_dir)
     finally:
         subprocess.run(["umount", str(view)])
     assert done.returncode == 1, done.stderr[-2000:]
@@ -150,7 +150,7 @@ def test_submit_refuses_a_plan_line_the_run_would_refuse(tmp_path, cache_dir) ->
     (tmp_path / "plan.json").write_text(
         json.dumps({**meta, "cells": [{**cell, "gpu_memory_gb": 2, "step": "cells"}]})
     )
-    done = _command("dwbench.submit", [str(plan), "--dry-run"], tmp_path, cache_dir)
+    done = _command("dwbench.sweep.submit", [str(plan), "--dry-run"], tmp_path, cache_dir)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"dwbench: {plan} line 1 (" in done.stderr and "Did you mean: budget?" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "submissions").exists()
@@ -175,7 +175,7 @@ def test_submit_names_a_damaged_plan(tmp_path: Path) -> None:
     plan.write_text("abc method=random\n")
     (tmp_path / "plan.json").write_text('{"name": "x", "cells": [{"key": ')
     done = subprocess.run(
-        [sys.executable, "-m", "dwbench.submit", str(plan)],
+        [sys.executable, "-m", "dwbench.sweep.submit", str(plan)],
         cwd=REPO,
         env=os.environ,
         capture_output=True,

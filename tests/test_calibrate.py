@@ -13,8 +13,8 @@ import pytest
 from test_cli import REPO, tiny_overrides
 
 from dwbench import calibrate
-from dwbench.calibrate import Setting, choose, reference_cells
-from dwbench.measure import Measured, versus_random
+from dwbench.bench.calibrate import Setting, choose, reference_cells
+from dwbench.bench.measure import Measured, versus_random
 from dwbench.sweep.grid import load_sweep
 
 
@@ -169,7 +169,7 @@ def test_demo_compares_each_method_with_random(tmp_path, tiny_llama_dir, cache_d
     results = tmp_path / "results"
     env = {**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     done = forked_cli.run(
-        [sys.executable, "-m", "dwbench.demo", f"results_dir={results}"]
+        [sys.executable, "-m", "dwbench.bench", "demo", f"results_dir={results}"]
         + tiny_overrides(tiny_llama_dir),
         cwd=REPO,
         env=env,

@@ -121,7 +121,7 @@ def _set_files(folder: Path, files: Any) -> None:
 
 def _status(cell: list[str], results: Path, cache_dir: Path) -> Any:
     return forked_cli.run(
-        [sys.executable, "-m", "dwbench.status", *cell, f"results_dir={results}"],
+        [sys.executable, "-m", "dwbench.sweep.status", *cell, f"results_dir={results}"],
         cwd=REPO,
         env={**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
         timeout=300,
@@ -134,7 +134,7 @@ def test_a_prepared_folder_not_holding_the_data_is_prepared_again(
 ) -> None:
     """Its marker must name it and record the data's fingerprint, and its files must hold the
     data loaded: before, `{}` was trusted (later stages used the loaded pool, evaluation the
-    folder's files) and `dwbench.status` failed with KeyError: 'fingerprint'."""
+    folder's files) and `dwbench.sweep.status` failed with KeyError: 'fingerprint'."""
     folder = _only(finished, "prepare")
     _cut(folder / "pool.jsonl", 10)
     if damage == "marker {}":

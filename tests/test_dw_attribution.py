@@ -269,7 +269,7 @@ def _tiny_selector(folder: Path) -> list[str]:
 
 def test_the_bench_on_a_tiny_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Two variants share one episode log; reliability is the split halves' Spearman."""
-    from dwbench.bench import main
+    from dwbench.bench.__main__ import main
 
     small = "method=data_whisperer_likelihood,method.episode_order=random,method.passes=2"
     small += ",method.n_demos=3,method.n_queries=2"
@@ -348,7 +348,8 @@ def test_one_shot_episodes_against_zero_shot_are_paired_log_probability_effects(
     the logged values equal a plain forward pass, and the scores are their means."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dwbench.bench import auroc, compose, main
+    from dwbench.bench.__main__ import main
+    from dwbench.bench.common import auroc, compose
     from dwbench.data.loading import load_task
 
     one = "method=data_whisperer_likelihood,method.n_demos=1,method.n_queries=2"
@@ -411,7 +412,8 @@ def test_leave_one_out_effects_are_with_minus_without_each_demonstration(
     episodes' queries; its split-half reliability is recomputed from the log."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dwbench.bench import auroc, compose, main
+    from dwbench.bench.__main__ import main
+    from dwbench.bench.common import auroc, compose
     from dwbench.data.loading import load_task
 
     loo = "method=data_whisperer_likelihood,method.n_demos=2,method.n_queries=2"

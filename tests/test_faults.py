@@ -313,7 +313,7 @@ def test_a_read_only_results_folder_serves_finished_results(tmp_path: Path, cach
         assert missing.returncode == 2
         assert "must be computed, but" in missing.stderr and "Traceback" not in missing.stderr
         status = forked_cli.run(
-            [sys.executable, "-m", "dwbench.status", *cell, f"results_dir={view}"],
+            [sys.executable, "-m", "dwbench.sweep.status", *cell, f"results_dir={view}"],
             cwd=REPO,
             env={**os.environ, "DWBENCH_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
             timeout=300,

@@ -89,7 +89,7 @@ def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
     predictions = [json.loads(line)["prediction"] for line in samples.splitlines()]
     assert len(predictions) == 2 and all(p.strip() for p in predictions)
     plan = subprocess.run(
-        [sys.executable, "-m", "dwbench.plan", "method=random", "seed=0,1"],
+        [sys.executable, "-m", "dwbench.sweep.plan", "method=random", "seed=0,1"],
         cwd=empty,
         env=env,
         capture_output=True,
@@ -99,7 +99,7 @@ def test_an_installed_copy_runs_the_embedded_default_from_an_empty_folder(
     assert plan.returncode == 0, plan.stderr[-3000:]
     (plan_file,) = (empty / "results" / "sweeps").glob("*/plan.txt")
     dry = subprocess.run(
-        [sys.executable, "-m", "dwbench.submit", str(plan_file), "--dry-run"],
+        [sys.executable, "-m", "dwbench.sweep.submit", str(plan_file), "--dry-run"],
         cwd=empty,
         env=env,
         capture_output=True,
@@ -135,7 +135,7 @@ def test_the_wheel_ships_every_tracked_config_and_no_machine_settings(tmp_path: 
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("dwbench-*.whl")
-    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("conf/")}
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("dwbench/conf/")}
     tracked = subprocess.run(
         ["git", "ls-files", "conf"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()

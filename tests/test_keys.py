@@ -5,7 +5,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from dwbench.keys import result_identity, stable_hash, stage_key
+from dwbench.content_hash import result_identity, stable_hash, stage_key
 
 TASK = {"name": "gsm8k", "path": "/data/a", "metric": "exact_match_number", "pool_limit": 100}
 
@@ -34,7 +34,8 @@ def test_key_same_for_omegaconf_and_plain_and_key_order() -> None:
 
 def test_key_stable_across_processes() -> None:
     code = (
-        f"from dwbench.keys import stage_key;print(stage_key('prepare', task={TASK!r}, data='f1'))"
+        "from dwbench.content_hash import stage_key;"
+        f"print(stage_key('prepare', task={TASK!r}, data='f1'))"
     )
     outputs = {
         subprocess.run(
@@ -51,7 +52,7 @@ def test_key_stable_across_processes() -> None:
 
 def test_a_switch_at_its_neutral_value_leaves_keys_as_they_were() -> None:
     """method.leave_one_out arrived after cells were logged: false keeps their keys."""
-    from dwbench.keys import result_identity
+    from dwbench.content_hash import result_identity
 
     before = {"n_demos": 1, "runtime": {"prompts_per_call": 4}}
     assert result_identity({**before, "leave_one_out": False}) == result_identity(before)

@@ -343,7 +343,7 @@ def _write_reference(folder: Path, records: list[dict], log: list[dict], scores:
 def test_parity_command_passes_on_a_matching_reference_and_fails_on_a_changed_one(
     released_run: Any, tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from dwbench.bench import main
+    from dwbench.bench.__main__ import main
 
     records, _, scores, run_dir = released_run
     log = [

@@ -28,7 +28,7 @@ from dwbench.report.frame import WHOLE, ZERO_SHOT
 from dwbench.report.paper import Paper
 from dwbench.report.table_render import Entry, format_entry
 from dwbench.stages import prepare
-from dwbench.sweep.progress import stage_keys
+from dwbench.stages.keys import cell_keys
 from dwbench.tracking import Tracker
 
 GRID = ["method=random,data_whisperer", "budget=0.05,0.1", "seed=0,1"]
@@ -77,7 +77,7 @@ def fake_sweep(
         c = cell.cfg
         method, seed = str(c.method.name), int(c.seed)
         method = "zero_shot" if float(c.budget) == 0.0 else method
-        key = stage_keys(c, prepared.key)["evaluate"]
+        key = cell_keys(c, prepared.key)["evaluate"]
         samples = [{"id": ex, "prediction": "", "score": correct(c, i)} for i, ex in enumerate(ids)]
         score = float(np.mean([s["score"] for s in samples]))
         with store.writing("evaluate", key) as (out, marker):

@@ -17,9 +17,10 @@ from dwbench import plan as plan_command
 from dwbench import status as status_command
 from dwbench import submit as submit_command
 from dwbench.errors import DwbenchError
+from dwbench.stages.keys import cell_keys
 from dwbench.sweep import slurm
 from dwbench.sweep.grid import load_sweep
-from dwbench.sweep.progress import cell_progress, prepared_keys, stage_keys, store_runs
+from dwbench.sweep.progress import cell_progress, prepared_keys, store_runs
 from dwbench.tracking import Tracker
 
 
@@ -77,7 +78,7 @@ def test_plan_lists_exactly_the_missing_cells_with_an_estimate(swept) -> None:
 
 def test_a_failed_stage_run_makes_the_cell_failed_and_planned_again(swept) -> None:
     cell = load_sweep([*swept, "budget=0.75"], progress=False).cells[0]
-    keys = stage_keys(cell.cfg, prepared_keys(cell.cfg)[-1])
+    keys = cell_keys(cell.cfg, prepared_keys(cell.cfg)[-1])
     results = Path(str(cell.cfg.results_dir))
     tracker = Tracker(str(cell.cfg.tracking.uri), str(cell.cfg.tracking.experiment), results)
     with pytest.raises(RuntimeError), tracker.stage_run("train", keys["train"], {}, {}):

@@ -72,14 +72,20 @@ def split_folder(
     return {name: len(rows) for name, rows in splits.items()}
 
 
+def parser() -> argparse.ArgumentParser:
+    command = argparse.ArgumentParser(
+        prog="python -m dwbench.data.pool_from_test", description=__doc__.split("\n")[0]
+    )
+    command.add_argument("source", type=Path, help="folder with validation.json and test.json")
+    command.add_argument("out", type=Path, help="folder to write (outside the repository)")
+    command.add_argument("--queries", type=int, default=100, help="validation records as queries")
+    command.add_argument("--seed", type=int, default=0, help="seeds which records are queries")
+    command.add_argument("--key", default="dialogue", help="field whose repeats are one example")
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("source", type=Path, help="folder with validation.json and test.json")
-    parser.add_argument("out", type=Path, help="folder to write (outside the repository)")
-    parser.add_argument("--queries", type=int, default=100, help="validation records as queries")
-    parser.add_argument("--seed", type=int, default=0, help="seeds which records are queries")
-    parser.add_argument("--key", default="dialogue", help="field whose repeats are one example")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         counts = split_folder(args.source, args.out, args.queries, args.seed, args.key)
     except DataError as error:

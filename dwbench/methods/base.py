@@ -27,6 +27,14 @@ class CellData(Protocol):
     clean_flags: dict[str, bool] | None
 
 
+@dataclass(frozen=True)
+class GivenData:
+    """Queries (and clean flags) that a benchmark hands a method outside a pipeline cell."""
+
+    queries: list[Example] | None
+    clean_flags: dict[str, bool] | None = None
+
+
 @dataclass
 class ScoringContext:
     """Everything a method may use besides the pool."""
@@ -51,21 +59,26 @@ class ScoringContext:
         cls,
         cfg: Mapping[str, Any],
         data: CellData,
-        device: str,
-        cache_dir: Path,
         work_dir: Path,
+        *,
+        device: str | None = None,
+        cache_dir: Path | None = None,
         fine_tune: Callable[..., Any] | None = None,
     ) -> ScoringContext:
-        """A composed cell's method context: its method, task, selector and seed from `cfg`, its
-        queries and clean flags (read by reference methods only) from `data`."""
+        """The one way to build a method's context: its method, task, selector and seed from the
+        composed `cfg`, its queries and clean flags (read by reference methods only) from `data`
+        (a cell's prepared data, or `GivenData` for a benchmark's own). Device and cache folder
+        default to the config's (`device`, `cache_dir`)."""
+        from dwbench.models import resolve_device
+
         return cls(
             method_cfg=cfg["method"],
             task_cfg=cfg["task"],
             selector_cfg=cfg["selector_model"],
             queries=data.queries,
             seed=int(cfg["seed"]),
-            device=device,
-            cache_dir=Path(cache_dir),
+            device=device or resolve_device(str(cfg["device"])),
+            cache_dir=Path(cache_dir or Path(str(cfg["cache_dir"])).expanduser()),
             work_dir=Path(work_dir),
             fine_tune=fine_tune,
             clean_flags=data.clean_flags,

@@ -159,7 +159,7 @@ class LESS:
         if len(pool_features[0]) != len(pool):
             raise DwbenchError(
                 f"LESS features hold {len(pool_features[0])} pool examples, not {len(pool)}: "
-                "score the missing shard again (python -m dwbench.plan lists it)."
+                "score the missing shard again (python -m dwbench.sweep.plan lists it)."
             )
         scores = less_scores(pool_features, target_features, lrs).numpy().astype(float)
         for j, position in enumerate(target_positions):  # a target is not its own evidence

@@ -38,7 +38,9 @@ def merge_parts(pool: list[Example], folders: list[Path]) -> dict[str, np.ndarra
     for folder in folders:
         path = folder / PART_FILE
         if not path.is_file():
-            raise DataError(f"{path} is missing: score its shard again (python -m dwbench.plan).")
+            raise DataError(
+                f"{path} is missing: score its shard again (python -m dwbench.sweep.plan)."
+            )
         with np.load(path) as part:
             ids = [str(i) for i in part[IDS]]
             unknown = [i for i in ids if i not in position]
@@ -62,7 +64,7 @@ def merge_parts(pool: list[Example], folders: list[Path]) -> dict[str, np.ndarra
         raise DataError(
             f"the score shards in {folders[0].parent} do not cover the pool once: missing "
             f"{missing[:3]} ({len(missing)}), twice {twice[:3]} ({len(twice)}); score the "
-            "missing shard again (python -m dwbench.plan lists it)."
+            "missing shard again (python -m dwbench.sweep.plan lists it)."
         )
     return merged
 

@@ -20,58 +20,60 @@ from dwbench.errors import DwbenchError
 PROG = "python -m dwbench.report"
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    command = argparse.ArgumentParser(
         prog=PROG,
         description=__doc__.split("\n\n", 1)[1],
         epilog=f"Example: {PROG} embedded_table2 budget=0.1 seed=0 --allow-missing",
     )
-    parser.add_argument(
+    command.add_argument(
         "experiment",
         help=(
             "a conf/experiment preset: table1..table6, fig3, their embedded_* twins, "
             "*_reference, *_zero_shot"
         ),
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m dwbench -m")
-    parser.add_argument(
+    command.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, as for python -m dwbench -m"
+    )
+    command.add_argument(
         "--allow-missing",
         action="store_true",
         help="report the cells there are instead of failing on missing ones",
     )
-    parser.add_argument(
+    command.add_argument(
         "--from-snapshot",
         action="store_true",
         help="rebuild tables and figures from the CSV snapshots, without MLflow",
     )
-    parser.add_argument("--name", help="snapshot and output name (default: the experiment)")
-    parser.add_argument(
+    command.add_argument("--name", help="snapshot and output name (default: the experiment)")
+    command.add_argument(
         "--snapshot-dir",
         type=Path,
         help="where the CSV snapshots are (default: the config's results_dir)",
     )
-    parser.add_argument(
+    command.add_argument(
         "--out-dir",
         type=Path,
         default=Path("paper_figures"),
         help="tables and figures go to OUT_DIR/<name>/ (default: paper_figures)",
     )
-    parser.add_argument(
+    command.add_argument(
         "--paper",
         type=Path,
         help="the paper's numbers (default: the paper_reported.csv installed with dwbench.report)",
     )
-    parser.add_argument(
+    command.add_argument(
         "--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)"
     )
-    parser.add_argument(
+    command.add_argument(
         "--rng-seed", type=int, default=0, help="the bootstrap's RNG seed (default: 0)"
     )
-    return parser.parse_args(argv)
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    args = parser().parse_args(argv)
     from dwbench.report.build import Options, report
     from dwbench.report.paper import PAPER_CSV
 

@@ -161,8 +161,8 @@ def _check(grid: ReportGrid, missing: list[Missing], options: Options) -> None:
     if absent and not options.allow_missing:
         raise MissingCells(
             f"{len(absent)} of {len(grid.grid.cells)} cells of {grid.name} are missing (listed "
-            f"above). Run them (python -m dwbench.plan {command}, then dwbench.submit), or pass "
-            "--allow-missing to report the cells there are."
+            f"above). Run them (python -m dwbench.sweep.plan {command}, then "
+            "dwbench.sweep.submit), or pass --allow-missing to report the cells there are."
         )
 
 

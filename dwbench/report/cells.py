@@ -82,7 +82,7 @@ COMPANIONS: dict[str, list[Companion]] = {
 
 @dataclass
 class Missing:
-    """A cell the report has no measurement for, and why (in dwbench.status's words)."""
+    """A cell the report has no measurement for, and why (in dwbench.sweep.status's words)."""
 
     role: str
     cell: Cell

@@ -1,7 +1,7 @@
 """MLflow and the stage cache -> the report's rows: one per finished cell, and per-example scores.
 
-A cell is found the way `dwbench.status` finds it: its stage keys follow from the prepared data
-in the stage cache (`cell_progress`), and its evaluation run is the FINISHED MLflow run tagged
+A cell is found the way `dwbench.sweep.status` finds it: its stage keys follow from the prepared
+data in the stage cache (`cell_progress`), and its evaluation run is the FINISHED MLflow run tagged
 `stage=evaluate` with its evaluate key. That also tells apart ablation cells, which share every
 other tag. Per-example scores come from `samples.jsonl` in the stage cache, else from the run's
 MLflow artifacts (`samples.jsonl`, or `lm_eval_results.json` for runs logged before that file

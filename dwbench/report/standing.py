@@ -206,17 +206,21 @@ def committed(results: Path, resamples: int = 10_000, seed: int = 0) -> pd.DataF
     return rows.drop_duplicates(["method", "cells"]).drop(columns=["size"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    command = argparse.ArgumentParser(
         prog="python -m dwbench.report.standing",
         description="Win / tie / loss against Random and mean rank over every committed cell.",
     )
-    parser.add_argument("--results", type=Path, default=Path("results"), help="snapshot folder")
-    parser.add_argument(
+    command.add_argument("--results", type=Path, default=Path("results"), help="snapshot folder")
+    command.add_argument(
         "--out-dir", type=Path, default=Path("paper_figures") / "standing", help="output folder"
     )
-    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
-    args = parser.parse_args(argv)
+    command.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         rows = committed(args.results, args.resamples)
     except DwbenchError as error:

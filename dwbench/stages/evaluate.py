@@ -18,7 +18,7 @@ from dwbench.errors import DwbenchError
 from dwbench.memory import PeakMemory
 from dwbench.models import LoadingArgs, loading_args
 from dwbench.stages.keys import evaluate_key, zero_shot_key
-from dwbench.stages.records import Evaluated, Prepared, Trained
+from dwbench.stages.outputs import Evaluated, Prepared, Trained
 
 logger = logging.getLogger(__name__)
 # Prompts per generate call when eval.runtime.batch_size is null. CPU: measured on 2 cores with

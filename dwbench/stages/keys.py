@@ -12,15 +12,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from dwbench.content_hash import stage_key, task_identity
 from dwbench.context import zero_shot
-from dwbench.keys import stage_key, task_identity
 from dwbench.models import model_identity
 
 TIE_BREAK = "run_seed"  # ties in the scores are broken by the run seed (methods.base.top_k)
 
 
 def prepare_key(task_cfg: Mapping[str, Any], data_fingerprint: str) -> str:
-    """The task config (dwbench.keys.task_identity) and the data's fingerprint."""
+    """The task config (dwbench.content_hash.task_identity) and the data's fingerprint."""
     return stage_key("prepare", task=task_identity(task_cfg), data=data_fingerprint)
 
 
@@ -64,9 +64,9 @@ def zero_shot_key(cfg: DictConfig, prepare_key: str) -> str:
     )
 
 
-def chain(cfg: DictConfig, prepare_key: str) -> dict[str, str]:
-    """The cell's stage keys from its prepare key; a zero-shot cell has only prepare and
-    evaluate."""
+def cell_keys(cfg: DictConfig, prepare_key: str) -> dict[str, str]:
+    """Every stage key of a cell in one call, from its prepare key (what plan, status and the
+    report need); a zero-shot cell has only prepare and evaluate."""
     if zero_shot(cfg):
         return {"prepare": prepare_key, "evaluate": zero_shot_key(cfg, prepare_key)}
     keys = {"prepare": prepare_key, "score": score_key(cfg, prepare_key)}

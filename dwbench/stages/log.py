@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from dwbench.context import RunContext
 from dwbench.stages.evaluate import NO_TRAIN
-from dwbench.stages.records import Evaluated, Prepared, Scored, Selected, Summary, Trained
+from dwbench.stages.outputs import Evaluated, Prepared, Scored, Selected, Summary, Trained
 
 
 def full_pool_train_seconds(ctx: RunContext, trained: Trained) -> tuple[float, str]:

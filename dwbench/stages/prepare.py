@@ -20,7 +20,7 @@ from dwbench.data.loading import TaskSplits, load_task
 from dwbench.data.records import Example, fingerprint, read_jsonl, write_jsonl
 from dwbench.errors import DataError
 from dwbench.stages.keys import prepare_key
-from dwbench.stages.records import Prepared
+from dwbench.stages.outputs import Prepared
 
 
 def run(task_cfg: DictConfig, store: ArtifactStore, splits: TaskSplits | None = None) -> Prepared:

@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from dwbench.content_hash import stage_key
 from dwbench.context import RunContext
 from dwbench.errors import ConfigError, DwbenchError
-from dwbench.keys import stage_key
 from dwbench.memory import PeakMemory
 from dwbench.methods.base import (
     Shard,
@@ -35,8 +35,8 @@ from dwbench.methods.base import (
 )
 from dwbench.methods.registry import method_class
 from dwbench.stages.keys import score_key
-from dwbench.stages.method import build_method
-from dwbench.stages.records import Prepared, Scored
+from dwbench.stages.method_builder import build_method
+from dwbench.stages.outputs import Prepared, Scored
 from dwbench.stages.train import ScorerTrainer
 from dwbench.tracking import flatten
 
@@ -223,7 +223,7 @@ def merge(ctx: RunContext, prepared: Prepared, key: str, count: int, shared_s: f
     if missing:
         raise DwbenchError(
             f"score shard(s) {missing} of {count} are not done (score_shard/{keys[missing[0]]}); "
-            "run them first (score.shard=i, or python -m dwbench.plan lists them)."
+            "run them first (score.shard=i, or python -m dwbench.sweep.plan lists them)."
         )
     markers = [ctx.store.marker("score_shard", k) for k in keys]
     n_units = {m["n_units"] for m in markers}

@@ -19,8 +19,8 @@ from dwbench.artifacts import SUCCESS_MARKER
 from dwbench.context import RunContext
 from dwbench.errors import ConfigError, DwbenchError
 from dwbench.stages.keys import select_key
-from dwbench.stages.method import build_method
-from dwbench.stages.records import Prepared, Scored, Selected
+from dwbench.stages.method_builder import build_method
+from dwbench.stages.outputs import Prepared, Scored, Selected
 
 logger = logging.getLogger(__name__)
 

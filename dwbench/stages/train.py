@@ -12,14 +12,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from dwbench.content_hash import result_identity, stable_hash, stage_key
 from dwbench.context import RunContext
 from dwbench.data.records import Example
-from dwbench.keys import result_identity, stable_hash, stage_key
 from dwbench.lora import MOMENTS_FILE, SNAPSHOT_LRS, Recipe, ScorerFineTune, Snapshot, fine_tune
 from dwbench.memory import PeakMemory
 from dwbench.models import model_identity
 from dwbench.stages.keys import train_key
-from dwbench.stages.records import Prepared, Selected, Trained
+from dwbench.stages.outputs import Prepared, Selected, Trained
 
 logger = logging.getLogger(__name__)
 # training-log fields logged per step: the loss curve, the schedule, the gradient norm

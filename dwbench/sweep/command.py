@@ -1,5 +1,5 @@
-"""The shared command line of `dwbench.plan` and `dwbench.status`: sweep overrides in, one
-clear line and exit 2 on a bad sweep (1 on a read-only or full disk)."""
+"""The shared command line of `dwbench.sweep.plan` and `dwbench.sweep.status`: sweep overrides
+in, one clear line and exit 2 on a bad sweep (1 on a read-only or full disk)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,8 @@ from dwbench.errors import DwbenchError
 from dwbench.storage import storage_problem
 
 
-def run_sweep_command(
-    argv: list[str] | None,
-    prog: str,
-    description: str,
-    overrides_help: str,
-    action: Callable[[list[str], str | None, Console], Any],
-    width: int,
-) -> int:
-    """Parse `[overrides] [--name]`, run `action(overrides, name, console)`; 2 on bad input."""
+def sweep_parser(prog: str, description: str, overrides_help: str) -> argparse.ArgumentParser:
+    """`[overrides] [--name]`: a sweep as `python -m dwbench -m` would expand it."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -31,7 +24,13 @@ def run_sweep_command(
     )
     parser.add_argument("overrides", nargs="*", help=overrides_help)
     parser.add_argument("--name", help="sweep name (default: the +experiment's name)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_sweep_command(
+    args: argparse.Namespace, action: Callable[[list[str], str | None, Console], Any], width: int
+) -> int:
+    """Run `action(overrides, name, console)`; 2 on bad input, 1 on a disk problem."""
     try:
         action(args.overrides, args.name, Console(width=width))
     except (DwbenchError, HydraException) as error:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from dwbench.artifacts import ArtifactStore
 from dwbench.pipeline import validate
 from dwbench.stages import score
-from dwbench.stages.keys import chain, prepare_key
+from dwbench.stages.keys import cell_keys, prepare_key
 from dwbench.sweep.grid import Cell
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,6 @@ def prepared_keys(cfg: DictConfig) -> list[str]:
     ]
 
 
-def stage_keys(cfg: DictConfig, prepared: str) -> dict[str, str]:
-    """The cell's stage keys from its prepare key (dwbench.stages.keys.chain)."""
-    return chain(cfg, prepared)
-
-
 def store_runs(uri: str) -> pd.DataFrame:
     """Every run in an MLflow store, all experiments (empty when the store does not exist)."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -94,7 +89,7 @@ def cell_progress(
     """done / running / failed / missing; `slurm_state` is (job id, state) if it was submitted."""
     last = validate(cell.cfg)[-1]
     store = store_of(cell.cfg)
-    chains = [stage_keys(cell.cfg, key) for key in prepared_keys(cell.cfg)]
+    chains = [cell_keys(cell.cfg, key) for key in prepared_keys(cell.cfg)]
     for keys in chains:
         if store.is_done(last, keys[last]):
             return Progress(DONE, f"{last}/{keys[last]}", keys)
@@ -180,7 +175,7 @@ def estimate_seconds(
     store = store_of(cfg)
     target, selector = str(cfg.target_model.name), str(cfg.selector_model.name)
     task, method = str(cfg.task.name), str(cfg.method.name)
-    chain = keys or stage_keys(cfg, f"unprepared-{cell.key}")
+    chain = keys or cell_keys(cfg, f"unprepared-{cell.key}")
     seconds = 0.0
     if (  # a zero-shot chain has no score or train key: evaluation only
         "score" in chain

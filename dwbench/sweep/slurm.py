@@ -61,14 +61,15 @@ def read_plan(plan: Path) -> tuple[list[PlannedCell], dict[str, Any]]:
     if not plan.is_file() or not meta_path.is_file():
         raise DwbenchError(
             f"{plan} (with {PLAN_META} beside it) does not exist; write it with "
-            "python -m dwbench.plan +experiment=<name>"
+            "python -m dwbench.sweep.plan +experiment=<name>"
         )
     try:
         meta = json.loads(meta_path.read_text())
         cells = [PlannedCell(**c) for c in meta.pop("cells")]
     except (ValueError, TypeError, KeyError) as error:
         raise DwbenchError(
-            f"{meta_path} is damaged ({error}); write the plan again with python -m dwbench.plan"
+            f"{meta_path} is damaged ({error}); write the plan again with "
+            "python -m dwbench.sweep.plan"
         ) from None
     keys = [line.split(" ", 1)[0] for line in plan.read_text().splitlines()]
     if keys != [c.key for c in cells]:

@@ -415,7 +415,7 @@ def _parse(lines: Sequence[str]) -> tuple[dict[str, Any], dict[int, dict[str, An
 def read_episode_log(path: Path, plan_id: str) -> dict[int, dict[str, Any]]:
     """The finished episodes of a log written for this plan (a score shard's), read only."""
     if not path.is_file():
-        raise DataError(f"{path} is missing: score its shard again (python -m dwbench.plan).")
+        raise DataError(f"{path} is missing: score its shard again (python -m dwbench.sweep.plan).")
     header, records = _parse(path.read_text(encoding="utf-8").splitlines())
     if header.get("plan") != plan_id:
         raise DataError(

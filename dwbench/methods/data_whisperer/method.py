@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dwbench.chat import require_chat_template
+from dwbench.content_hash import result_identity, stable_hash
 from dwbench.data.metrics import get_metric
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError, DataError
-from dwbench.keys import result_identity, stable_hash
 from dwbench.methods.base import ScoringContext, top_k
 from dwbench.methods.data_whisperer.attention import use_capture_attention
 from dwbench.methods.data_whisperer.episode_records import EpisodeRecords
@@ -206,7 +206,7 @@ class DataWhisperer(EpisodeRecords, LogScores):
             raise DataError(
                 f"the score shards in {shard_dirs[0].parent} hold no record of episode(s) "
                 f"{missing[:5]} of {len(plan)}: score the missing shard again (python -m "
-                "dwbench.plan lists it)."
+                "dwbench.sweep.plan lists it)."
             )
         work_dir = Path(self.context.work_dir)
         self._zero_shot(queries, plan, plan_id, work_dir)

@@ -96,8 +96,7 @@ class Settings:
         def get(key: str, node: Mapping[str, Any] = cfg, prefix: str = "method") -> Any:
             if key not in node:
                 raise ConfigError(
-                    f"{prefix}.{key} is missing; conf/method/data_whisperer.yaml lists "
-                    "every key."
+                    f"{prefix}.{key} is missing; conf/method/data_whisperer.yaml lists every key."
                 )
             return node[key]
 

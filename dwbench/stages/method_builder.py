@@ -8,7 +8,7 @@ from pathlib import Path
 from dwbench.context import RunContext
 from dwbench.methods.base import ScoringContext, SelectionMethod
 from dwbench.methods.registry import method_class
-from dwbench.stages.records import Prepared
+from dwbench.stages.outputs import Prepared
 from dwbench.stages.train import ScorerTrainer
 
 
@@ -22,9 +22,9 @@ def build_method(
     scoring = ScoringContext.for_cell(
         ctx.cfg,
         prepared,
-        ctx.device,
-        ctx.cache_dir,
         work_dir or ctx.store.scratch_dir("score", key, create=False),
+        device=ctx.device,
+        cache_dir=ctx.cache_dir,
         fine_tune=scorer_trainer,
     )
     return method_class(ctx.cfg.method)(scoring)

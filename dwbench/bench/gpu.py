@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dwbench.bench.common import compose, markdown_table
+
 LLAMA3_8B = {  # meta-llama/Meta-Llama-3-8B-Instruct's config.json
     "vocab_size": 128256,
     "hidden_size": 4096,
@@ -89,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     ]
     rows.append(evaluation_row(model, tokenizer, device, args.tiny))
     rows.append(lora_row(model, device, *((2, 64) if args.tiny else (LORA_BATCH, LORA_TOKENS))))
-    from dwbench.bench import markdown_table
 
     print(markdown_table(rows, ("what", "setting", "throughput", "seconds", "peak GPU MB")))
     print(f"total {time.perf_counter() - start:.0f} s")
@@ -149,7 +150,6 @@ def data_whisperer_row(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Two generate calls' worth of the paper's episodes in one variant."""
-    from dwbench.bench import compose
     from dwbench.data.loading import load_task
     from dwbench.methods.base import ScoringContext
     from dwbench.methods.data_whisperer.method import DataWhisperer
@@ -179,7 +179,9 @@ def data_whisperer_row(
     )
     splits = load_task(cfg.task)
     with tempfile.TemporaryDirectory() as work_dir:
-        context = ScoringContext.for_cell(cfg, splits, device, args.cache_dir, Path(work_dir))
+        context = ScoringContext.for_cell(
+            cfg, splits, Path(work_dir), device=device, cache_dir=args.cache_dir
+        )
         method = Prebuilt(context)
         with peak_gpu(device) as peak:
             start = time.perf_counter()
@@ -288,8 +290,6 @@ def _handle(args: argparse.Namespace) -> None:
     import sys
 
     if args.cache_dir is None:
-        from dwbench.bench import compose
-
         args.cache_dir = Path(str(compose("random", "embedded_gsm", 10, 0, []).cache_dir))
         args.cache_dir = args.cache_dir.expanduser()
     sys.exit(run(args))

@@ -39,13 +39,14 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dwbench.bench.common import add_override_option, auroc, compose, markdown_table
 from dwbench.data.records import TaskSplits
 from dwbench.errors import ConfigError
 
@@ -144,7 +145,7 @@ COLUMNS = (
 )
 
 
-def add_parser(commands: Any, add_override_option: Callable[[Any], None]) -> None:
+def add_parser(commands: Any) -> None:
     command = commands.add_parser(
         "attribution",
         help="Data Whisperer's variants on one pool: AUROC [95%% CI], cost, split-half reliability",
@@ -207,7 +208,6 @@ def auroc_interval(
     scores: Sequence[float], positives: Sequence[bool], resamples: int, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile 95% interval of the AUROC over examples resampled with replacement."""
-    from dwbench.bench import auroc
 
     values = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(positives, dtype=bool)
@@ -225,7 +225,7 @@ def auroc_interval(
 
 def log_key(task: str, pool: int, generator_seed: int, seed: int, overrides: Sequence[str]) -> str:
     """The episode log's folder: everything but the accumulation switches decides the episodes."""
-    from dwbench.keys import stable_hash
+    from dwbench.content_hash import stable_hash
     from dwbench.methods.data_whisperer.episodes import READING_SWITCHES
 
     switches = {f"method.{s}" for s in READING_SWITCHES}
@@ -247,11 +247,10 @@ def run_variant(
     The episode log stays in `work_dir`, so a later variant with the same episodes reuses it;
     the seconds of the run that wrote it are kept beside it and counted as its cost.
     """
-    from dwbench.bench import compose
     from dwbench.data.loading import load_task
     from dwbench.methods.base import ScoringContext, method_stats
     from dwbench.methods.registry import method_class
-    from dwbench.models import resolve_device, resolve_model_source
+    from dwbench.models import resolve_model_source
 
     method, rest = method_of(overrides)
     generator = [f"task.generator.seed={generator_seed}"] if task.startswith("embedded") else []
@@ -266,9 +265,7 @@ def run_variant(
     work_dir.mkdir(parents=True, exist_ok=True)
     cost_file = work_dir / "selection_seconds.json"
     reused = cost_file.is_file()
-    context = ScoringContext.for_cell(
-        cfg, splits, resolve_device(str(cfg.device)), cache_dir, work_dir
-    )
+    context = ScoringContext.for_cell(cfg, splits, work_dir, cache_dir=cache_dir)
     instance = method_type(context)
     start = time.perf_counter()
     scores = instance.score(splits.pool)
@@ -323,7 +320,6 @@ def auroc_by_kind(
 ) -> list[dict]:
     """AUROC of clean examples against each corruption kind alone: what a score can see (a
     missing final line, a final number that contradicts the working) and what it cannot."""
-    from dwbench.bench import auroc
 
     value = dict(zip(scores["id"], scores["score"], strict=True))
     clean = [i for i in value if flags.get(i, False)]
@@ -372,7 +368,6 @@ def study(
     extra: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per variant, diagnostics per episode log)."""
-    from dwbench.bench import auroc
     from dwbench.methods.base import top_k
 
     rows, diagnostic_rows, seen_logs = [], [], set()
@@ -483,7 +478,6 @@ def figure(table: pd.DataFrame, path: Path) -> None:
 
 
 def attribution(args: argparse.Namespace) -> None:
-    from dwbench.bench import markdown_table
 
     logging.basicConfig(level=logging.WARNING)
     variants = parse_variants(args.variants)

@@ -1,20 +1,22 @@
-"""`python -m dwbench.demo` (`make demo`): Random, Data Whisperer and the clean-data oracle on the
-embedded default, then whether each differs from Random.
+"""`python -m dwbench.bench demo` (`make demo`): Random, Data Whisperer and the clean-data oracle
+on the embedded default, then whether each differs from Random.
 
 It runs the three cells through the pipeline (one `python -m dwbench -m` process, which prints
 its own results table), then prints one more table: exact match, the difference to Random with
 its paired bootstrap 95% interval (same seed, same evaluation problems), selection precision,
 and, for the methods that score, the AUROC of the scores against the embedded task's clean flags
 and their count of distinct values. Any override goes to the cells:
-    python -m dwbench.demo seed=1 budget=0.2
+    python -m dwbench.bench demo seed=1 budget=0.2
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
-from dwbench.measure import interval_text, measured, run_cells, versus_random
+from dwbench.bench.common import markdown_table
+from dwbench.bench.measure import interval_text, measured, run_cells, versus_random
 
 # Data Whisperer as the embedded default runs it. Chosen on that default by
 # `python -m dwbench.bench selection --pool-sizes 200 --variants all` and a rule that reads no
@@ -71,16 +73,21 @@ def demo_rows(overrides: Sequence[str]) -> list[dict]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from dwbench.bench import markdown_table
-
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    status = run_cells(demo_cells(overrides))
-    rows = demo_rows(overrides)
+def demo(args: argparse.Namespace) -> None:
+    status = run_cells(demo_cells(args.overrides))
+    rows = demo_rows(args.overrides)
     print("\nDemo: each method against Random (exact match %, paired bootstrap over problems)")
     print(markdown_table(rows, COLUMNS))
     sys.exit(status)
 
 
-if __name__ == "__main__":
-    main()
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "demo",
+        help="make demo: Random, Data Whisperer and the oracle on the embedded default",
+        description=__doc__.split("\n\n")[0],
+    )
+    command.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides for the three cells"
+    )
+    command.set_defaults(handler=demo)

@@ -1,9 +1,9 @@
-"""`python -m dwbench.plan [overrides]`: write the cells of a sweep that are not done, one a line.
+"""`python -m dwbench.sweep.plan [overrides]`: write the cells of a sweep not done yet, one a line.
 
 The overrides are those of `python -m dwbench -m` (`+experiment=table2`, `seed=0,1`, ...). Cells
 that are done, or that SLURM still runs, are left out, so planning again after failures lists
 exactly the failed and missing cells. Also prints what the plan will cost, from the throughput
-earlier runs of the same models logged. `python -m dwbench.submit <plan>` runs it on SLURM.
+earlier runs of the same models logged. `python -m dwbench.sweep.submit <plan>` runs it on SLURM.
 
 With `score.shards=S` the plan is a chain: before its cells, each score key still to compute
 gets its shards not yet done (one job each), after the method's unsplittable part where it has
@@ -13,6 +13,7 @@ planned again alone; its finished siblings are not.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dwbench.sweep.command import run_sweep_command
+from dwbench.sweep.command import run_sweep_command, sweep_parser
 
 
 def _duration(seconds: float | None) -> str:
@@ -104,7 +105,7 @@ def plan(overrides: list[str], name: str | None, console: Console) -> Path:
         + (f", after {before} scoring job{'' if before == 1 else 's'})" if before else ")")
     )
     if planned:
-        console.print(f"Submit it: python -m dwbench.submit {path}")
+        console.print(f"Submit it: python -m dwbench.sweep.submit {path}")
     return path
 
 
@@ -124,11 +125,12 @@ def score_chain(
     """The jobs that sharded scoring needs before this cell: its unsplittable part, the shards
     not done yet and the merge, once per score key (`chained` collects the keys planned); None
     while a job of that chain still runs (`active`)."""
+    from dwbench.content_hash import stable_hash, task_identity
     from dwbench.context import zero_shot
-    from dwbench.keys import stable_hash, task_identity
     from dwbench.methods.registry import method_class
     from dwbench.stages import score
-    from dwbench.sweep.progress import stage_keys, store_of
+    from dwbench.stages.keys import cell_keys
+    from dwbench.sweep.progress import store_of
 
     cfg = cell.cfg
     count = score.shard_count(cfg)
@@ -137,7 +139,7 @@ def score_chain(
     if count == 1 or zero_shot(cfg):
         return []
     # a task not prepared yet has no score key: a stand-in names its jobs until it is
-    chain = keys or stage_keys(cfg, "unprepared-" + stable_hash(task_identity(cfg.task)))
+    chain = keys or cell_keys(cfg, "unprepared-" + stable_hash(task_identity(cfg.task)))
     score_key, store = chain["score"], store_of(cfg)
     if score_key in chained or store.is_done("score", score_key):
         return []
@@ -207,17 +209,18 @@ def _print_cost(cells: list, planned: list, console: Console) -> None:
     console.print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_sweep_command(
-        argv,
-        "python -m dwbench.plan",
+def parser() -> argparse.ArgumentParser:
+    return sweep_parser(
+        "python -m dwbench.sweep.plan",
         "Write the cells of a sweep that are not done yet to "
         "<results_dir>/sweeps/<name>/plan.txt (one `<cell key> <overrides>` a line) and say "
         "what they will cost.",
         "Hydra overrides, as for python -m dwbench -m",
-        plan,
-        160,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_sweep_command(parser().parse_args(argv), plan, 160)
 
 
 if __name__ == "__main__":

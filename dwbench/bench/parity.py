@@ -26,19 +26,20 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from dwbench.bench.common import add_override_option, compose, markdown_table
 from dwbench.data.records import Example
 from dwbench.errors import ConfigError, DataError
 
 REFERENCE_FILES = ("settings.json", "pool.json", "episodes.jsonl", "scores.csv")
 
 
-def add_parser(commands: Any, add_override_option: Callable[[Any], None]) -> None:
+def add_parser(commands: Any) -> None:
     command = commands.add_parser(
         "parity",
         help="the released preset against a reference run of the authors' code",
@@ -183,8 +184,7 @@ def _max_diff(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def parity(args: argparse.Namespace) -> None:
-    from dwbench.bench import compose, markdown_table
-    from dwbench.methods.base import ScoringContext
+    from dwbench.methods.base import GivenData, ScoringContext
     from dwbench.methods.data_whisperer import DataWhisperer
     from dwbench.methods.data_whisperer.episodes import CHECKPOINT_FILE, accumulate_float16
     from dwbench.models import resolve_model_source
@@ -201,15 +201,8 @@ def parity(args: argparse.Namespace) -> None:
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     resolve_model_source(cfg.selector_model, cache_dir)
     work_dir = args.out / f"{dataset}-work"
-    context = ScoringContext(
-        method_cfg=cfg.method,
-        task_cfg=cfg.task,
-        selector_cfg=cfg.selector_model,
-        queries=queries,
-        seed=0,
-        device="cpu",
-        cache_dir=cache_dir,
-        work_dir=work_dir,
+    context = ScoringContext.for_cell(
+        cfg, GivenData(queries), work_dir, device="cpu", cache_dir=cache_dir
     )
     method = DataWhisperer(context)
     plan, _, plan_id = method._plan(pool)
@@ -312,8 +305,7 @@ def compare_methods(
 ) -> None:
     """Other methods (dwbench's default) on the same pool: how far their ranking is from the
     released one, with their own diagnostics."""
-    from dwbench.bench import compose, markdown_table
-    from dwbench.methods.base import ScoringContext, method_stats
+    from dwbench.methods.base import GivenData, ScoringContext, method_stats
     from dwbench.methods.registry import method_class
 
     settings = reference["settings"]
@@ -329,15 +321,8 @@ def compare_methods(
     rows = []
     for name in args.compare:
         cfg = compose(name, dataset, len(pool), 0, [*shared, *args.override])
-        context = ScoringContext(
-            method_cfg=cfg.method,
-            task_cfg=cfg.task,
-            selector_cfg=cfg.selector_model,
-            queries=queries,
-            seed=0,
-            device="cpu",
-            cache_dir=Path(str(cfg.cache_dir)).expanduser(),
-            work_dir=args.out / f"{dataset}-{name}-work",
+        context = ScoringContext.for_cell(
+            cfg, GivenData(queries), args.out / f"{dataset}-{name}-work", device="cpu"
         )
         method = method_class(cfg.method)(context)
         scores = method.score(pool)["score"].to_numpy()

@@ -1,10 +1,10 @@
 """Run a set of cells through the pipeline and read back what they measured, paired by example.
 
-`python -m dwbench.bench calibrate` and `python -m dwbench.demo` compare methods on the same
+`python -m dwbench.bench calibrate` and `python -m dwbench.bench demo` compare methods on the same
 pipeline users run: each set of cells is one `python -m dwbench -m ...` process (finished
 stages are reused, a failed cell does not stop the others), and the results come from the stage
-cache the pipeline wrote, as `dwbench.status` finds them. Differences to Random are the report's
-paired bootstrap (`dwbench.report.bootstrap.paired_interval`): same seed, same evaluation
+cache the pipeline wrote, as `dwbench.sweep.status` finds them. Differences to Random are the
+report's paired bootstrap (`dwbench.report.bootstrap.paired_interval`): same seed, same evaluation
 problem.
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from dwbench.bench.common import auroc
 from dwbench.report.bootstrap import Interval, paired_interval
 from dwbench.report.collect import read_samples
 from dwbench.sweep.grid import load_sweep
@@ -51,7 +52,6 @@ class Measured:
 
 def measured(overrides: Sequence[str]) -> Measured:
     """What the cells of `python -m dwbench -m <overrides>` left in the stage cache."""
-    from dwbench.bench import auroc
 
     sweep = load_sweep(list(overrides), progress=False)
     runs = store_runs(str(sweep.cells[0].cfg.tracking.uri))

@@ -1,4 +1,4 @@
-"""`python -m dwbench.submit <plan.txt>`: run a plan on SLURM as one dependency chain of arrays.
+"""`python -m dwbench.sweep.submit <plan.txt>`: a plan on SLURM as one dependency chain of arrays.
 
 Renders dwbench/sweep/array.sbatch beside a frozen copy of the plan once per step of the chain (the
 unsplittable part of sharded scoring, score shards, merges, cells; most plans have only cells)
@@ -17,20 +17,24 @@ from dwbench.errors import DwbenchError
 from dwbench.storage import storage_problem
 
 
+def parser() -> argparse.ArgumentParser:
+    command = argparse.ArgumentParser(
+        prog="python -m dwbench.sweep.submit",
+        description="Submit a plan written by `python -m dwbench.sweep.plan` as a SLURM array job.",
+        epilog="Example: python -m dwbench.sweep.submit results/sweeps/embedded_table2/plan.txt",
+    )
+    command.add_argument("plan", type=Path, help="plan.txt written by python -m dwbench.sweep.plan")
+    command.add_argument("--parallel", type=int, help="tasks at once (default: slurm.parallel)")
+    command.add_argument(
+        "--dry-run", action="store_true", help="render the array script, do not submit it"
+    )
+    return command
+
+
 def main(argv: list[str] | None = None) -> int:
     from dwbench.sweep.slurm import submit
 
-    parser = argparse.ArgumentParser(
-        prog="python -m dwbench.submit",
-        description="Submit a plan written by `python -m dwbench.plan` as a SLURM array job.",
-        epilog="Example: python -m dwbench.submit results/sweeps/embedded_table2/plan.txt",
-    )
-    parser.add_argument("plan", type=Path, help="plan.txt written by python -m dwbench.plan")
-    parser.add_argument("--parallel", type=int, help="tasks at once (default: slurm.parallel)")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="render the array script, do not submit it"
-    )
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         submitted = submit(args.plan, args.parallel, args.dry_run)
     except DwbenchError as error:
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Submitted array job {submitted.jobs[step]} ({step}{waits}): {script}")
         previous = submitted.jobs[step]
     logs = submitted.script.parent / "logs"
-    print(f"Logs in {logs}; see progress with python -m dwbench.status")
+    print(f"Logs in {logs}; see progress with python -m dwbench.sweep.status")
     return 0
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dwbench.measure import interval_text, measured, run_cells, versus_random
+from dwbench.bench.common import add_override_option, compose, markdown_table
+from dwbench.bench.measure import interval_text, measured, run_cells, versus_random
 from dwbench.report.bootstrap import Interval
 
 logger = logging.getLogger(__name__)
@@ -153,11 +154,9 @@ def icl_accuracy(setting: Setting, n_demos: int, n_queries: int, overrides: Sequ
     a pool of only clean or only corrupted examples, equally many of each, so both read the
     same number of questions.
     """
-    from dwbench.bench import compose
     from dwbench.data.loading import load_task
-    from dwbench.methods.base import ScoringContext
+    from dwbench.methods.base import GivenData, ScoringContext
     from dwbench.methods.data_whisperer import DataWhisperer
-    from dwbench.models import resolve_device
 
     cfg = compose(
         "data_whisperer",
@@ -183,16 +182,7 @@ def icl_accuracy(setting: Setting, n_demos: int, n_queries: int, overrides: Sequ
     for name, demos in (("clean", clean[:size]), ("corrupted", corrupted[:size])):
         with tempfile.TemporaryDirectory() as work_dir:
             method = DataWhisperer(
-                ScoringContext(
-                    method_cfg=cfg.method,
-                    task_cfg=cfg.task,
-                    selector_cfg=cfg.selector_model,
-                    queries=splits.eval,
-                    seed=0,
-                    device=resolve_device(str(cfg.device)),
-                    cache_dir=Path(str(cfg.cache_dir)).expanduser(),
-                    work_dir=Path(work_dir),
-                )
+                ScoringContext.for_cell(cfg, GivenData(queries=splits.eval), Path(work_dir))
             )
             method.score(demos)
         accuracy[name] = 100 * method.stats["query_accuracy"]
@@ -338,7 +328,6 @@ def calibrate(args: argparse.Namespace) -> None:
     if args.task != EMBEDDED:
         calibrate_noise(args)
         return
-    from dwbench.bench import markdown_table
 
     rows = []
     for difficulty in args.difficulties:
@@ -385,7 +374,6 @@ def calibrate(args: argparse.Namespace) -> None:
 
 def calibrate_noise(args: argparse.Namespace) -> None:
     """Any task with planted noise: zero-shot, whole pool, random and oracle_clean per budget."""
-    from dwbench.bench import markdown_table
 
     csv = args.csv or Path(f"results/{args.task}_calibration.csv")
     rows = []
@@ -429,7 +417,7 @@ def calibrate_noise(args: argparse.Namespace) -> None:
     print(f"wrote {csv}")
 
 
-def add_parser(commands: argparse._SubParsersAction, add_override_option) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     cal = commands.add_parser(
         "calibrate",
         help="references per setting: zero-shot, in-context, whole pool, random vs oracle",

@@ -1,4 +1,5 @@
-"""`python -m dwbench.status [overrides]`: per cell of a sweep, done / running / failed / missing.
+"""`python -m dwbench.sweep.status [overrides]`: each cell of a sweep, done, running, failed or
+missing.
 
 Takes the overrides the sweep was planned with. Done comes from the stage cache, running and
 failed from SLURM for submitted cells (and from MLflow's FAILED runs otherwise).
@@ -6,12 +7,13 @@ failed from SLURM for submitted cells (and from MLflow's FAILED runs otherwise).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
-from dwbench.sweep.command import run_sweep_command
+from dwbench.sweep.command import run_sweep_command, sweep_parser
 
 STYLE = {"done": "green", "running": "cyan", "failed": "red", "missing": "yellow"}
 
@@ -42,15 +44,16 @@ def status(overrides: list[str], name: str | None, console: Console) -> dict[str
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_sweep_command(
-        argv,
-        "python -m dwbench.status",
+def parser() -> argparse.ArgumentParser:
+    return sweep_parser(
+        "python -m dwbench.sweep.status",
         "Show every cell of a sweep as done, running, failed or missing.",
         "the overrides the sweep was planned with",
-        status,
-        200,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_sweep_command(parser().parse_args(argv), status, 200)
 
 
 if __name__ == "__main__":
