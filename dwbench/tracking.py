@@ -9,7 +9,7 @@ cell that is re-run after a kill reopens the run of its key instead of creating 
 one run per finished stage output and one per cell.
 
 Many sweep jobs share one SQLite store, so the default store is made safe for concurrent writers
-(slurm/README.md says why this and not a server or per-job stores):
+(docs/slurm.md says why this and not a server or per-job stores):
 - the first use of a new store (MLflow creates its tables then, racing other jobs into "table
   already exists") happens under a file lock next to the database; a new store starts as a copy
   of an empty one that MLflow migrated once per MLflow version (kept in the model cache), since
@@ -157,7 +157,7 @@ def _initialize_sqlite(db: Path, uri: str, cache_dir: Path | None = None) -> Non
         if fs in _NETWORK_FS:
             logger.warning(
                 "The MLflow store %s is on %s, where SQLite locking is unreliable for concurrent "
-                "jobs; run a tracking server and set tracking=server (slurm/README.md).",
+                "jobs; run a tracking server and set tracking=server (docs/slurm.md).",
                 db,
                 fs,
             )
