@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from test_cli import REPO, tiny_overrides
 
-from dwbench import calibrate
+from dwbench.bench import calibrate
 from dwbench.bench.calibrate import Setting, choose, reference_cells
 from dwbench.bench.measure import Measured, versus_random
 from dwbench.sweep.grid import load_sweep

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
-from dwbench import attribution as at
+from dwbench.bench import attribution as at
 from dwbench.config_files import CONF_DIR
 from dwbench.errors import ConfigError
 from dwbench.methods.data_whisperer import episodes as ep

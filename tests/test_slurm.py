@@ -19,9 +19,9 @@ from rich.console import Console
 from test_cli import REPO, run_in_process
 from test_sweep import sweep_args
 
-from dwbench import plan as plan_command
-from dwbench import status as status_command
+from dwbench.sweep import plan as plan_command
 from dwbench.sweep import slurm
+from dwbench.sweep import status as status_command
 from dwbench.sweep.grid import load_sweep
 from dwbench.sweep.progress import SLURM_ACTIVE, runs_by_store, survey
 

@@ -13,12 +13,12 @@ import pytest
 from rich.console import Console
 from test_cli import REPO, tiny_overrides
 
-from dwbench import plan as plan_command
-from dwbench import status as status_command
-from dwbench import submit as submit_command
 from dwbench.errors import DwbenchError
 from dwbench.stages.keys import cell_keys
+from dwbench.sweep import plan as plan_command
 from dwbench.sweep import slurm
+from dwbench.sweep import status as status_command
+from dwbench.sweep import submit as submit_command
 from dwbench.sweep.grid import load_sweep
 from dwbench.sweep.progress import cell_progress, prepared_keys, store_runs
 from dwbench.tracking import Tracker
