@@ -265,7 +265,7 @@ def run_variant(
     work_dir.mkdir(parents=True, exist_ok=True)
     cost_file = work_dir / "selection_seconds.json"
     reused = cost_file.is_file()
-    context = ScoringContext.for_cell(cfg, splits, work_dir, cache_dir=cache_dir)
+    context = ScoringContext.for_cell(cfg, splits, work_dir)
     instance = method_type(context)
     start = time.perf_counter()
     scores = instance.score(splits.pool)

@@ -201,9 +201,7 @@ def parity(args: argparse.Namespace) -> None:
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     resolve_model_source(cfg.selector_model, cache_dir)
     work_dir = args.out / f"{dataset}-work"
-    context = ScoringContext.for_cell(
-        cfg, GivenData(queries), work_dir, device="cpu", cache_dir=cache_dir
-    )
+    context = ScoringContext.for_cell(cfg, GivenData(queries), work_dir, device="cpu")
     method = DataWhisperer(context)
     plan, _, plan_id = method._plan(pool)
     n_episodes = len(plan) if args.episodes is None else min(args.episodes, len(plan))

@@ -66,7 +66,7 @@ def run_selection(
     if method_type.needs_selector:
         resolve_model_source(cfg.selector_model, cache_dir)  # a first conversion is not timed
     with tempfile.TemporaryDirectory() as work_dir:
-        context = ScoringContext.for_cell(cfg, splits, Path(work_dir), cache_dir=cache_dir)
+        context = ScoringContext.for_cell(cfg, splits, Path(work_dir))
         instance = method_type(context)
         start = time.perf_counter()
         with PeakMemory() as memory:
@@ -121,7 +121,7 @@ def selection(args: argparse.Namespace) -> None:
                 ).result()
             rows.append({**row, "method": label})
             scores.append(run_scores)
-            print(markdown_table(rows[-1:]), flush=True)
+            print(markdown_table(rows[-1:], COLUMNS), flush=True)
     print(
         f"Selection benchmark: method={args.method}, task={args.task}, seed={args.seed}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
