@@ -49,8 +49,12 @@ def result_identity(node: Any) -> Any:
 def task_identity(task_cfg: Any) -> Any:
     """A task config's result identity. `task.noise` enters only while it plants noise (share >
     0): switched off it changes nothing, so keys and cells made before the option existed still
-    name the same data and results; switched on, any of its settings makes another key."""
+    name the same data and results; switched on, any of its settings makes another key.
+    `task.fit` (what a CPU recipe needs for this task's examples) is left out: it changes no
+    data, and the train key sees it through the finetune config it feeds."""
     task = result_identity(task_cfg)
+    if isinstance(task, Mapping):
+        task.pop("fit", None)
     noise = task.get("noise") if isinstance(task, Mapping) else None
     if isinstance(task, Mapping) and not (isinstance(noise, Mapping) and noise.get("share")):
         task.pop("noise", None)

@@ -52,3 +52,22 @@ def test_unknown_key_is_an_error() -> None:
         _compose("finetune.learning_rate=0.1")
     with pytest.raises(ConfigCompositionException):
         _compose("bugdet=0.1")
+
+
+def test_a_task_with_long_examples_sizes_the_cpu_recipe_without_moving_keys() -> None:
+    """`task.fit` feeds finetune=lora_embedded, so `task=dialogsum` trains on whole dialogues
+    (384 tokens would cut every summary off); an explicit finetune setting still wins, the
+    prepare key never sees it, and the train key sees it only through the finetune config."""
+    from dwbench.content_hash import stage_key, task_identity
+
+    dialogsum = _compose("task=dialogsum")
+    assert (dialogsum.finetune.max_seq_len, dialogsum.finetune.runtime.micro_batch_size) == (1536, 1)
+    embedded = _compose()
+    assert (embedded.finetune.max_seq_len, embedded.finetune.runtime.micro_batch_size) == (384, 8)
+    assert _compose("task=dialogsum", "finetune.max_seq_len=2048").finetune.max_seq_len == 2048
+    assert _compose("task=dialogsum", "finetune=lora_paper").finetune.max_seq_len == 2048
+    refit = _compose("task=dialogsum", "task.fit.max_seq_len=1024")
+    assert task_identity(refit.task) == task_identity(dialogsum.task)
+    assert stage_key("train", finetune=refit.finetune) != stage_key(
+        "train", finetune=dialogsum.finetune
+    )
