@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dwbench import timing
 from dwbench.content_hash import stable_hash, to_plain
 from dwbench.errors import ConfigError, DwbenchError
 
@@ -397,6 +398,7 @@ def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: Path) -> PreTrainedT
     return tokenizer_from(loading_args(model_cfg, cache_dir))
 
 
+@timing.timed("load")
 def tokenizer_from(args: LoadingArgs) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -414,6 +416,7 @@ def load_causal_lm(model_cfg: Mapping[str, Any], cache_dir: Path, device: str) -
     return model
 
 
+@timing.timed("load")
 def causal_lm_from(args: LoadingArgs, name: str) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 

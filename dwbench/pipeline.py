@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dwbench import timing
 from dwbench.artifacts import ArtifactStore
 from dwbench.cell import cell_key, cell_title
 from dwbench.context import RunContext, zero_shot
@@ -101,6 +102,7 @@ class Outcome:
     last_stage: str
     last_key: str
     summary: Summary | None = None
+    time_s: dict[str, float] | None = None  # seconds per phase of this process (dwbench.timing)
 
     @property
     def output_dir(self) -> Path:
@@ -108,45 +110,53 @@ class Outcome:
 
 
 def run(cfg: DictConfig) -> Outcome:
-    stages = validate(cfg)
-    cache_dir = Path(str(cfg.cache_dir)).expanduser()
-    check_models(cfg, stages, cache_dir)
-    splits = load_task(cfg.task)  # read and checked before anything is written
-    check_method_options(cfg, len(splits.pool))  # its options against the pool it will score
-    if "select" in stages and not zero_shot(cfg):
-        select.subset_size(float(cfg.budget), len(splits.pool))  # a budget that keeps nothing
-    device = resolve_device(str(cfg.device))  # a device this machine lacks, before any write
-    results_dir, read_only = results_folder(Path(str(cfg.results_dir)))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ctx = RunContext(
-        cfg=cfg,
-        store=ArtifactStore(results_dir / "artifacts", read_only=read_only),
-        tracker=ReadOnlyTracker()
-        if read_only
-        else Tracker(
-            str(cfg.tracking.uri),
-            str(cfg.tracking.experiment),
-            results_dir / "mlartifacts",
-            cache_dir,
-        ),
-        device=device,
-        cache_dir=cache_dir,
-    )
-    prepared = prepare.run(cfg.task, ctx.store, splits)
-    logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
-    if not zero_shot(cfg) and cfg.score.shard is not None:  # a part of a sharded score stage
-        require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
-        return Outcome(ctx, *score.run_part(ctx, prepared))
-    key = cell_key(cfg, stages[-1])
-    with (
-        ctx.store.lock("cell", key),
-        ctx.tracker.cell_run(key, cell_title(cfg), ctx.tags()) as cell,
-    ):
-        if cell.new:
-            log_cell_inputs(cell, cfg, prepared)
-        outcome = run_stages(ctx, stages, prepared, cell)
-        if outcome.summary is not None:
-            cell.log_metrics({k: v for k, v in asdict(outcome.summary).items() if v is not None})
+    """The cell, with where its time went (dwbench.timing) logged on its MLflow run."""
+    with timing.cell_clock() as clock:
+        with timing.phase("prepare"):
+            stages = validate(cfg)
+            cache_dir = Path(str(cfg.cache_dir)).expanduser()
+            check_models(cfg, stages, cache_dir)
+            splits = load_task(cfg.task)  # read and checked before anything is written
+            check_method_options(cfg, len(splits.pool))  # its options against the pool it scores
+            if "select" in stages and not zero_shot(cfg):
+                select.subset_size(float(cfg.budget), len(splits.pool))  # a budget keeping nothing
+            device = resolve_device(str(cfg.device))  # a device this machine lacks, before writes
+            results_dir, read_only = results_folder(Path(str(cfg.results_dir)))
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            ctx = RunContext(
+                cfg=cfg,
+                store=ArtifactStore(results_dir / "artifacts", read_only=read_only),
+                tracker=ReadOnlyTracker()
+                if read_only
+                else Tracker(
+                    str(cfg.tracking.uri),
+                    str(cfg.tracking.experiment),
+                    results_dir / "mlartifacts",
+                    cache_dir,
+                ),
+                device=device,
+                cache_dir=cache_dir,
+            )
+            prepared = prepare.run(cfg.task, ctx.store, splits)
+        logger.info("prepare: %d pool examples (%s)", len(prepared.pool), prepared.key)
+        if not zero_shot(cfg) and cfg.score.shard is not None:  # a part of a sharded score stage
+            require(ctx, stages, "score", keys.score_key(cfg, prepared.key))
+            return Outcome(ctx, *score.run_part(ctx, prepared))
+        key = cell_key(cfg, stages[-1])
+        with (
+            ctx.store.lock("cell", key),
+            ctx.tracker.cell_run(key, cell_title(cfg), ctx.tags()) as cell,
+        ):
+            if cell.new:
+                with timing.phase("log"):
+                    log_cell_inputs(cell, cfg, prepared)
+            outcome = run_stages(ctx, stages, prepared, cell)
+            metrics = asdict(outcome.summary) if outcome.summary is not None else {}
+            with timing.phase("log"):
+                cell.log_metrics({k: v for k, v in metrics.items() if v is not None})
+            outcome.time_s = clock.breakdown()
+            cell.log_metrics(clock.as_metrics())
+    logger.info("time: %s", timing.describe(outcome.time_s))
     return outcome
 
 
@@ -172,34 +182,40 @@ def run_stages(ctx: RunContext, stages: list[str], prepared: Prepared, cell: Sta
     cfg, store = ctx.cfg, ctx.store
     if zero_shot(cfg):
         logger.info("budget=0: zero-shot evaluation of the untuned target model")
-        with store.lock("evaluate", keys.zero_shot_key(cfg, prepared.key)):
+        with (
+            store.lock("evaluate", keys.zero_shot_key(cfg, prepared.key)),
+            timing.phase("evaluate"),
+        ):
             evaluated = evaluate.run(ctx, prepared, None)
-        return Outcome(ctx, "evaluate", evaluated.key, log.run_zero_shot(ctx, prepared, evaluated))
+        with timing.phase("log"):
+            summary = log.run_zero_shot(ctx, prepared, evaluated)
+        return Outcome(ctx, "evaluate", evaluated.key, summary)
     last = stages[-1]
     score_key = keys.score_key(cfg, prepared.key)
     require(ctx, stages, "score", score_key)
-    with store.lock("score", score_key):
+    with store.lock("score", score_key), timing.phase("score"):
         scored = score.run(ctx, prepared)
     if last == "score":
         return Outcome(ctx, "score", scored.key)
     select_key = keys.select_key(cfg, scored.key)
     require(ctx, stages, "select", select_key)
-    with store.lock("select", select_key):
+    with store.lock("select", select_key), timing.phase("select"):
         selected = select.run(ctx, prepared, scored)
-    cell.log_artifact(store.stage_dir("select", selected.key) / "selected_ids.json")
+    with timing.phase("log"):
+        cell.log_artifact(store.stage_dir("select", selected.key) / "selected_ids.json")
     if last == "select":
         return Outcome(ctx, "select", selected.key)
     train_key = keys.train_key(cfg, selected.key)
     require(ctx, stages, "train", train_key)
-    with store.lock("train", train_key):
+    with store.lock("train", train_key), timing.phase("train"):
         trained = train.run(ctx, prepared, selected)
     if last == "train":
         return Outcome(ctx, "train", trained.key)
-    with store.lock("evaluate", keys.evaluate_key(cfg, trained.key)):
+    with store.lock("evaluate", keys.evaluate_key(cfg, trained.key)), timing.phase("evaluate"):
         evaluated = evaluate.run(ctx, prepared, trained)
-    return Outcome(
-        ctx, "evaluate", evaluated.key, log.run(ctx, scored, selected, trained, evaluated)
-    )
+    with timing.phase("log"):
+        summary = log.run(ctx, scored, selected, trained, evaluated)
+    return Outcome(ctx, "evaluate", evaluated.key, summary)
 
 
 def results_folder(results_dir: Path) -> tuple[Path, bool]:

@@ -37,6 +37,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from dwbench import timing
+
 logger = logging.getLogger(__name__)
 
 CELL = "cell"  # the `stage` tag of a cell's parent run
@@ -181,6 +183,7 @@ class _RetryOnLock:
         return lambda *args, **kwargs: _retry_on_lock(attribute, *args, **kwargs)
 
 
+@timing.timed("log")  # every MLflow call, wherever it is made, is the cell's `log` time
 def _retry_on_lock(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`call(*args, **kwargs)`, retried while another writer holds the database lock."""
     deadline = time.monotonic() + _RETRY_DEADLINE_S

@@ -178,6 +178,21 @@ def test_mlflow_groups_a_cell_under_one_named_parent(finished_run) -> None:
     assert [m.step for m in losses] == [1, 2, 3] and len(rates) == 3  # finetune.max_steps=3
 
 
+def test_the_cell_run_says_where_its_time_went(finished_run) -> None:
+    """Every phase of dwbench.timing on the cell run; they add up to the cell's wall time, and
+    the phases a fresh cell cannot skip took time."""
+    from dwbench.timing import PHASES, from_metrics
+
+    results, first = finished_run
+    (cell,) = [r for r in runs_of(results) if r.data.tags["stage"] == "cell"]
+    seconds = from_metrics(cell.data.metrics)
+    assert set(seconds) == {*PHASES, "total"}
+    assert sum(seconds[p] for p in PHASES) == pytest.approx(seconds["total"], abs=0.01)
+    for phase in ("startup", "prepare", "load", "train", "evaluate", "log"):
+        assert seconds[phase] > 0, phase
+    assert "time: " in first.stderr and "total" in first.stderr
+
+
 def test_rerun_skips_finished_stages_and_reuses_runs(
     finished_run, tiny_llama_dir, cache_dir
 ) -> None:

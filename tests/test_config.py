@@ -61,7 +61,10 @@ def test_a_task_with_long_examples_sizes_the_cpu_recipe_without_moving_keys() ->
     from dwbench.content_hash import stage_key, task_identity
 
     dialogsum = _compose("task=dialogsum")
-    assert (dialogsum.finetune.max_seq_len, dialogsum.finetune.runtime.micro_batch_size) == (1536, 1)
+    assert (dialogsum.finetune.max_seq_len, dialogsum.finetune.runtime.micro_batch_size) == (
+        1536,
+        1,
+    )
     embedded = _compose()
     assert (embedded.finetune.max_seq_len, embedded.finetune.runtime.micro_batch_size) == (384, 8)
     assert _compose("task=dialogsum", "finetune.max_seq_len=2048").finetune.max_seq_len == 2048

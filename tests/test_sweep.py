@@ -61,6 +61,23 @@ def test_status_of_a_finished_local_sweep(swept) -> None:
     assert counts == {"done": 2, "running": 0, "failed": 0, "missing": 0}
     text = out.export_text()
     assert "budget=0.25" in text and "budget=0.5" in text and text.count("evaluate/") == 2
+    assert text.count("(total ") == 2  # each done cell's time breakdown (dwbench.timing)
+
+
+def test_bench_methods_tabulates_each_cells_time_breakdown(swept, capsys) -> None:
+    from dwbench.bench.__main__ import main as bench
+
+    settings = [o for o in swept if not o.startswith(("+experiment=", "method=", "seed="))]
+    bench(
+        ["methods", "--methods", "random", "--budget", "0.25", "--no-run"]
+        + [f"-o={o}" for o in settings]
+    )
+    printed = capsys.readouterr().out
+    time_table = printed.split("spent its time")[1]
+    header, _, row = time_table.strip().splitlines()[1:4]
+    assert [c.strip() for c in header.strip("|").split("|")][-2:] == ["other", "total"]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "random" and float(cells[-1]) > 0  # the cell's wall time, in seconds
 
 
 def test_plan_lists_exactly_the_missing_cells_with_an_estimate(swept) -> None:

@@ -2,7 +2,7 @@
 (`python -m dwbench`, one process each, a failure does not stop the others; finished stages are
 reused) and print one table: selection precision and AUROC of the score against the embedded
 task's clean flags, score after fine-tuning, selection seconds (with the scorer fine-tune's
-share) and STR.
+share) and STR; then where each cell's last process spent its time (dwbench.timing).
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ METHOD_COLUMNS = (
     "STR",
     "scoring peak RSS MB",
 )
+
+
+def time_row(cell: Any, runs: pd.DataFrame) -> dict:
+    """Seconds per phase of the cell's last process, from its MLflow cell run."""
+    from dwbench.sweep.progress import cell_progress
+    from dwbench.timing import PHASES
+
+    progress = cell_progress(cell, runs)
+    row: dict[str, Any] = {"method": str(cell.cfg.method.name)}
+    if not progress.time_s:
+        return {**row, PHASES[0]: f"({progress.state}; no breakdown logged)"}
+    return {**row, **{p: round(progress.time_s.get(p, 0.0), 1) for p in (*PHASES, "total")}}
 
 
 def method_row(cell: Any, runs: pd.DataFrame) -> dict:
@@ -87,6 +99,12 @@ def methods(args: argparse.Namespace) -> None:
         + (f", overrides: {' '.join(args.override)}" if args.override else "")
     )
     print(markdown_table(rows, METHOD_COLUMNS))
+    from dwbench.timing import PHASES
+
+    print("\nWhere each cell's last run spent its time (seconds; dwbench.timing)")
+    print(
+        markdown_table([time_row(cell, runs) for cell in sweep.cells], ["method", *PHASES, "total"])
+    )
     if args.csv:
         pd.DataFrame(rows, columns=list(METHOD_COLUMNS)).to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

@@ -42,6 +42,7 @@ class Progress:
     state: str
     detail: str = ""
     keys: dict[str, str] = field(default_factory=dict)  # stage -> key, when data was prepared
+    time_s: dict[str, float] = field(default_factory=dict)  # its last process's phases
 
 
 def store_of(cfg: DictConfig) -> ArtifactStore:
@@ -92,7 +93,7 @@ def cell_progress(
     chains = [cell_keys(cell.cfg, key) for key in prepared_keys(cell.cfg)]
     for keys in chains:
         if store.is_done(last, keys[last]):
-            return Progress(DONE, f"{last}/{keys[last]}", keys)
+            return Progress(DONE, f"{last}/{keys[last]}", keys, cell_time(cell.key, runs))
     keys = chains[-1] if chains else {}
     shards = shard_detail(cell.cfg, keys)
     if slurm_state is not None:
@@ -104,6 +105,24 @@ def cell_progress(
     if failed:
         return Progress(FAILED, f"mlflow: {failed} run FAILED{shards}", keys)
     return Progress(MISSING, shards.removeprefix("; "), keys)
+
+
+def cell_time(cell_key: str, runs: pd.DataFrame) -> dict[str, float]:
+    """Where the cell's last process spent its time (dwbench.timing), from its MLflow cell run;
+    empty for a cell logged before the breakdown existed."""
+    from dwbench.timing import from_metrics
+
+    if runs.empty or "tags.cell_key" not in runs:
+        return {}
+    cell = runs[(runs["tags.stage"] == "cell") & (runs["tags.cell_key"] == cell_key)]
+    if cell.empty:
+        return {}
+    metrics = {
+        str(name).removeprefix("metrics."): value
+        for name, value in cell.iloc[0].items()
+        if str(name).startswith("metrics.") and pd.notna(value)
+    }
+    return from_metrics(metrics)
 
 
 def shard_detail(cfg: DictConfig, keys: dict[str, str]) -> str:

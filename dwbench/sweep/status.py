@@ -26,7 +26,9 @@ def status(overrides: list[str], name: str | None, console: Console) -> dict[str
     sweep = load_sweep(overrides, name, progress=False)
     progress = survey(sweep.cells, sweep.dir, runs_by_store(sweep.cells))
     table = Table(title=f"Sweep {sweep.name}")
-    for column in ("#", "cell", "state", "detail", "overrides"):
+    from dwbench.timing import describe
+
+    for column in ("#", "cell", "state", "detail", "time (last run)", "overrides"):
         table.add_column(column, justify="right" if column == "#" else "left")
     axes = varying_overrides(sweep.cells)
     for index, (cell, state) in enumerate(zip(sweep.cells, progress, strict=True)):
@@ -36,6 +38,7 @@ def status(overrides: list[str], name: str | None, console: Console) -> dict[str
             cell.key,
             f"[{style}]{state.state}[/{style}]",
             state.detail,
+            describe(state.time_s) if state.time_s else "",
             " ".join(axes[index]),
         )
     console.print(table)
