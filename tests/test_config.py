@@ -74,3 +74,14 @@ def test_a_task_with_long_examples_sizes_the_cpu_recipe_without_moving_keys() ->
     assert stage_key("train", finetune=refit.finetune) != stage_key(
         "train", finetune=dialogsum.finetune
     )
+
+
+def test_task_fit_passes_the_tasks_own_checks() -> None:
+    """The task loader knows `task.fit` (it rejects unknown task keys), and still rejects
+    a misspelt one inside it."""
+    from dwbench.data.loading import check_task
+    from dwbench.errors import ConfigError
+
+    check_task(_compose("task=dialogsum", "task.path=/data/x").task)
+    with pytest.raises(ConfigError, match="task.fit.max_len"):
+        check_task({"name": "t", "source": "local", "path": "/x", "fit": {"max_len": 1}})

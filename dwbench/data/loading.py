@@ -65,6 +65,8 @@ _DEFAULTS: dict[str, Any] = {
     "shuffle_seed": 0,
     "lm_eval_task": None,
     "noise": NOISE_DEFAULTS,
+    # what finetune=lora_embedded needs for this task's examples (its YAML reads it); no data
+    "fit": {"max_seq_len": None, "micro_batch_size": None},
 }
 _SOURCES = ("hub", "local", "embedded")
 _QUERY_SOURCES = ("pool_kfold", "validation")
