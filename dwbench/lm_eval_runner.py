@@ -103,6 +103,9 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=handle_non_serializable, ensure_ascii=False))
 
 
+GENERATE_CHOICES = ("dwbench", "lm_eval")  # eval.runtime.generate
+
+
 def run_lm_eval(
     model: LoadingArgs,
     task_name: str,
@@ -113,13 +116,17 @@ def run_lm_eval(
     max_new_tokens: int,
     apply_chat_template: bool = True,
     task_manager: TaskManager | None = None,
+    generate: str = "dwbench",
 ) -> EvalResult:
     """Greedy generation on every example of `eval_jsonl`, scored by the task's metric.
 
     `model` says how to load the weights (`dwbench.models.loading_args`: the same folder or hub
-    id, revision and dtype as training); `adapter_dir` is a peft adapter folder loaded on top.
-    Per-sample predictions and scores are matched to the examples by the `id` in the logged
-    document, not by position.
+    id, revision and dtype as training); `adapter_dir` is a peft adapter, merged into those
+    weights before evaluation (one matrix per layer instead of three per step). `generate`:
+    "dwbench" decodes with dwbench.decoding (finished rows leave the batch), "lm_eval" with
+    lm-eval's own `model.generate`; both give the same tokens up to float rounding. Per-sample
+    predictions and scores are matched to the examples by the `id` in the logged document, not
+    by position.
     """
     import lm_eval
 
@@ -129,34 +136,40 @@ def run_lm_eval(
         raise DataError(f"{eval_jsonl}: no examples to evaluate on.")
     if len(set(ids)) != len(ids):
         raise DataError(f"{eval_jsonl}: example ids are not unique; samples could not be matched.")
+    if generate not in GENERATE_CHOICES:
+        raise ConfigError(
+            f"eval.runtime.generate={generate!r} is not one of {', '.join(GENERATE_CHOICES)}."
+        )
 
     task_manager = task_manager or get_task_manager()
     task = _load_task(task_manager, task_name, Path(eval_jsonl), max_new_tokens)
     metric = _task_metric(task)
-
-    model_args = model.lm_eval_model_args()
-    if adapter_dir is not None:
-        model_args["peft"] = str(adapter_dir)
     log.info(
-        "lm-eval %s on %d examples: %s (adapter: %s)",
+        "lm-eval %s on %d examples: %s (adapter: %s, generate: %s)",
         task_name,
         len(ids),
         model.source,
         adapter_dir,
+        generate,
     )
+    evaluated = evaluation_model(model, adapter_dir, batch_size, generate)
     raw = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args,
+        model=evaluated,
         tasks=[task],
         task_manager=task_manager,
-        device=model.device,
-        batch_size=batch_size,
         log_samples=True,
         apply_chat_template=apply_chat_template,
     )
     if raw is None:  # only non-zero ranks of a distributed run get None; dwbench runs one process
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
     results = _json_safe(raw)
+    results["config"]["model_args"] = {  # lm-eval records nothing for a model object
+        **model.lm_eval_model_args(),
+        "peft": str(adapter_dir) if adapter_dir is not None else None,
+        "adapter_merged": adapter_dir is not None,
+        "batch_size": batch_size,
+        "generate": generate,
+    }
 
     by_id = {s["doc"]["id"]: s for s in results["samples"][task_name]}
     if sorted(by_id) != sorted(ids):
@@ -177,6 +190,73 @@ def run_lm_eval(
     return EvalResult(
         metric=metric, score=score, n_examples=len(samples), samples=samples, results=results
     )
+
+
+def evaluation_model(
+    model: LoadingArgs, adapter_dir: Path | None, batch_size: int, generate: str
+) -> Any:
+    """lm-eval's HF model around weights loaded by dwbench.models, the adapter merged in."""
+    from lm_eval.models.huggingface import HFLM
+
+    from dwbench import timing
+    from dwbench.decoding import greedy_settings_problem
+    from dwbench.models import causal_lm_from, tokenizer_from
+
+    tokenizer = tokenizer_from(model)
+    weights = causal_lm_from(model, model.source)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        with timing.phase("load"):
+            weights = PeftModel.from_pretrained(weights, str(adapter_dir)).merge_and_unload()
+            weights.eval()
+    if generate == "lm_eval":
+        return HFLM(pretrained=weights, tokenizer=tokenizer, batch_size=batch_size)
+    problem = greedy_settings_problem(weights)
+    if problem:
+        raise ConfigError(
+            f"{model.source}'s generation config sets {problem}, which dwbench's greedy decoding "
+            "does not apply; set eval.runtime.generate=lm_eval to evaluate with them."
+        )
+    return _greedy_lm_class()(pretrained=weights, tokenizer=tokenizer, batch_size=batch_size)
+
+
+@cache
+def _greedy_lm_class() -> type:
+    """lm-eval's HF model whose greedy generation lets finished rows leave the batch."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+
+    from dwbench.decoding import greedy_generate
+
+    class GreedyHFLM(HFLM):  # type: ignore[misc]
+        def _model_generate(
+            self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any
+        ) -> Any:
+            attention_mask = generation_kwargs.pop("attention_mask")
+            sampling = {
+                k: v
+                for k, v in generation_kwargs.items()
+                if not (k == "do_sample" and not v) and not (k == "temperature" and v == 0.0)
+            }
+            if sampling:
+                raise ConfigError(
+                    f"the lm-eval task asks for generation settings {sampling}; dwbench's "
+                    "decoding is greedy only: set eval.runtime.generate=lm_eval."
+                )
+            criteria = stop_sequences_criteria(
+                self.tokenizer, stop, context.shape[1], context.shape[0]
+            )
+            return greedy_generate(
+                self.model,
+                context,
+                attention_mask,
+                max_length,
+                pad_id=self.tokenizer.pad_token_id,
+                stop=lambda tokens: bool(criteria(tokens, None).all()),
+            )
+
+    return GreedyHFLM
 
 
 def write_results_json(result: EvalResult, path: Path) -> None:

@@ -7,8 +7,8 @@ prefix is computed once for all rows and no row is padded to another's length; l
 attention from the query rows is captured in that same forward pass. A batch holds several
 episodes (left-padded to one width).
 
-`generate` then gathers each row's cache (prefix + own suffix) and decodes greedily with its
-own loop rather than `model.generate`:
+`generate` then gathers each row's cache (prefix + own suffix, in dwbench.decoding's
+RowCacheLayer) and decodes greedily with its own loop rather than `model.generate`:
 - greedy is argmax, so no `generation_config.json` of the model can turn it into sampling;
 - each row stops on its own (end-of-turn token, its answer complete, or the cap), and a
   finished row leaves the batch and its cache, so it stops costing compute;
@@ -24,7 +24,6 @@ what the row's would.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
+from dwbench.decoding import RowCacheLayer, cache_argument
 from dwbench.errors import DwbenchError
 from dwbench.methods.data_whisperer.attention import LayerAttention, demonstration_attention
 from dwbench.methods.data_whisperer.prompts import EncodedEpisode
@@ -87,56 +87,6 @@ class IncrementalText:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return after[len(before) :]
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """transformers >= 5.2x calls the cache `cache`; earlier 5.x releases `past_key_values`."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-class RowCacheLayer(DynamicLayer):
-    """One layer's decoding cache: rows gathered from a packed prefill, with room to grow.
-
-    A plain DynamicLayer concatenates the whole cache at every decoded token (on 2 CPU cores
-    that copy was 38% of decoding); here each new token is written in place into room reserved
-    up front, and attention reads views of the filled part.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-        super().__init__()
-        self.device = keys.device
-        self.length = keys.shape[-2]
-        shape = (*keys.shape[:2], self.length + room)
-        self._keys = keys.new_empty((*shape, keys.shape[-1]))
-        self._values = values.new_empty((*shape, values.shape[-1]))
-        self._keys[..., : self.length, :] = keys
-        self._values[..., : self.length, :] = values
-        self.is_initialized = True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys = self._keys[..., : self.length, :]
-        self.values = self._values[..., : self.length, :]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[-2]:
-            raise DwbenchError("Data Whisperer's decoding cache ran out of its reserved room")
-        self._keys[..., self.length : end, :] = key_states
-        self._values[..., self.length : end, :] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._keys, self._values = self._keys[indices], self._values[indices]
-        self._views()
 
 
 @dataclass
@@ -211,7 +161,7 @@ class EpisodeRunner:
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
         )
-        self.cache_argument = _cache_argument(model)
+        self.cache_argument = cache_argument(model)
 
     def close(self) -> None:
         self.capture.close()
