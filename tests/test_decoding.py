@@ -88,7 +88,7 @@ def test_evaluation_scores_as_lm_evals_own_generation(smollm2_dir: Path, tmp_pat
             path,
             adapter_dir=None,
             batch_size=4,
-            max_new_tokens=48,
+            max_new_tokens=32,
             generate=generate,
         )
         for generate in ("dwbench", "lm_eval")
