@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that only steer scheduling (where a job may run); they cannot change results.
 _SCHEDULING_FIELDS = frozenset({"path", "requires_gpu", "gpu_memory_gb"})
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: native_dtype()
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # The hub probe's HTTP timeout, and a hard deadline for the whole probe: DNS resolution is not
 # covered by the HTTP timeout and can hang far longer on a firewalled node.
@@ -79,6 +79,33 @@ def resolve_device(requested: str) -> str:
     if kind == "mps" and not mps:
         raise ConfigError(f"device={requested} but MPS is not available here; use device=auto.")
     return requested
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA GPU that says so, or a CPU with
+    AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; elsewhere, no). Without it bfloat16 is
+    emulated, and on an AVX2-only CPU it ran 4x slower than float32."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolved_dtype(model_cfg: Mapping[str, Any], device: str) -> str:
+    """The dtype a model computes in on `device`: `auto` is bfloat16 where it is native
+    (native_bfloat16) and float32 elsewhere; on CPU an explicit dtype still runs float32."""
+    name = _dtype_name(model_cfg)
+    if name == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return "float32" if device == "cpu" else name
 
 
 def _dtype_name(model_cfg: Mapping[str, Any], field: str = "model") -> str:
@@ -382,7 +409,7 @@ def loading_args(model_cfg: Mapping[str, Any], cache_dir: Path, device: str = "c
     """The one way a model config turns into loading arguments."""
     source = resolve_model_source(model_cfg, cache_dir)
     on_hub = source == model_cfg.get("id") and bool(model_cfg.get("revision"))
-    dtype = "float32" if device == "cpu" else _dtype_name(model_cfg)
+    dtype = resolved_dtype(model_cfg, device)
     return LoadingArgs(
         source=source,
         revision=str(model_cfg["revision"]) if on_hub else None,

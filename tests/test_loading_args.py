@@ -49,7 +49,7 @@ def recorded(monkeypatch) -> dict[str, list[dict[str, Any]]]:
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model)
 
     def evaluate(**kwargs: Any) -> None:
-        calls["lm_eval"].append(kwargs["model_args"])
+        calls["lm_eval"].append(kwargs.get("model_args"))
         raise Stop
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
@@ -70,19 +70,18 @@ def test_a_pinned_revision_reaches_every_consumer(recorded, tmp_path: Path) -> N
     eval_jsonl.write_text(
         '{"id": "e0", "prompt": "1+1?", "response": "#### 2", "references": ["#### 2"]}\n'
     )
-    with pytest.raises(Stop):
+    with pytest.raises(Stop):  # evaluation: lm-eval gets the model dwbench.models loaded
         lm_eval_runner.run_lm_eval(
             args, "dwbench_gsm8k", eval_jsonl, adapter_dir=None, batch_size=1, max_new_tokens=4
         )
     loads = recorded["tokenizer"] + recorded["model"]
-    assert len(recorded["tokenizer"]) == 3 and len(recorded["model"]) == 3
+    assert len(recorded["tokenizer"]) == 4 and len(recorded["model"]) == 4
     assert {(c["source"], c["revision"]) for c in loads} == {("org/pinned-model", "0123abcd")}
     for call in recorded["model"]:
         assert call["use_safetensors"] is True
     assert str(recorded["model"][0]["dtype"]) == "torch.bfloat16"
-    (lm_eval_args,) = recorded["lm_eval"]
-    assert lm_eval_args["pretrained"] == "org/pinned-model"
-    assert lm_eval_args["revision"] == "0123abcd" and lm_eval_args["dtype"] == "bfloat16"
+    assert str(recorded["model"][-1]["dtype"]) == "torch.bfloat16"
+    assert recorded["lm_eval"] == []  # never asked to load a model by name
 
 
 def test_a_local_folder_has_no_revision_and_cpu_runs_float32(tmp_path: Path) -> None:
@@ -110,3 +109,30 @@ def test_only_dwbench_models_loads_transformers_models() -> None:
             ):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not found, found
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_native(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    auto = OmegaConf.create({**PINNED, "path": str(tmp_path), "dtype": "auto"})
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: True)
+    assert models.loading_args(auto, tmp_path, "cpu").dtype == "bfloat16"
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: False)
+    assert models.loading_args(auto, tmp_path, "cpu").dtype == "float32"
+    assert models.loading_args(auto, tmp_path, "cuda").dtype == "float32"
+    explicit = OmegaConf.create({**PINNED, "path": str(tmp_path), "dtype": "bfloat16"})
+    assert models.loading_args(explicit, tmp_path, "cpu").dtype == "float32"  # as before
+
+
+def test_native_bfloat16_reads_the_cpu_flags(monkeypatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = models.Path
+
+    def fake_path(name: str) -> Path:
+        return cpuinfo if name == "/proc/cpuinfo" else real_path(name)
+
+    monkeypatch.setattr(models, "Path", fake_path)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert not models.native_bfloat16("cpu")
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert models.native_bfloat16("cpu")
+    assert not models.native_bfloat16("mps")

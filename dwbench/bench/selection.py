@@ -4,8 +4,9 @@ sizes and print a markdown table: seconds per pool example (model loading exclud
 per episode, parse-failure rate, share of queries answered correctly, distinct scores, peak RSS
 and, where the task knows its clean examples, the AUROC of the score against them (read only
 here, after scoring). `--variants` runs Data Whisperer's layouts x scorings side by side and adds
-the Spearman correlation of each variant's scores with the others'. Each run is a fresh process,
-so its peak memory is its own.
+the Spearman correlation of each variant's scores with the others'; `--dtypes float32 auto` runs
+each in both selector dtypes, so that table also says how far bfloat16 moves the scores. Each
+run is a fresh process, so its peak memory is its own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dwbench.errors import DwbenchError
 COLUMNS = (
     "pool",
     "method",
+    "dtype",
     "score s",
     "load s",
     "s / example",
@@ -56,7 +58,7 @@ def run_selection(
     from dwbench.memory import PeakMemory
     from dwbench.methods.base import ScoringContext, method_stats
     from dwbench.methods.registry import method_class
-    from dwbench.models import resolve_model_source
+    from dwbench.models import resolve_model_source, resolved_dtype
 
     logging.basicConfig(level=logging.WARNING)
     cfg = compose(method, task, pool_size, seed, overrides)
@@ -78,6 +80,7 @@ def run_selection(
     row = {
         "pool": len(splits.pool),
         "method": method,
+        "dtype": resolved_dtype(cfg.selector_model, context.device),
         "score s": wall,
         "load s": load_s,
         "s / example": stats.get("seconds_per_example", (wall - load_s) / len(splits.pool)),
@@ -111,6 +114,12 @@ def selection(args: argparse.Namespace) -> None:
     runs = [(v, [*VARIANTS[v], *args.override]) for v in variants] or [
         (args.method, list(args.override))
     ]
+    if args.dtypes:  # each run once per selector dtype; Spearman then compares them too
+        runs = [
+            (f"{label} ({dtype})", [*overrides, f"selector_model.dtype={dtype}"])
+            for label, overrides in runs
+            for dtype in args.dtypes
+        ]
     rows, scores = [], []
     context = multiprocessing.get_context("spawn")  # fresh interpreter: its own peak RSS
     for pool_size in args.pool_sizes:
@@ -152,5 +161,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help=f"Data Whisperer variants to compare: {', '.join(VARIANTS)} or all",
     )
     sel.add_argument("--seed", type=int, default=0, help="run seed (episodes, shuffles)")
+    sel.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=[],
+        help="selector dtypes to run each variant in, e.g. float32 auto (auto: bfloat16 where "
+        "native); the Spearman table then compares each with float32",
+    )
     add_override_option(sel)
     sel.set_defaults(handler=selection)

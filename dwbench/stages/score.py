@@ -34,6 +34,7 @@ from dwbench.methods.base import (
     shared_work,
 )
 from dwbench.methods.registry import method_class
+from dwbench.models import resolved_dtype
 from dwbench.stages.keys import score_key
 from dwbench.stages.method_builder import build_method
 from dwbench.stages.outputs import Prepared, Scored
@@ -135,7 +136,10 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
                 method_stats=stats,
                 scorer_train_s=scorer_train_s,
                 scorer_train_keys=[run.key for run in scorer_trainer.runs],
+                # what selector_model.dtype (auto: per hardware) computed in
+                selector_dtype=resolved_dtype(ctx.cfg.selector_model, ctx.device),
             )
+        mlflow_run.set_tags({"selector_dtype": marker["selector_dtype"]})
         mlflow_run.log_metrics(
             {
                 "selection_s": selection_s,
