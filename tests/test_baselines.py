@@ -106,6 +106,28 @@ def test_grand_equals_per_example_autograd_of_the_model_loss(
     assert len(set(np.round(norms, 6))) == len(EXAMPLES)
 
 
+def test_batched_example_gradients_equal_one_example_at_a_time(
+    tiny_llama_dir: Path, tiny_model_cfg: Any, cache_dir: Path
+) -> None:
+    """Several examples of different lengths per backward pass: each one's gradient is still its
+    own, element for element, whatever the batch (LESS and GraNd's runtime.gradient_batch_size)."""
+    model, tokenizer = _tiny(tiny_llama_dir, tiny_model_cfg, cache_dir)
+    model = _lora_with_random_b(model)
+    records = lm_signals.encode(tokenizer, EXAMPLES, 256)
+    assert len({len(r["input_ids"]) for r in records}) > 1  # padding inside a batch
+    params = lm_signals.gradient_parameters(model, "all")
+    one = torch.stack(list(lm_signals.example_gradients(model, records, params, "", 1)))
+    for batch_size in (2, len(records)):
+        batched = torch.stack(
+            list(lm_signals.example_gradients(model, records, params, "", batch_size))
+        )
+        assert torch.allclose(batched, one, rtol=1e-4, atol=1e-7)
+    assert one.abs().sum(dim=1).min() > 0
+    with pytest.raises(ConfigError, match="gradient_batch_size=1"):
+        layer_norm = [(n, p) for n, p in model.named_parameters() if "norm" in n][:1]
+        list(lm_signals.example_gradients(model, records, layer_norm, "", 2))
+
+
 def test_last_v_proj_b_scope_is_the_last_layers_v_proj_lora_b_only(
     tiny_llama_dir: Path, tiny_model_cfg: Any, cache_dir: Path
 ) -> None:

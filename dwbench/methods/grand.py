@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from dwbench.data.records import Example
 from dwbench.methods import lm_signals
@@ -29,7 +30,10 @@ class GraNd(PerExampleShards):
         whole_pool_fine_tune(self.context, pool, "grand")
 
     def unit_size(self) -> int:
-        return 1  # a gradient per example, batch size 1 (GraNd's definition)
+        """A unit is one backward pass: `runtime.gradient_batch_size` consecutive pool examples
+        (each still gets its own batch-size-1 gradient), so a shard runs the passes an
+        unsharded run would."""
+        return int(self.context.method_cfg["runtime"]["gradient_batch_size"])
 
     def example_values(
         self, pool: list[Example], units: range | None
@@ -42,8 +46,17 @@ class GraNd(PerExampleShards):
         )
         params = lm_signals.gradient_parameters(model, str(cfg["parameters"]))
         records = lm_signals.encode(tokenizer, pool, int(cfg["max_seq_len"]))
-        rows = np.arange(len(pool)) if units is None else np.arange(units.start, units.stop)
-        norms = lm_signals.gradient_norms(model, [records[i] for i in rows], params, desc="GraNd")
+        size = self.unit_size()
+        units = range(self.shard_units(pool)) if units is None else units
+        passes = [range(u * size, min((u + 1) * size, len(pool))) for u in units]
+        rows = np.array([i for rows in passes for i in rows], dtype=np.int64)
+        with tqdm(total=len(rows), desc="GraNd", unit="ex") as progress:
+            norms = []
+            for pass_rows in passes:
+                batch = [records[i] for i in pass_rows]
+                norms.append(lm_signals.gradient_norms(model, batch, params, "", size))
+                progress.update(len(batch))
+        norms = np.concatenate(norms) if norms else np.zeros(0)
         self.stats = {
             "gradient_parameters": float(sum(p.numel() for _, p in params)),
             "gradient_tensors": float(len(params)),

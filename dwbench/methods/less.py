@@ -70,6 +70,7 @@ OPTIONS: Rules = [
     ("proj_dim", whole_at_least(1), "8192"),
     ("n_targets", whole_at_least(1), "8"),
     ("runtime.examples_per_shard", whole_at_least(1), "64"),
+    ("runtime.gradient_batch_size", whole_at_least(1), "8"),
 ]
 
 
@@ -207,7 +208,8 @@ class LESS:
         """The examples' LoRA gradients, Adam-preconditioned when `moments` are given."""
         import torch
 
-        grads = torch.stack(list(lm_signals.example_gradients(model, records, params, desc)))
+        batch = int(self.context.method_cfg["runtime"]["gradient_batch_size"])
+        grads = torch.stack(list(lm_signals.example_gradients(model, records, params, desc, batch)))
         if moments is None:
             return grads
         exp_avg, exp_avg_sq, step = moments

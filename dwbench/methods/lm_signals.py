@@ -251,17 +251,95 @@ def example_gradients(
     records: Sequence[Record],
     params: Sequence[tuple[str, torch.Tensor]],
     desc: str = "gradients",
+    batch_size: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Each example's flat float32 gradient over `params`, one example at a time.
+    """Each example's flat float32 gradient over `params` (the gradient of its own mean
+    response NLL), in record order.
 
-    Batch size 1 is what GraNd and LESS define; only one example's gradient exists at a time.
+    Batch size 1 is what GraNd and LESS define. `batch_size` > 1 gives the same gradients up to
+    float rounding, several examples per forward and backward pass: `params` must then be LoRA
+    A/B matrices, and each example's gradient of such a matrix is the sum over its tokens of the
+    outer product of the gradient reaching the matrix's output with its input (Opacus's
+    per-sample rule for a linear layer), read from the batch's one backward pass. Examples in a
+    batch never see each other: right padding, causal attention, no loss on padding.
     """
     import torch
 
     tensors = [p for _, p in params]
-    for record in tqdm(records, desc=desc, unit="ex"):
-        grads = torch.autograd.grad(example_loss(model, record), tensors)
-        yield torch.cat([g.reshape(-1).float() for g in grads])
+    if batch_size <= 1:
+        for record in tqdm(records, desc=desc, unit="ex", disable=not desc):
+            grads = torch.autograd.grad(example_loss(model, record), tensors)
+            yield torch.cat([g.reshape(-1).float() for g in grads])
+        return
+    layers = _lora_linears(model, params)
+    offsets = np.cumsum([0] + [p.numel() for p in tensors])
+    out = torch.zeros(len(records), int(offsets[-1]))
+    with tqdm(total=len(records), desc=desc, unit="ex", disable=not desc) as progress:
+        for batch in _batches(records, batch_size):
+            batch_grads = _batch_gradients(model, [records[i] for i in batch], layers)
+            for i, grads in zip(batch, batch_grads, strict=True):
+                for j, grad in enumerate(grads):
+                    out[i, offsets[j] : offsets[j + 1]] = grad.reshape(-1)
+            progress.update(len(batch))
+    yield from out
+
+
+def _lora_linears(
+    model: PreTrainedModel, params: Sequence[tuple[str, torch.Tensor]]
+) -> list[torch.nn.Module]:
+    """The linear module of each LoRA weight in `params`, in order (an error for anything else)."""
+    import torch
+
+    modules = []
+    for name, _ in params:
+        owner = name.removesuffix(".weight")
+        module = model.get_submodule(owner) if owner != name else None
+        if (
+            "lora_" not in name
+            or not isinstance(module, torch.nn.Linear)
+            or module.bias is not None
+        ):
+            raise ConfigError(
+                f"batched per-example gradients need LoRA A/B matrices; {name} is not one: "
+                "set the method's runtime.gradient_batch_size=1"
+            )
+        modules.append(module)
+    return modules
+
+
+def _batch_gradients(
+    model: PreTrainedModel, batch: Sequence[Record], layers: Sequence[torch.nn.Module]
+) -> list[list[torch.Tensor]]:
+    """Per example of `batch`, the gradient of each layer's weight (its own loss only)."""
+    import torch
+
+    inputs: dict[int, torch.Tensor] = {}
+    output_grads: dict[int, torch.Tensor] = {}
+
+    def capture(index: int) -> Any:
+        def hook(module: Any, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            inputs[index] = args[0].detach()
+            output.register_hook(lambda grad: output_grads.__setitem__(index, grad.detach()))
+
+        return hook
+
+    handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
+    try:
+        device = next(model.parameters()).device
+        ids, labels, mask = _padded(batch, device)
+        logits, targets, rows = response_logits(model, ids, labels, mask)
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        per_example = torch.zeros(len(batch), device=nll.device).index_add_(0, rows, nll)
+        counts = torch.bincount(rows, minlength=len(batch)).clamp(min=1)
+        torch.autograd.grad((per_example / counts).sum(), [layer.weight for layer in layers])
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = [
+        torch.einsum("nto,nti->noi", output_grads[i].float(), inputs[i].float()).cpu()
+        for i in range(len(layers))
+    ]
+    return [[grads[n] for grads in per_layer] for n in range(len(batch))]
 
 
 def gradient_norms(
@@ -269,10 +347,10 @@ def gradient_norms(
     records: Sequence[Record],
     params: Sequence[tuple[str, torch.Tensor]],
     desc: str = "gradient norms",
+    batch_size: int = 1,
 ) -> np.ndarray:
-    return np.array(
-        [float(g.norm()) for g in example_gradients(model, records, params, desc)], dtype=float
-    )
+    gradients = example_gradients(model, records, params, desc, batch_size)
+    return np.array([float(g.norm()) for g in gradients], dtype=float)
 
 
 def with_fresh_lora(model: PreTrainedModel, lora: Mapping[str, Any], seed: int) -> PreTrainedModel:
