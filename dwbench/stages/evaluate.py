@@ -22,13 +22,11 @@ from dwbench.stages.outputs import Evaluated, Prepared, Trained
 
 logger = logging.getLogger(__name__)
 # Prompts per generate call when eval.runtime.batch_size is null. CPU: measured on 2 cores with
-# SmolLM2-135M (32 short prompts: 0.49 s per problem, 8: 1.8 s). cuda / mps: stated, not measured
-# here (64 prompts of ~1k tokens with an 8B target in bf16 fit a 40 GB GPU with room to spare).
-EVAL_BATCH_SIZE = {
-    "cpu": 128,
-    "cuda": 64,
-    "mps": 16,
-}  # cpu: 200 embedded problems 31 s at 128, 39 s at 64, 43 s at 32
+# SmolLM2-135M and dwbench's greedy decoding, 200 embedded problems with an adapter: 31 s at 128,
+# 39 s at 64, 43 s at 32 (finished rows leave the batch, so a larger one costs little).
+# cuda / mps: stated, not measured here (64 prompts of ~1k tokens with an 8B target in bf16 fit
+# a 40 GB GPU with room to spare).
+EVAL_BATCH_SIZE = {"cpu": 128, "cuda": 64, "mps": 16}
 
 
 def eval_batch_size(configured: int | None, device: str) -> int:
