@@ -48,6 +48,6 @@ def test_runtime_defaults_follow_the_device() -> None:
     from dwbench.methods.data_whisperer.settings import EPISODES_PER_CALL
     from dwbench.stages.evaluate import eval_batch_size
 
-    assert [eval_batch_size(None, d) for d in ("cpu", "cuda:0", "mps")] == [32, 64, 16]
+    assert [eval_batch_size(None, d) for d in ("cpu", "cuda:0", "mps")] == [128, 64, 16]
     assert eval_batch_size(4, "cuda") == 4  # a configured size wins
     assert EPISODES_PER_CALL["cuda"]["generate"] > EPISODES_PER_CALL["cpu"]["generate"]
