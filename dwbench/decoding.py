@@ -98,15 +98,12 @@ class RowCacheLayer(DynamicLayer):
 
 
 def growing_cache(model: PreTrainedModel, prefill: DynamicCache, room: int) -> DynamicCache:
-    """`prefill`'s layers as RowCacheLayers with `room` tokens reserved; full attention only."""
+    """`prefill`'s layers as RowCacheLayers with `room` tokens reserved; a cache with other
+    layers (Gemma 3's sliding windows, which trim themselves) stays transformers' own."""
+    if any(type(layer) is not DynamicLayer for layer in prefill.layers):
+        return prefill
     cache = DynamicCache(config=model.config)
     for i, layer in enumerate(prefill.layers):
-        if type(layer) is not DynamicLayer:
-            raise DwbenchError(
-                f"{type(model).__name__} caches some layers as {type(layer).__name__} (a sliding "
-                "window?); dwbench's greedy decoding supports full attention only: set "
-                "eval.runtime.generate=lm_eval for this model"
-            )
         cache.layers[i] = RowCacheLayer(layer.keys, layer.values, room)
     return cache
 

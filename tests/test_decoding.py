@@ -98,3 +98,44 @@ def test_evaluation_scores_as_lm_evals_own_generation(smollm2_dir: Path, tmp_pat
     assert ours.score == theirs.score
     assert ours.results["config"]["model_args"]["generate"] == "dwbench"
     assert len({len(s["prediction"]) for s in ours.samples}) > 1  # answers of different lengths
+
+
+def test_same_tokens_as_generate_on_sliding_window_layers() -> None:
+    """Gemma 3 mixes sliding-window layers into its cache: they keep transformers' own cache
+    layers (which trim to the window), and the tokens still equal `generate`'s."""
+    from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+    model = Gemma3ForCausalLM(config).to(torch.float64).eval()
+    layers = DynamicCache(config=model.config).layers
+    assert type(layers[0]).__name__ == "DynamicSlidingWindowLayer"  # the path under test
+    ids = torch.randint(3, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids[1, :3] = 0
+    cap = ids.shape[1] + 10
+    free = model.generate(
+        ids, attention_mask=mask, max_length=cap, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    end = {int(free[0, ids.shape[1] + 3])}
+    expected = model.generate(
+        ids,
+        attention_mask=mask,
+        max_length=cap,
+        do_sample=False,
+        eos_token_id=sorted(end),
+        pad_token_id=0,
+    )
+    got = greedy_generate(model, ids, mask, cap, pad_id=0, eos_ids=end)
+    assert torch.equal(got, expected)
