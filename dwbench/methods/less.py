@@ -121,22 +121,34 @@ class LESS:
         return -(-len(pool) // self._per_block())
 
     def score_units(self, pool: list[Example], units: range, work_dir: Path) -> dict[str, float]:
+        """Each block's gradients at every snapshot, projected in one call: the projection
+        matrix is regenerated per call (too large to keep), so one call per block rather than
+        one per block and snapshot. A block's features are written together, per snapshot."""
+        import torch
+
         start = time.perf_counter()
         run = self._warmup(pool)
         model, params, projector = self._gradient_model(run)
         records = self._encode(model, pool)
         features = FeatureShards(Path(work_dir) / FEATURES)
         per_block = self._per_block()
-        for snapshot in run.snapshots:
-            lm_signals.swap_adapter(model, snapshot.adapter_dir)
-            moments = flat_moments(snapshot, params)
-            name = f"pool-epoch{snapshot.epoch}"
-            for index in units:
-                if not features.done(name, index):
-                    block = records[index * per_block : (index + 1) * per_block]
-                    desc = f"LESS {name} {index * per_block}-{index * per_block + len(block)}"
-                    grads = self._gradients(model, block, params, desc, snapshot, moments)
-                    features.write(name, index, unit_rows(projector.project(grads)))
+        moments = {s.epoch: flat_moments(s, params) for s in run.snapshots}
+        names = {s.epoch: f"pool-epoch{s.epoch}" for s in run.snapshots}
+        for index in units:
+            if all(features.done(name, index) for name in names.values()):
+                continue
+            block = records[index * per_block : (index + 1) * per_block]
+            grads = []
+            for snapshot in run.snapshots:
+                lm_signals.swap_adapter(model, snapshot.adapter_dir)
+                name = names[snapshot.epoch]
+                desc = f"LESS {name} {index * per_block}-{index * per_block + len(block)}"
+                grads.append(
+                    self._gradients(model, block, params, desc, snapshot, moments[snapshot.epoch])
+                )
+            projected = unit_rows(projector.project(torch.cat(grads)))
+            for snapshot, part in zip(run.snapshots, projected.split(len(block)), strict=True):
+                features.write(names[snapshot.epoch], index, part)
         return {"feature_blocks": float(len(units)), "seconds": time.perf_counter() - start}
 
     def merge_units(self, pool: list[Example], shard_dirs: list[Path]) -> pd.DataFrame:
@@ -146,17 +158,20 @@ class LESS:
         targets, target_positions = self._targets(pool)
         model, params, projector = self._gradient_model(run)
         target_records = self._encode(model, targets)
-        pool_features, target_features, lrs = [], [], []
+        pool_features, target_grads, lrs = [], [], []
         for snapshot in run.snapshots:
             lm_signals.swap_adapter(model, snapshot.adapter_dir)
             desc = f"LESS targets-epoch{snapshot.epoch}"
-            grads = self._gradients(model, target_records, params, desc, snapshot, None)
-            target_features.append(unit_rows(projector.project(grads)))
+            target_grads.append(
+                self._gradients(model, target_records, params, desc, snapshot, None)
+            )
             name = f"pool-epoch{snapshot.epoch}"
             pool_features.append(
                 read_blocks([FeatureShards(Path(d) / FEATURES) for d in shard_dirs], name)
             )
             lrs.append(snapshot.mean_lr)
+        projected = unit_rows(projector.project(torch.cat(target_grads)))  # one call, as above
+        target_features = list(projected.split(len(target_records)))
         if len(pool_features[0]) != len(pool):
             raise DwbenchError(
                 f"LESS features hold {len(pool_features[0])} pool examples, not {len(pool)}: "
