@@ -23,19 +23,15 @@ def _left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Ten
     return batch["input_ids"], batch["attention_mask"]
 
 
-def test_same_tokens_as_generate_with_rows_ending_at_different_steps(tiny_llama_dir: Path) -> None:
-    """float64, so only the algorithm could differ: a row ends at an end id at its own step, its
-    later places are padding, the others go on to the cap."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
-    ids, mask = _left_padded(tokenizer, PROMPTS)
-    cap = ids.shape[1] + 12
+def _generate_then_compare(
+    model, ids, mask, cap: int, ends_at: list[tuple[int, int]]
+) -> tuple[torch.Tensor, set[int]]:
+    """End ids picked from an unstopped `generate` (row, step after the prompt), so rows end at
+    different steps; then dwbench's tokens must equal `generate`'s with those end ids."""
     free = model.generate(
         ids, attention_mask=mask, max_length=cap, do_sample=False, eos_token_id=None, pad_token_id=0
     )
-    ends = {int(free[0, ids.shape[1] + 2]), int(free[2, ids.shape[1] + 5])}  # rows 0, 2 end early
+    ends = {int(free[row, ids.shape[1] + step]) for row, step in ends_at}
     expected = model.generate(
         ids,
         attention_mask=mask,
@@ -46,7 +42,20 @@ def test_same_tokens_as_generate_with_rows_ending_at_different_steps(tiny_llama_
     )
     got = greedy_generate(model, ids, mask, cap, pad_id=0, eos_ids=ends)
     assert torch.equal(got, expected)
-    assert (got[:, ids.shape[1] :] == 0).any()  # some row did end and was padded
+    return expected, ends
+
+
+def test_same_tokens_as_generate_with_rows_ending_at_different_steps(tiny_llama_dir: Path) -> None:
+    """float64, so only the algorithm could differ: a row ends at an end id at its own step, its
+    later places are padding, the others go on to the cap."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
+    ids, mask = _left_padded(tokenizer, PROMPTS)
+    cap = ids.shape[1] + 12
+    expected, ends = _generate_then_compare(model, ids, mask, cap, [(0, 2), (2, 5)])
+    assert (expected[:, ids.shape[1] :] == 0).any()  # some row did end and was padded
     stopped = greedy_generate(
         model, ids, mask, cap, pad_id=0, eos_ids=ends, stop=lambda t: t.shape[1] >= ids.shape[1] + 3
     )
@@ -125,17 +134,4 @@ def test_same_tokens_as_generate_on_sliding_window_layers() -> None:
     mask[1, :3] = 0  # left padding
     ids[1, :3] = 0
     cap = ids.shape[1] + 10
-    free = model.generate(
-        ids, attention_mask=mask, max_length=cap, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    end = {int(free[0, ids.shape[1] + 3])}
-    expected = model.generate(
-        ids,
-        attention_mask=mask,
-        max_length=cap,
-        do_sample=False,
-        eos_token_id=sorted(end),
-        pad_token_id=0,
-    )
-    got = greedy_generate(model, ids, mask, cap, pad_id=0, eos_ids=end)
-    assert torch.equal(got, expected)
+    _generate_then_compare(model, ids, mask, cap, [(0, 3)])
