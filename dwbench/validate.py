@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from dwbench.data.metrics import METRICS
 from dwbench.errors import ConfigError
+from dwbench.lm_eval_runner import GENERATE_CHOICES
 from dwbench.models import DEVICES, DTYPES
 
 Check = Callable[[Any], bool]
@@ -112,7 +113,7 @@ RULES: Rules = [
     ("finetune.runtime.bf16", BOOLEAN, "false"),
     ("eval.max_new_tokens", TOKENS, "256"),
     ("eval.runtime.batch_size", optional(whole_at_least(1)), "32"),
-    ("eval.runtime.generate", one_of("dwbench", "lm_eval"), "dwbench"),
+    ("eval.runtime.generate", one_of(*GENERATE_CHOICES), "dwbench"),
     ("eval.apply_chat_template", BOOLEAN, "true"),
     ("task.metric", one_of(*METRICS), "exact_match_number"),
     ("task.answer_max_tokens", TOKENS, "128"),
