@@ -22,7 +22,7 @@ from test_shards import PER_EXAMPLE_SHARDING
 
 from dwbench import pipeline
 from dwbench.config_files import CONF_DIR
-from dwbench.data.records import Example
+from dwbench.data.records import Example, read_jsonl
 from dwbench.errors import ConfigError
 from dwbench.methods import lm_signals
 from dwbench.methods.base import ScoringContext
@@ -285,6 +285,39 @@ def test_every_baseline_selects_the_same_examples_with_the_same_seed(
         selections.append(checked_selection(method, tmp_path / attempt))
     assert selections[0][0] == selections[1][0]
     np.testing.assert_allclose(selections[0][1]["score"], selections[1][1]["score"], rtol=1e-5)
+
+
+def test_whole_pool_cell_and_scorer_share_one_fine_tune_equal_to_a_plain_one(
+    tmp_path: Path, tiny_llama_dir: Path, cache_dir: Path
+) -> None:
+    """A whole-pool cell's fine-tune of the target is EL2N's scorer fine-tune (one training, read
+    by both), and its adapter is bit for bit what a fine-tune without epoch snapshots makes."""
+    from safetensors.torch import load_file
+
+    from dwbench.lora import Recipe, fine_tune
+
+    results = tmp_path / "shared"
+    pipeline.run(_config("el2n", results, tiny_llama_dir))
+    whole_pool = _config("random", results, tiny_llama_dir, "budget=1.0", "stages=[score,select,train]")
+    pipeline.run(whole_pool)
+    markers = [
+        json.loads(p.read_text()) for p in (results / "artifacts" / "train").glob("*/_SUCCESS.json")
+    ]
+    (scorer,) = [m for m in markers if m.get("role") == "scorer"]
+    (cell,) = [m for m in markers if m.get("role") != "scorer"]
+    assert cell["scorer_key"] == scorer["key"] and cell["budget"] == 1.0
+    assert cell["train_s"] == scorer["train_s"] and cell["group"] == scorer["group"]
+    shared = load_file(
+        str(results / "artifacts" / "train" / cell["key"] / "adapter" / "adapter_model.safetensors")
+    )
+
+    pool = read_jsonl(next((results / "artifacts" / "prepare").glob("*/pool.jsonl")))
+    recipe = Recipe(whole_pool.target_model, whole_pool.finetune, 0, "cpu", cache_dir)
+    fine_tune(recipe, pool, tmp_path / "plain-scratch", tmp_path / "plain")
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    assert shared.keys() == plain.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(shared[name], tensor), name
 
 
 def test_one_scorer_fine_tune_serves_every_method_and_counts_each_time(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,8 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
         return load(ctx, key)
     chosen = set(selected.ids)
     subset = [ex for ex in prepared.pool if ex.id in chosen]
+    if len(subset) == len(prepared.pool):
+        return _whole_pool(ctx, prepared, subset, key)
     params = {"finetune": ctx.cfg.finetune, "target_model": ctx.cfg.target_model}
     scratch = ctx.store.scratch_dir("train", key)
     with ctx.tracker.stage_run("train", key, ctx.tags(), params) as mlflow_run:
@@ -69,6 +72,45 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
         mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
         mlflow_run.log_history(history, PER_STEP)
     return load(ctx, key)
+
+
+def _whole_pool(ctx: RunContext, prepared: Prepared, pool: list[Example], key: str) -> Trained:
+    """The target fine-tuned on the whole pool, made through the scorer cache.
+
+    It is the same computation as the scorer fine-tune of the same model, recipe and seed (the
+    same examples in pool order; the epoch snapshots only save), so whichever comes first, this
+    cell or a method that fine-tunes the target on the pool (S2L, GraNd, EL2N, ...), trains it
+    and the other reads it. The train entry copies its adapter and records `scorer_key`.
+    """
+    run = scorer_fine_tune(ctx, prepared, pool, Recipe.of_target(ctx))
+    source = ctx.store.stage_dir("train", run.key)
+    scorer = ctx.store.marker("train", run.key)
+    params = {"finetune": ctx.cfg.finetune, "target_model": ctx.cfg.target_model}
+    with ctx.tracker.stage_run("train", key, ctx.tags(), params) as mlflow_run:
+        with ctx.store.writing("train", key) as (out, marker):
+            shutil.copytree(run.adapter_dir, out / "adapter")
+            shutil.copy2(source / "train_log.json", out / "train_log.json")
+            marker.update(
+                {k: v for k, v in scorer.items() if k in _WHOLE_POOL_FIELDS or k[:6] == "train_"},
+                scorer_key=run.key,
+                budget=float(ctx.cfg.budget),
+            )
+        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+        mlflow_run.log_history(json.loads((source / "train_log.json").read_text()), PER_STEP)
+    return load(ctx, key)
+
+
+# what a whole-pool train entry takes from the scorer fine-tune's marker, besides every train_*
+_WHOLE_POOL_FIELDS = (
+    "load_s",
+    "n_examples",
+    "epochs",
+    "steps",
+    "examples_per_s",
+    "resumed",
+    "group",
+    "n_pool",
+)
 
 
 class ScorerTrainer:
