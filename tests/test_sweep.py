@@ -93,6 +93,15 @@ def test_plan_lists_exactly_the_missing_cells_with_an_estimate(swept) -> None:
     assert meta["name"] == "embedded_table2" and meta["slurm"]["parallel"] == 8
 
 
+def test_a_method_that_never_scored_has_no_estimate(swept) -> None:
+    """Its scoring may take minutes or hours, which only its first run tells: the plan says
+    "no estimate" rather than one that leaves the scoring out."""
+    others = [o for o in swept if o != "method=random"]
+    path = plan_command.plan([*others, "method=perplexity_low", "budget=0.25"], None, console())
+    planned, _ = slurm.read_plan(path)
+    assert len(planned) == 1 and planned[0].estimate_s is None
+
+
 def test_a_failed_stage_run_makes_the_cell_failed_and_planned_again(swept) -> None:
     cell = load_sweep([*swept, "budget=0.75"], progress=False).cells[0]
     keys = cell_keys(cell.cfg, prepared_keys(cell.cfg)[-1])

@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -203,7 +204,10 @@ def estimate_seconds(
     ):
         scored.add(chain["score"])
         past = _finished(runs, "score", method=method, selector=selector, task=task)
-        seconds += _mean(past, "selection_s") or 0.0
+        selection_s = _mean(past, "selection_s")
+        if selection_s is None and _scores_with_a_model(cfg.method):
+            return None  # its first run: a cost only that run can tell (minutes to hours)
+        seconds += selection_s or 0.0
     if "train" in chain and not (keys and store.is_done("train", chain["train"])):
         trains = _finished(runs, "train", target=target)
         throughput, n_pool = _mean(trains, "examples_per_s"), pool_size(cfg, keys, runs)
@@ -219,6 +223,14 @@ def estimate_seconds(
     if eval_s is None:
         return None
     return seconds + eval_s
+
+
+def _scores_with_a_model(method_cfg: Any) -> bool:
+    """Whether scoring loads a model (selector, proxy, ...); Random and the oracle do not."""
+    from dwbench.methods.registry import method_class
+
+    found = method_class(method_cfg)
+    return bool(getattr(found, "needs_selector", True) or getattr(found, "extra_models", ()))
 
 
 def runs_by_store(cells: list[Cell]) -> dict[str, pd.DataFrame]:
