@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that only steer scheduling (where a job may run); they cannot change results.
 _SCHEDULING_FIELDS = frozenset({"path", "requires_gpu", "gpu_memory_gb"})
-DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: native_dtype()
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # auto: resolved_dtype()
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # The hub probe's HTTP timeout, and a hard deadline for the whole probe: DNS resolution is not
 # covered by the HTTP timeout and can hang far longer on a firewalled node.

@@ -91,7 +91,11 @@ def _whole_pool(ctx: RunContext, prepared: Prepared, pool: list[Example], key: s
             shutil.copytree(run.adapter_dir, out / "adapter")
             shutil.copy2(source / "train_log.json", out / "train_log.json")
             marker.update(
-                {k: v for k, v in scorer.items() if k in _WHOLE_POOL_FIELDS or k[:6] == "train_"},
+                {
+                    k: v
+                    for k, v in scorer.items()
+                    if k in _WHOLE_POOL_FIELDS or k.startswith("train_")
+                },
                 scorer_key=run.key,
                 budget=float(ctx.cfg.budget),
             )
