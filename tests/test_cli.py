@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +192,27 @@ def test_the_cell_run_says_where_its_time_went(finished_run) -> None:
     for phase in ("startup", "prepare", "load", "train", "evaluate", "log"):
         assert seconds[phase] > 0, phase
     assert "time: " in first.stderr and "total" in first.stderr
+
+
+def test_the_rerun_benchmark_finds_a_cells_selection_with_or_without_its_cache(
+    finished_run, tmp_path
+) -> None:
+    """`bench rerun --stores` reads the ids the select stage wrote and, once that cache is
+    cleared, the select run's MLflow copy of them."""
+    from dwbench.bench.rerun import Selections
+
+    results, _ = finished_run
+    evaluation = next(r for r in runs_of(results) if r.data.tags["stage"] == "evaluate")
+    written = results / "artifacts/select" / evaluation.data.tags["select_key"]
+    chosen = sorted(json.loads((written / "selected_ids.json").read_text()))
+    assert len(chosen) == 12
+    assert Selections(results).of(evaluation.info.run_id) == chosen
+    cleared = tmp_path / "results"
+    shutil.copytree(results, cleared, ignore=shutil.ignore_patterns("select"))
+    assert not (cleared / "artifacts/select").exists()
+    assert Selections(cleared).of(evaluation.info.run_id) == chosen
+    assert Selections(cleared).of("not-a-run") is None
+    assert Selections(tmp_path / "empty").of(evaluation.info.run_id) is None
 
 
 def test_rerun_skips_finished_stages_and_reuses_runs(

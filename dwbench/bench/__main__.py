@@ -2,8 +2,9 @@
 module each in this folder: `selection` (time and quality of one method's scores), `methods` (the
 cells of an experiment end to end, one table), `calibrate` (does the task have the power to rank
 methods: references only), `gpu` (the GPU checks before a first sweep), `parity` (the released
-preset against a run of the authors' code), `attribution` (Data Whisperer's variants on one pool)
-and `demo` (`make demo`). Examples:
+preset against a run of the authors' code), `attribution` (Data Whisperer's variants on one pool),
+`rerun` (a rerun's snapshot against the committed one: same results, stage seconds) and `demo`
+(`make demo`). Examples:
     python -m dwbench.bench selection --pool-sizes 64 128 256
     python -m dwbench.bench selection --pool-sizes 64 -o method.attention_weighting=false
     python -m dwbench.bench selection --task gsm8k --pool-sizes 120 --variants all \
@@ -19,7 +20,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dwbench.bench import attribution, calibrate, demo, gpu, method_runs, parity, selection
+from dwbench.bench import (
+    attribution,
+    calibrate,
+    demo,
+    gpu,
+    method_runs,
+    parity,
+    rerun,
+    selection,
+)
 from dwbench.errors import DwbenchError
 
 
@@ -29,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m dwbench.bench", description=__doc__.split("\n")[0]
     )
     commands = top.add_subparsers(dest="command", required=True)
-    for command in (selection, method_runs, calibrate, gpu, parity, attribution, demo):
+    for command in (selection, method_runs, calibrate, gpu, parity, attribution, demo, rerun):
         command.add_parser(commands)
     return top
 
