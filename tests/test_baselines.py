@@ -298,7 +298,9 @@ def test_whole_pool_cell_and_scorer_share_one_fine_tune_equal_to_a_plain_one(
 
     results = tmp_path / "shared"
     pipeline.run(_config("el2n", results, tiny_llama_dir))
-    whole_pool = _config("random", results, tiny_llama_dir, "budget=1.0", "stages=[score,select,train]")
+    whole_pool = _config(
+        "random", results, tiny_llama_dir, "budget=1.0", "stages=[score,select,train]"
+    )
     pipeline.run(whole_pool)
     markers = [
         json.loads(p.read_text()) for p in (results / "artifacts" / "train").glob("*/_SUCCESS.json")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -198,21 +199,34 @@ def test_the_rerun_benchmark_finds_a_cells_selection_with_or_without_its_cache(
     finished_run, tmp_path
 ) -> None:
     """`bench rerun --stores` reads the ids the select stage wrote and, once that cache is
-    cleared, the select run's MLflow copy of them."""
+    cleared, the select run's MLflow copy of them; reading a store leaves MLflow's global
+    tracking URI alone (it is exported to every later child process)."""
     from dwbench.bench.rerun import Selections
 
     results, _ = finished_run
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     evaluation = next(r for r in runs_of(results) if r.data.tags["stage"] == "evaluate")
     written = results / "artifacts/select" / evaluation.data.tags["select_key"]
     chosen = sorted(json.loads((written / "selected_ids.json").read_text()))
     assert len(chosen) == 12
     assert Selections(results).of(evaluation.info.run_id) == chosen
     cleared = tmp_path / "results"
-    shutil.copytree(results, cleared, ignore=shutil.ignore_patterns("select"))
+    shutil.copytree(results, cleared, ignore=shutil.ignore_patterns("select", "mlflow.db*"))
+    # The live store through SQLite's backup: a plain file copy would open and close the
+    # database file beside this process's open connection, and POSIX drops that connection's
+    # locks with it, so the next cell's writes to the store were lost.
+    with (
+        sqlite3.connect(results / "mlflow.db") as live,
+        sqlite3.connect(cleared / "mlflow.db") as copy,
+    ):
+        live.backup(copy)
+    live.close()
+    copy.close()
     assert not (cleared / "artifacts/select").exists()
     assert Selections(cleared).of(evaluation.info.run_id) == chosen
     assert Selections(cleared).of("not-a-run") is None
     assert Selections(tmp_path / "empty").of(evaluation.info.run_id) is None
+    assert os.environ.get("MLFLOW_TRACKING_URI") == exported
 
 
 def test_rerun_skips_finished_stages_and_reuses_runs(

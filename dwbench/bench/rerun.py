@@ -29,7 +29,6 @@ from dwbench.report.bootstrap import paired_interval
 
 STAGE_SECONDS = ["selection_s", "train_s", "eval_s"]
 SIDES = ("before", "after")
-RUN_COLUMNS = ("run_id", "artifact_uri", "tags.stage", "tags.stage_key", "tags.select_key")
 CELL_COLUMNS = [
     "method",
     "budget",
@@ -71,27 +70,42 @@ class Selections:
     cleared, the select run's own MLflow copy of it."""
 
     def __init__(self, results_dir: Path) -> None:
-        from dwbench.sweep.progress import store_runs
-
-        runs = store_runs(f"sqlite:///{results_dir / 'mlflow.db'}")
-        if runs.empty or "tags.select_key" not in runs:
-            runs = pd.DataFrame(columns=[*RUN_COLUMNS])
-        self.select_key = dict(zip(runs["run_id"], runs["tags.select_key"], strict=True))
-        select_runs = runs[runs["tags.stage"] == "select"]
-        self.logged = {
-            key: Path(str(uri).removeprefix("file://")) / "selected_ids.json"
-            for key, uri in zip(
-                select_runs["tags.stage_key"], select_runs["artifact_uri"], strict=True
-            )
-        }
+        self.select_key: dict[str, str] = {}  # evaluation run id -> select stage key
+        self.logged: dict[str, Path] = {}  # select stage key -> the select run's copy
         self.select_dir = results_dir / "artifacts" / "select"
+        if (results_dir / "mlflow.db").is_file():
+            self._read_runs(f"sqlite:///{results_dir / 'mlflow.db'}")
+
+    def _read_runs(self, uri: str) -> None:
+        """Through a client of this store alone: MLflow's fluent API would also point every
+        later MLflow call and child process (MLFLOW_TRACKING_URI) at it."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        token = None
+        while experiments:
+            page = client.search_runs(experiments, max_results=1000, page_token=token)
+            for run in page:
+                self._add(run)
+            token = page.token
+            if not token:
+                break
+
+    def _add(self, run: Any) -> None:
+        tags = run.data.tags
+        if tags.get("select_key"):
+            self.select_key[run.info.run_id] = tags["select_key"]
+        if tags.get("stage") == "select" and tags.get("stage_key"):
+            copy = Path(run.info.artifact_uri.removeprefix("file://")) / "selected_ids.json"
+            self.logged[tags["stage_key"]] = copy
 
     def of(self, run_id: str) -> list[str] | None:
         """None where the run, its tag or the selection is not in this folder."""
         key = self.select_key.get(run_id)
-        if key is None or pd.isna(key):
+        if key is None:
             return None
-        for path in (self.select_dir / str(key) / "selected_ids.json", self.logged.get(key)):
+        for path in (self.select_dir / key / "selected_ids.json", self.logged.get(key)):
             if path is not None and path.is_file():
                 return sorted(json.loads(path.read_text()))
         return None
