@@ -161,7 +161,8 @@ def compare(
 
 
 def totals(per_cell: pd.DataFrame) -> dict[str, Any]:
-    """Seconds of each stage summed over the compared cells, before and after."""
+    """Seconds of each stage summed over the compared cells, before and after (a score that
+    several budgets share counts in each of their cells, on both sides alike)."""
     row: dict[str, Any] = {"cells": len(per_cell)}
     for stage in STAGE_SECONDS:
         for side in SIDES:
