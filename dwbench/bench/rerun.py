@@ -179,7 +179,8 @@ def rerun(args: argparse.Namespace) -> None:
     print()
     print(markdown_table(per_method.to_dict("records"), list(per_method.columns)))
     print()
-    print(markdown_table([totals(per_cell)], list(totals(per_cell))))
+    summed = totals(per_cell)
+    print(markdown_table([summed], list(summed)))
     only_rerun = len(set(fresh.runs["cell"]) - set(committed.runs["cell"]))
     if only_rerun:
         print(f"\n{only_rerun} rerun cell(s) have no committed counterpart (not compared).")
