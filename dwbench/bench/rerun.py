@@ -70,35 +70,22 @@ class Selections:
     cleared, the select run's own MLflow copy of it."""
 
     def __init__(self, results_dir: Path) -> None:
+        from dwbench.sweep.progress import store_runs
+
         self.select_key: dict[str, str] = {}  # evaluation run id -> select stage key
         self.logged: dict[str, Path] = {}  # select stage key -> the select run's copy
         self.select_dir = results_dir / "artifacts" / "select"
-        if (results_dir / "mlflow.db").is_file():
-            self._read_runs(f"sqlite:///{results_dir / 'mlflow.db'}")
-
-    def _read_runs(self, uri: str) -> None:
-        """Through a client of this store alone: MLflow's fluent API would also point every
-        later MLflow call and child process (MLFLOW_TRACKING_URI) at it."""
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        token = None
-        while experiments:
-            page = client.search_runs(experiments, max_results=1000, page_token=token)
-            for run in page:
-                self._add(run)
-            token = page.token
-            if not token:
-                break
-
-    def _add(self, run: Any) -> None:
-        tags = run.data.tags
-        if tags.get("select_key"):
-            self.select_key[run.info.run_id] = tags["select_key"]
-        if tags.get("stage") == "select" and tags.get("stage_key"):
-            copy = Path(run.info.artifact_uri.removeprefix("file://")) / "selected_ids.json"
-            self.logged[tags["stage_key"]] = copy
+        runs = store_runs(f"sqlite:///{results_dir / 'mlflow.db'}")
+        if runs.empty:
+            return
+        if "tags.select_key" in runs:
+            tagged = runs[runs["tags.select_key"].notna()]
+            self.select_key = dict(zip(tagged["run_id"], tagged["tags.select_key"], strict=True))
+        select_runs = runs[runs["tags.stage"] == "select"]
+        for key, uri in zip(
+            select_runs["tags.stage_key"], select_runs["artifact_uri"], strict=True
+        ):
+            self.logged[key] = Path(str(uri).removeprefix("file://")) / "selected_ids.json"
 
     def of(self, run_id: str) -> list[str] | None:
         """None where the run, its tag or the selection is not in this folder."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,18 +63,18 @@ def prepared_keys(cfg: DictConfig) -> list[str]:
 
 
 def store_runs(uri: str) -> pd.DataFrame:
-    """Every run in an MLflow store, all experiments (empty when the store does not exist)."""
+    """Every run in an MLflow store, all experiments (empty when the store does not exist), in
+    `mlflow.search_runs`'s columns. Read through a client of this store alone: the fluent API's
+    `set_tracking_uri` would also point every later MLflow call and child process
+    (MLFLOW_TRACKING_URI) at it."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return pd.DataFrame()
-    import mlflow
+    from mlflow import MlflowClient
 
     try:
-        client = mlflow.MlflowClient(tracking_uri=uri)
+        client = MlflowClient(tracking_uri=uri)
         ids = [e.experiment_id for e in client.search_experiments()]
-        if not ids:
-            return pd.DataFrame()
-        mlflow.set_tracking_uri(uri)
-        runs = mlflow.search_runs(experiment_ids=ids, output_format="pandas")
+        runs = pd.DataFrame([_run_row(run) for run in _all_runs(client, ids)])
     except Exception as error:  # noqa: BLE001 - a store that cannot be read: the cache still can
         logger.warning(
             "MLflow store %s cannot be read (%s); done-ness comes from the stage cache alone, "
@@ -83,6 +84,33 @@ def store_runs(uri: str) -> pd.DataFrame:
         )
         return pd.DataFrame()
     return runs if "tags.stage_key" in runs else pd.DataFrame()
+
+
+def _all_runs(client: Any, experiment_ids: list[str]) -> Iterator[Any]:
+    """Every run of these experiments, page by page."""
+    token = None
+    while experiment_ids:
+        page = client.search_runs(experiment_ids, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _run_row(run: Any) -> dict[str, Any]:
+    """One run as `mlflow.search_runs` writes it in its pandas output."""
+    info, data = run.info, run.data
+    return {
+        "run_id": info.run_id,
+        "experiment_id": info.experiment_id,
+        "status": info.status,
+        "artifact_uri": info.artifact_uri,
+        "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
+        "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True),
+        **{f"metrics.{name}": value for name, value in data.metrics.items()},
+        **{f"params.{name}": value for name, value in data.params.items()},
+        **{f"tags.{name}": value for name, value in data.tags.items()},
+    }
 
 
 def cell_progress(
