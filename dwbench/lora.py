@@ -60,10 +60,11 @@ def fine_tune(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, set_seed
 
     from dwbench.chat import encode_supervised, require_chat_template
     from dwbench.models import load_causal_lm, load_tokenizer
+    from dwbench.warmup import RatioWarmupArguments
 
     ft, model_cfg, device = recipe.finetune, recipe.model_cfg, recipe.device
     load_start = time.perf_counter()
@@ -87,7 +88,7 @@ def fine_tune(
     ]
     micro = int(ft.runtime.micro_batch_size)
     use_bf16 = bool(ft.runtime.bf16) and device == "cuda" and torch.cuda.is_bf16_supported()
-    args = TrainingArguments(
+    args = RatioWarmupArguments(
         output_dir=str(scratch),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=int(ft.batch_size) // micro,
@@ -95,7 +96,7 @@ def fine_tune(
         max_steps=int(ft.max_steps) if ft.max_steps is not None else -1,
         learning_rate=float(ft.lr),
         lr_scheduler_type=str(ft.scheduler),
-        warmup_steps=float(ft.warmup_ratio),
+        warmup_steps=float(ft.warmup_ratio),  # a share at every value (RatioWarmupArguments)
         weight_decay=float(ft.weight_decay),
         logging_steps=1,
         save_strategy="steps",

@@ -433,3 +433,26 @@ def test_mlflows_logged_copy_of_a_disk_error_is_dropped() -> None:
     drop = DropRaisedStorageErrors()
     assert not drop.filter(record(sqlite3.OperationalError("database or disk is full")))
     assert drop.filter(record(sqlite3.OperationalError("no such table: runs")))
+
+
+@pytest.mark.parametrize(("ratio", "warmup_steps"), [(0.0, 0), (0.5, 4), (1.0, 8)])
+def test_warmup_ratio_is_a_share_of_the_steps_at_every_value(
+    ratio, warmup_steps, tmp_path, tiny_llama_dir, tiny_model_cfg, cache_dir
+) -> None:
+    """transformers reads a warm-up of 1 or more as a step count; 1.0 must warm up all 8 steps.
+
+    Read from the learning rates the Trainer logged (the rate each step used): a linear rise
+    from 0 over the warm-up steps, then the cosine decay starting at the peak."""
+    from omegaconf import OmegaConf
+
+    finetune = {**FINETUNE, "warmup_ratio": ratio, "scheduler": "cosine"}
+    recipe = Recipe(tiny_model_cfg(tiny_llama_dir), OmegaConf.create(finetune), 0, "cpu", cache_dir)
+    stats = fine_tune(recipe, _pool(8), tmp_path / "scratch", tmp_path / "adapter")
+    rates = [e["learning_rate"] for e in stats["log_history"] if "learning_rate" in e]
+    assert len(rates) == STEPS
+    peak = FINETUNE["lr"]
+    warming = [peak * step / warmup_steps for step in range(warmup_steps)]
+    assert rates[:warmup_steps] == pytest.approx(warming)
+    decaying = rates[warmup_steps:]
+    assert decaying[:1] == pytest.approx([peak][: len(decaying)])
+    assert all(later < earlier for earlier, later in zip(decaying, decaying[1:], strict=False))
