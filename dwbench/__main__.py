@@ -1,5 +1,5 @@
 """Entry point: `python -m dwbench`."""
 
-from dwbench.cli import main
+from dwbench.cli import run
 
-main()
+run()

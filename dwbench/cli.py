@@ -25,6 +25,39 @@ logging.getLogger("mlflow.store.db.utils").addFilter(DropRaisedStorageErrors())
 logger = logging.getLogger("dwbench")
 
 
+def run() -> None:
+    """`python -m dwbench [overrides]`: a key set without `+` that no config defines is refused
+    with a did-you-mean first (exit 2); Hydra's own refusal would suggest adding it with `+`."""
+    try:
+        refuse_unknown_changed_keys(sys.argv[1:])
+    except DwbenchError as error:
+        print(f"dwbench: {error}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+def refuse_unknown_changed_keys(argv: list[str]) -> None:
+    """validate.check_changed_keys on the command line's overrides, composed as `main` will
+    compose them; where that composition fails otherwise (an unknown option, a config folder of
+    your own), Hydra then says why, as it always does."""
+    from hydra import initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+
+    from dwbench.validate import check_changed_keys
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return
+    if args.config_dir or args.config_path or args.config_name or args.experimental_rerun:
+        return
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            check_changed_keys(args.overrides)
+    except HydraException:
+        return
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from dwbench import pipeline

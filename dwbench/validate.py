@@ -5,9 +5,10 @@ compose (dwbench.sweep.grid), so what one of them refuses, all of them refuse: a
 becomes plan lines whose jobs each fail at start. It covers
 - every field a run reads, whatever the method or task: its type, its range and, for a size, a
   bound past which the run would never finish (RULES);
-- keys that a `+key=value` override added and no config defines, with a did-you-mean: Hydra
-  refuses such a key without `+`, and with it (`+buget=0.1`, `+method.n_demo=3`) nothing would
-  read it and the run would go on with the defaults;
+- keys that a `+key=value` or `++key=value` override added and no config defines, with a
+  did-you-mean: with it (`+buget=0.1`, `++method.n_demo=3`) nothing would read the key and the
+  run would go on with the defaults; without `+` (`buget=0.1`) `python -m dwbench` says the same
+  before Hydra composes (check_changed_keys), where Hydra would suggest the `+`;
 - the task's options (dwbench.data.loading.check_task) and the method's, through the method
   class's own `check_options` (dwbench.methods.base.ChecksOptions), so an option a method gains
   later is checked here with no list to edit.
@@ -145,13 +146,13 @@ def validate_config(
     check_fields(cfg, RULES)
     given = command_overrides() if overrides is None else list(overrides)
     check_method_named(cfg, given)
-    for path, siblings in added_keys(cfg, given):
-        name = path.rsplit(".", 1)[-1]
-        close = difflib.get_close_matches(name, siblings, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"+{path}: no config defines the key {path!r}, so nothing would read it and the "
-            f"run would go on with the defaults.{hint} Drop the + and correct the name."
+    for written, path, siblings in added_keys(cfg, given):
+        raise unknown_key(
+            written,
+            path,
+            siblings,
+            "nothing would read it and the run would go on with the defaults.",
+            "Drop the + and correct the name.",
         )
     if "task" in cfg:
         from dwbench.data.loading import check_task
@@ -226,26 +227,102 @@ def _lookup(cfg: Mapping[str, Any], field: str) -> tuple[bool, Any]:
     return True, node
 
 
-def added_keys(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """The keys these `+key=value` overrides added (a `+group=option` selects a config, which is
-    fine), each with its siblings in the composed config, for a did-you-mean."""
+def unknown_key(written: str, path: str, siblings: list[str], why: str, fix: str) -> ConfigError:
+    """`written: no config defines the key path, so <why> Did you mean: ...? <fix>`."""
+    close = difflib.get_close_matches(path.rsplit(".", 1)[-1], siblings, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ConfigError(f"{written}: no config defines the key {path!r}, so {why}{hint} {fix}")
+
+
+def _siblings(cfg: Mapping[str, Any] | None, path: str) -> list[str]:
+    """The keys beside `path`'s last part in `cfg`, for a did-you-mean."""
+    parent, _, name = path.rpartition(".")
+    found, node = _lookup(cfg, parent) if parent else (cfg is not None, cfg)
+    return [str(k) for k in node if str(k) != name] if found and node is not None else []
+
+
+def _selects_config(loader: Any, override: Any) -> bool:
+    """`group=option`, `+experiment=...`, `model@selector_model=...`: a config chosen, no key."""
+    return bool(loader.repository.group_exists(override.key_or_group.split("@")[0]))
+
+
+def _composed_without(loader: Any, overrides: Sequence[Any], left_out: Sequence[Any]) -> Any:
+    """The config these overrides compose with `left_out` dropped; a sweep over a group takes its
+    first option, so the keys checked are those of a cell the sweep runs."""
+    from hydra.types import RunMode
+
+    lines = []
+    for override in overrides:
+        if override.key_or_group == "hydra.searchpath":
+            lines.append(override.input_line)  # your config folders decide what exists
+        elif override.is_hydra_override() or any(override is gone for gone in left_out):
+            continue
+        elif not override.is_sweep_override():
+            lines.append(override.input_line)
+        elif _selects_config(loader, override):
+            first = next(iter(override.sweep_string_iterator()))
+            lines.append(f"{override.get_key_element()}={first}")
+    return loader.load_configuration("config", overrides=lines, run_mode=RunMode.RUN)
+
+
+def added_keys(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, str, list[str]]]:
+    """The keys these `+key=value` and `++key=value` overrides added that no config defines (a
+    `+group=option` selects a config, which is fine; `++` may also set a key that exists), each
+    as (override as written, key, its siblings in the composed config) for a did-you-mean."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not GlobalHydra.instance().is_initialized():
         return []
     loader = GlobalHydra.instance().config_loader()
-    parser = OverridesParser.create(config_loader=loader)
-    added = []
-    for override in parser.parse_overrides(overrides):
-        if not override.is_add():
-            continue
-        group = override.key_or_group.split("@")[0]
-        if loader.repository.group_exists(group):  # +experiment=..., +model@x=...
-            continue
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+    added = [
+        o
+        for o in parsed
+        if (o.is_add() or o.is_force_add())
+        and not o.is_hydra_override()
+        and not _selects_config(loader, o)
+    ]
+    forced = [o for o in added if o.is_force_add()]
+    before = _composed_without(loader, parsed, forced) if forced else None
+    unknown = []
+    for override in added:
         path = override.key_or_group
-        parent, _, name = path.rpartition(".")
-        found, node = _lookup(cfg, parent) if parent else (True, cfg)
-        siblings = [str(k) for k in node if str(k) != name] if found and node is not None else []
-        added.append((path, siblings))
-    return added
+        if override.is_force_add() and _lookup(before, path)[0]:
+            continue  # `++` set a key a config defines
+        unknown.append((override.get_key_element(), path, _siblings(cfg, path)))
+    return unknown
+
+
+def check_changed_keys(overrides: Sequence[str]) -> None:
+    """Keys set without `+` that no config defines (`buget=0.1`), refused with a did-you-mean
+    before Hydra composes: Hydra's own refusal suggests `+buget=0.1`, which added_keys refuses.
+
+    Runs inside an initialized Hydra (a command's, or hydra.initialize_config_dir).
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    loader = GlobalHydra.instance().config_loader()
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(overrides))
+    changed = [
+        o
+        for o in parsed
+        if o.type == OverrideType.CHANGE
+        and not o.is_hydra_override()
+        and not _selects_config(loader, o)
+    ]
+    if not changed:
+        return
+    cfg = _composed_without(loader, parsed, changed)
+    for override in changed:
+        path = override.key_or_group
+        if not _lookup(cfg, path)[0]:
+            raise unknown_key(
+                override.input_line.split("=", 1)[0],
+                path,
+                _siblings(cfg, path),
+                "there is nothing to set.",
+                "Correct the name.",
+            )

@@ -29,6 +29,15 @@ ROWS = [
     (["finetune.epochs=0"], "finetune.epochs=0 is not a whole number >= 1"),
     (["+buget=0.1"], "Did you mean: budget?"),
     ([DW, "+method.n_demo=3"], "Did you mean: n_demos?"),
+    # `++` (Hydra's force-add) goes through the same check; without `+` Hydra's own refusal
+    # would suggest the `+` that the line above refuses
+    (["++buget=0.1"], "++buget: no config defines the key 'buget'"),
+    ([DW, "++method.n_demo=3"], "Did you mean: n_demos?"),
+    (
+        ["buget=0.1"],
+        "buget: no config defines the key 'buget', so there is nothing to set. Did you mean: budget?",
+    ),
+    ([DW, "method.n_demo=3"], "method.n_demo: no config defines the key 'method.n_demo'"),
     (["task.eval_limit=999"], "task.eval_limit=999 is above the 5 examples"),
     (["results_dir=/proc/dwbench"], "results_dir=/proc/dwbench cannot be created"),
     (["results_dir="], "results_dir='' is not a folder (left empty, the run would write"),
