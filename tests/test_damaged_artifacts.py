@@ -69,6 +69,39 @@ def test_cut_scores_with_their_marker_are_detected_and_scored_again(finished, ca
     assert len(_set_aside(finished, "score")) == 1
 
 
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("nan", "scores.csv holds non-finite scores for ['"),
+        ("text", "scores.csv holds non-finite scores for ['"),
+        ("ids reordered", "scores.csv holds scores that do not match the pool's ids"),
+    ],
+)
+def test_scores_edited_with_their_marker_are_damage_not_the_methods_fault(
+    finished, cache_dir, damage: str, expected: str
+) -> None:
+    """The marker matches the files, yet the scores are not the pool's finite scores: set aside
+    and scored again (before, every rerun ended blaming the method for non-finite scores)."""
+    folder = _only(finished, "score")
+    scores = folder / "scores.csv"
+    written = scores.read_text()
+    lines = written.splitlines(keepends=True)
+    first = lines[1].split(",")
+    if damage == "ids reordered":
+        lines[1], lines[2] = lines[2], lines[1]
+    else:
+        lines[1] = ",".join([first[0], "nan" if damage == "nan" else "high", *first[2:]])
+        lines[1] += "" if lines[1].endswith("\n") else "\n"
+    scores.write_text("".join(lines))
+    _relist(folder)
+    again = run_cli(CELL, finished, cache_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr and "selection method returned" not in again.stderr
+    assert f"{folder} is damaged" in again.stderr and expected in again.stderr
+    assert scores.read_text() == written
+    assert len(_set_aside(finished, "score")) == 1
+
+
 def test_a_folder_without_a_marker_is_replaced_and_the_logged_run_kept(finished, cache_dir):
     folder = _only(finished, "score")
     _cut(folder / "scores.csv", 6)

@@ -91,7 +91,7 @@ def load(ctx: RunContext, key: str, prepared: Prepared) -> Scored:
 
 def run(ctx: RunContext, prepared: Prepared) -> Scored:
     key = score_key(ctx.cfg, prepared.key)
-    if ctx.store.reusable("score", key):
+    if ctx.store.reusable("score", key, lambda folder, _: cached_scores_problem(folder, prepared)):
         logger.info("score: cached %s", key)
         return load(ctx, key, prepared)
     count = shard_count(ctx.cfg)
@@ -157,7 +157,7 @@ def run_part(ctx: RunContext, prepared: Prepared) -> tuple[str, str]:
     """`score.shard=i` or `shared`: that part alone (one job of a SLURM chain); (stage, key)."""
     key = score_key(ctx.cfg, prepared.key)
     count, index = shard_count(ctx.cfg), ctx.cfg.score.shard
-    if ctx.store.reusable("score", key):
+    if ctx.store.reusable("score", key, lambda folder, _: cached_scores_problem(folder, prepared)):
         logger.info("score: cached %s (merged), nothing to do for shard %s", key, index)
         return "score", key
     if index == SHARED:
@@ -294,9 +294,28 @@ def keep_work_files(work_dir: Path, out: Path, folders: bool = False) -> None:
 
 def check_scores(scores: pd.DataFrame, prepared: Prepared) -> None:
     """A method must score every pool example, in pool order, with a finite number."""
+    problem = scores_problem(scores, prepared)
+    if problem is not None:
+        raise DwbenchError(f"selection method returned {problem}")
+
+
+def scores_problem(scores: pd.DataFrame, prepared: Prepared) -> str | None:
+    """What keeps `scores` from being the pool's: other ids or order, a score not finite."""
     ids = [ex.id for ex in prepared.pool]
     if list(scores.columns[:2]) != ["id", "score"] or scores["id"].tolist() != ids:
-        raise DwbenchError("selection method returned scores that do not match the pool's ids")
-    bad = [i for i, s in zip(ids, scores["score"], strict=True) if not math.isfinite(float(s))]
-    if bad:
-        raise DwbenchError(f"selection method returned non-finite scores for {bad[:5]}")
+        return "scores that do not match the pool's ids"
+    values = pd.to_numeric(scores["score"], errors="coerce")
+    bad = [i for i, v in zip(ids, values, strict=True) if not math.isfinite(float(v))]
+    return f"non-finite scores for {bad[:5]}" if bad else None
+
+
+def cached_scores_problem(folder: Path, prepared: Prepared) -> str | None:
+    """A cached scores.csv that matches its marker yet is not the pool's finite scores (edited
+    with its marker, or written by an older dwbench): damage, computed again, never blamed on
+    the method."""
+    try:
+        scores = pd.read_csv(folder / "scores.csv", dtype={"id": str})
+    except (OSError, ValueError) as error:
+        return f"scores.csv cannot be read ({error})"
+    problem = scores_problem(scores, prepared)
+    return None if problem is None else f"scores.csv holds {problem}"
