@@ -63,6 +63,11 @@ FOLDER = (
     "working directory)",
 )
 TEXT = (lambda v: isinstance(v, str) and bool(v.strip())), "a non-empty text"
+# A name that becomes one folder name (a model's under the cache): no separator, no `..`.
+PATH_COMPONENT = (
+    (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", v) is not None),
+    "one folder name (letters, digits, '.', '_', '-', not starting with '.')",
+)
 DEVICE = (
     (lambda v: isinstance(v, str) and (v in DEVICES or re.fullmatch(r"cuda:\d+", v) is not None)),
     f"one of {', '.join(DEVICES)} or cuda:N",
@@ -97,6 +102,10 @@ RULES: Rules = [
     ("cache_dir", FOLDER, "~/.cache/dwbench"),
     ("tracking.uri", TEXT, "sqlite:///results/mlflow.db"),
     ("tracking.experiment", TEXT, "dwbench"),
+    ("selector_model.name", PATH_COMPONENT, "smollm2_135m"),
+    ("target_model.name", PATH_COMPONENT, "smollm2_135m"),
+    ("selector_model.embedded.gguf_file", PATH_COMPONENT, "smollm2-135m-instruct.gguf"),
+    ("target_model.embedded.gguf_file", PATH_COMPONENT, "smollm2-135m-instruct.gguf"),
     ("selector_model.dtype", optional(one_of(*DTYPES)), "float32"),
     ("target_model.dtype", optional(one_of(*DTYPES)), "float32"),
     ("finetune.lr", POSITIVE, "1e-4"),

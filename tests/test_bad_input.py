@@ -41,6 +41,9 @@ ROWS = [
     (["task.eval_limit=999"], "task.eval_limit=999 is above the 5 examples"),
     (["results_dir=/proc/dwbench"], "results_dir=/proc/dwbench cannot be created"),
     (["results_dir="], "results_dir='' is not a folder (left empty, the run would write"),
+    # a model's name is a folder under the cache (its converted weights)
+    (["selector_model.name=../../x"], "selector_model.name='../../x' is not one folder name"),
+    (["target_model.name=a/b"], "target_model.name='a/b' is not one folder name"),
     (["task.metric=bogus"], "task.metric='bogus' is not one of exact_match_number, rouge_l"),
     (["device=bogus"], "device='bogus' is not one of auto, cpu, cuda, mps or cuda:N"),
     (
