@@ -28,6 +28,7 @@ from dwbench.config_files import CONF_DIR
 from dwbench.errors import ConfigError, DwbenchError
 from dwbench.methods.registry import check_method_name
 from dwbench.pipeline import validate
+from dwbench.sweep.slurm import check_sweep_name
 
 
 @dataclass
@@ -84,8 +85,11 @@ def load_sweep(overrides: list[str], name: str | None = None, progress: bool = T
     """Compose every cell of the sweep that `python -m dwbench -m <overrides>` would run.
 
     A method that no config defines stops here with a did-you-mean, before Hydra would fail on
-    its missing YAML: presets may already name baselines that do not exist yet.
+    its missing YAML: presets may already name baselines that do not exist yet. A `name` that
+    is not one safe folder name stops here too, before any cell is composed.
     """
+    if name is not None:
+        check_sweep_name(name, "--name")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="dwbench"):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         given = parser.parse_overrides(overrides)
@@ -107,8 +111,8 @@ def load_sweep(overrides: list[str], name: str | None = None, progress: bool = T
                 tqdm(jobs, desc="composing cells", unit="cell", disable=not progress), start=1
             )
         ]
-    sweep_name = name or base.hydra.runtime.choices.get("experiment") or "sweep"
-    return Sweep(str(sweep_name), base, cells)
+    sweep_name = name or str(base.hydra.runtime.choices.get("experiment") or "sweep")
+    return Sweep(check_sweep_name(sweep_name, "+experiment (the default --name)"), base, cells)
 
 
 def check_jobs(jobs: list[list[str]], origin: str) -> None:

@@ -5,16 +5,21 @@ line's step, estimate and resources, the sweep's `slurm` settings). The lines co
 of the sweep's chain, `STEPS`: the unsplittable part of sharded scoring (`shared`), the score
 shards, their merges, then the cells; each step present becomes one array job that starts when
 the one before it has succeeded (`--dependency=afterok`; a failure cancels what waits on it).
-Each submission freezes a copy of the plan next to its rendered script, so re-planning while an
-array still runs never shifts the lines under it, and appends `<job>_<task>` per cell to
-`sweeps/jobs.jsonl`, which `status` matches against `squeue --states=all`. That record is shared
-by every sweep of a results folder: presets overlap (table1's cells are table2's), and a cell
-running for one must not be planned again for the other.
+The rendered script carries each job's overrides from `plan.json`, the ones `submit` checked,
+shell-quoted (no `eval` of a plan line): `plan.txt` must match them line for line, and a copy of
+both is kept beside the script as its record, so re-planning while an array still runs changes
+nothing under it. Each submission appends `<job>_<task>` per cell to `sweeps/jobs.jsonl`, which
+`status` matches against `squeue --states=all`. That record is shared by every sweep of a
+results folder: presets overlap (table1's cells are table2's), and a cell running for one must
+not be planned again for the other.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,13 +32,18 @@ from typing import Any
 
 import jinja2
 
-from dwbench.errors import DwbenchError
+from dwbench.errors import ConfigError, DwbenchError
 
+logger = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
 PLAN_FILE, PLAN_META, JOBS_FILE = "plan.txt", "plan.json", "jobs.jsonl"
 # A sweep's chain: the unsplittable part of sharded scoring (a scorer fine-tune), the score
 # shards, their merges (one per score key), then the cells, each step waiting for the one before.
 STEPS = ("shared", "shards", "merge", "cells")
+# What a plan.json must hold for `submit` to render its scripts.
+META_KEYS = ("name", "workdir", "slurm", "cells")
+SLURM_KEYS = ("parallel", "time_min", "cpus_per_task", "mem_gb")
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -46,17 +56,92 @@ class PlannedCell:
     step: str = "cells"
 
 
+def check_sweep_name(name: str, origin: str) -> str:
+    """`name`, if it is one safe folder name: it names the sweep's folder under results_dir and
+    its SLURM jobs, where a `/` or `..` would write elsewhere and a line break would end the
+    script's `#SBATCH` block and run the rest as shell."""
+    if SAFE_NAME.fullmatch(name) and name not in (".", ".."):
+        return name
+    raise ConfigError(
+        f"{origin} {name!r} is not a sweep name: use one folder name of letters, digits, "
+        "'.', '_' and '-' (not '.' or '..')"
+    )
+
+
+def plan_line(cell: PlannedCell) -> str:
+    """A cell's plan.txt line, which `read_plan` also holds against plan.json."""
+    return f"{cell.key} {shlex.join(cell.overrides)}"
+
+
 def write_plan(folder: Path, cells: list[PlannedCell], meta: Mapping[str, Any]) -> Path:
     cells = sorted(cells, key=lambda c: STEPS.index(c.step))  # stable: the chain's order
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / PLAN_FILE
-    plan.write_text("".join(f"{c.key} {shlex.join(c.overrides)}\n" for c in cells))
+    plan.write_text("".join(f"{plan_line(c)}\n" for c in cells), encoding="utf-8")
     payload = {**meta, "cells": [c.__dict__ for c in cells]}
-    (folder / PLAN_META).write_text(json.dumps(payload, indent=1))
+    (folder / PLAN_META).write_text(json.dumps(payload, indent=1), encoding="utf-8")
     return plan
 
 
+def replan_command(meta: Any) -> str:
+    """The command that writes this plan again, with its overrides when plan.json still has them."""
+    command = "python -m dwbench.sweep.plan"
+    overrides = meta.get("overrides") if isinstance(meta, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    known = isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
+    if not known or not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        return f"{command} <the sweep's overrides>"
+    return f"{command} {shlex.join([*overrides, '--name', name])}"
+
+
+def damaged(path: Path, what: str, meta: Any = None) -> DwbenchError:
+    return DwbenchError(
+        f"{path} is damaged ({what}): write the plan again with {replan_command(meta)}"
+    )
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise damaged(path, f"not UTF-8 text: byte {error.start}") from None
+
+
+def _planned_cells(meta: dict[str, Any], meta_path: Path) -> list[PlannedCell]:
+    """plan.json's cells, each with the fields and types that rendering them needs."""
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise damaged(meta_path, f"no {', '.join(missing)}", meta)
+    slurm = meta["slurm"]
+    if not isinstance(slurm, dict):
+        raise damaged(meta_path, "slurm is not a mapping", meta)
+    for key in SLURM_KEYS:
+        value = slurm.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise damaged(meta_path, f"slurm.{key} is {value!r}, not a number", meta)
+    if not isinstance(meta["name"], str) or not isinstance(meta["workdir"], str):
+        raise damaged(meta_path, "name or workdir is not a string", meta)
+    if not isinstance(meta["cells"], list):
+        raise damaged(meta_path, "cells is not a list", meta)
+    cells = []
+    for index, fields in enumerate(meta.pop("cells"), start=1):
+        try:
+            cell = PlannedCell(**fields)
+        except TypeError as error:
+            raise damaged(meta_path, f"cell {index}: {error}", meta) from None
+        overrides = cell.overrides
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise damaged(meta_path, f"cell {index}: overrides is not a list of strings", meta)
+        if not isinstance(cell.key, str) or cell.step not in STEPS:
+            raise damaged(meta_path, f"cell {index}: key or step is not a plan's", meta)
+        cells.append(cell)
+    return cells
+
+
 def read_plan(plan: Path) -> tuple[list[PlannedCell], dict[str, Any]]:
+    """plan.json's cells and settings, once plan.txt is found to list exactly those cells: the
+    scripts run plan.json's overrides, the ones `submit` checks, so an edited plan.txt line (the
+    file a user reads and might edit) is refused rather than run unchecked or ignored."""
     meta_path = plan.with_name(PLAN_META)
     if not plan.is_file() or not meta_path.is_file():
         raise DwbenchError(
@@ -64,16 +149,22 @@ def read_plan(plan: Path) -> tuple[list[PlannedCell], dict[str, Any]]:
             "python -m dwbench.sweep.plan +experiment=<name>"
         )
     try:
-        meta = json.loads(meta_path.read_text())
-        cells = [PlannedCell(**c) for c in meta.pop("cells")]
-    except (ValueError, TypeError, KeyError) as error:
-        raise DwbenchError(
-            f"{meta_path} is damaged ({error}); write the plan again with "
-            "python -m dwbench.sweep.plan"
-        ) from None
-    keys = [line.split(" ", 1)[0] for line in plan.read_text().splitlines()]
-    if keys != [c.key for c in cells]:
-        raise DwbenchError(f"{plan} does not match {meta_path}; write both again with plan")
+        meta = json.loads(_utf8(meta_path))
+    except ValueError as error:
+        raise damaged(meta_path, f"not JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise damaged(meta_path, "not a JSON object")
+    cells = _planned_cells(meta, meta_path)
+    lines = _utf8(plan).splitlines()
+    for number in range(1, max(len(lines), len(cells)) + 1):
+        line = lines[number - 1] if number <= len(lines) else None
+        expected = plan_line(cells[number - 1]) if number <= len(cells) else None
+        if line != expected:
+            found = "is missing" if line is None else f"({line!r}) is not in {PLAN_META}"
+            raise DwbenchError(
+                f"{plan} line {number} {found}, the plan that submit checks and runs: write the "
+                f"plan again with {replan_command(meta)}"
+            )
     return cells, meta
 
 
@@ -108,21 +199,34 @@ def render(
     first_line: int = 0,
     step: str = "cells",
 ) -> str:
+    """The array script of one step: task i runs plan line first_line + i + 1, with the
+    overrides of plan.json (those `submit` checked) written into the script, each shell-quoted:
+    nothing is read from the plan or evaluated when the job starts."""
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
     )
     environment.filters["q"] = lambda value: shlex.quote(str(value))
     slurm = meta["slurm"]
+    name = f"dwbench-{meta['name']}" + ("" if step == "cells" else f"-{step}")
+    log_dir, workdir, options = plan.parent / "logs", meta["workdir"], sbatch_options(cells, slurm)
+    for value in (name, str(log_dir), workdir, *options):
+        if "\n" in value or "\r" in value:
+            raise DwbenchError(
+                f"{value!r} (an #SBATCH value, from {plan.with_name(PLAN_META)} or the plan's "
+                "folder) holds a line break, which would end the #SBATCH block and run the rest "
+                f"as shell: fix it and write the plan again with {replan_command(meta)}"
+            )
     return environment.from_string(TEMPLATE.read_text()).render(
-        name=f"dwbench-{meta['name']}" + ("" if step == "cells" else f"-{step}"),
+        name=name,
         plan=plan,
+        cells=cells,
         first_line=first_line,
         n=len(cells),
         parallel=parallel,
-        log_dir=plan.parent / "logs",
-        workdir=meta["workdir"],
+        log_dir=log_dir,
+        workdir=workdir,
         python=sys.executable,
-        options=sbatch_options(cells, slurm),
+        options=options,
         setup=list(slurm.get("setup") or []),
     )
 
@@ -166,18 +270,26 @@ def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Su
     if not cells:
         raise DwbenchError(f"{plan} has no cells to run: every cell is done or running")
     check_jobs([c.overrides for c in cells], str(plan))
-    folder = new_submission_folder(plan.parent / "submissions")
-    frozen = folder / PLAN_FILE
-    shutil.copy(plan, frozen)
-    shutil.copy(plan.with_name(PLAN_META), folder / PLAN_META)
     width = int(meta["slurm"]["parallel"]) if parallel is None else parallel
     if width < 1:
         raise DwbenchError(f"--parallel={width}: give at least 1 array task at a time.")
+    steps = steps_of(cells)
+    folder = new_submission_folder(plan.parent / "submissions")
+    frozen = folder / PLAN_FILE
+    try:  # a script refused (a line break in an #SBATCH value) leaves no submission behind
+        rendered = [
+            (step, group, render(frozen, group, meta, width, first_line, step))
+            for step, first_line, group in steps
+        ]
+    except DwbenchError:
+        shutil.rmtree(folder)
+        raise
+    shutil.copy(plan, frozen)
+    shutil.copy(plan.with_name(PLAN_META), folder / PLAN_META)
     scripts = []
-    for step, first_line, group in steps_of(cells):
-        name = "array.sbatch" if step == "cells" else f"array-{step}.sbatch"
-        script = folder / name
-        script.write_text(render(frozen, group, meta, width, first_line, step))
+    for step, group, text in rendered:
+        script = folder / ("array.sbatch" if step == "cells" else f"array-{step}.sbatch")
+        script.write_text(text)
         scripts.append((step, script, group))
     submitted = Submitted({}, {step: script for step, script, _ in scripts})
     if dry_run:
@@ -193,11 +305,26 @@ def submit(plan: Path, parallel: int | None = None, dry_run: bool = False) -> Su
             raise DwbenchError(f"sbatch refused {script}: {done.stderr.strip()}")
         job = done.stdout.strip().split(";")[0]
         submitted.jobs[step] = job
-        with jobs_file(plan.parent).open("a") as records:
-            for index, cell in enumerate(group):
-                record = {"cell": cell.key, "job": f"{job}_{index}", "script": str(script)}
-                records.write(json.dumps({**record, "step": step}) + "\n")
+        append_records(
+            jobs_file(plan.parent),
+            [
+                {"cell": cell.key, "job": f"{job}_{index}", "script": str(script), "step": step}
+                for index, cell in enumerate(group)
+            ],
+        )
     return submitted
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append in one write, on a line of its own: a submission killed while appending leaves a
+    torn last line, which must not swallow the next submission's first record."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    with path.open("a+b") as out:
+        if out.seek(0, os.SEEK_END):
+            out.seek(-1, os.SEEK_END)
+            if out.read(1) != b"\n":
+                text = "\n" + text
+        out.write(text.encode("utf-8"))
 
 
 def new_submission_folder(root: Path) -> Path:
@@ -224,8 +351,23 @@ def submitted_jobs(sweep_dir: Path) -> dict[str, str]:
     path = jobs_file(sweep_dir)
     if not path.is_file():
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["cell"]: r["job"] for r in records}
+    jobs = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            jobs[str(record["cell"])] = str(record["job"])
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            logger.warning(
+                "%s line %d is not a job record (%s), skipped: a submission killed while "
+                "appending leaves such a line, and the job it was writing is not known here.",
+                path,
+                number,
+                error,
+            )
+    return jobs
 
 
 def job_states() -> dict[str, str]:
