@@ -103,15 +103,19 @@ def _command(
     )
 
 
+@pytest.mark.parametrize("typo", ["+buget=0.1", "buget=0.1"])
 @pytest.mark.parametrize("module", ["dwbench.sweep.plan", "dwbench.sweep.status"])
-def test_sweep_commands_refuse_a_typo_the_run_refuses(module, tmp_path, cache_dir) -> None:
+def test_sweep_commands_refuse_a_typo_the_run_refuses(module, typo, tmp_path, cache_dir) -> None:
     """The issue's case: `plan` wrote a line per cell carrying `+buget`, each job failing at start
-    (the grid's size is test_experiments' to check)."""
+    (the grid's size is test_experiments' to check); without `+`, Hydra's refusal suggested it."""
     results = tmp_path / "results"
-    args = ["+experiment=embedded_table2", "+buget=0.1", f"results_dir={results}"]
+    args = ["+experiment=embedded_table2", typo, f"results_dir={results}"]
     done = _command(module, args, tmp_path, cache_dir)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert re.search(r"dwbench: cell 1 of \d+ \(", done.stderr) and "+buget=0.1" in done.stderr
+    if typo.startswith("+"):  # found in the composed cells, and said for the first
+        assert re.search(r"dwbench: cell 1 of \d+ \(", done.stderr) and typo in done.stderr
+    else:  # found before any cell is composed
+        assert "dwbench: buget: no config defines the key 'buget'" in done.stderr
     assert "Did you mean: budget?" in done.stderr and "Traceback" not in done.stderr
     assert not results.exists()
 

@@ -29,6 +29,7 @@ from dwbench.errors import ConfigError, DwbenchError
 from dwbench.methods.registry import check_method_name
 from dwbench.pipeline import validate
 from dwbench.sweep.slurm import check_sweep_name
+from dwbench.validate import check_changed_keys
 
 
 @dataclass
@@ -94,6 +95,7 @@ def load_sweep(overrides: list[str], name: str | None = None, progress: bool = T
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         given = parser.parse_overrides(overrides)
         fixed = [o.input_line for o in given if not o.is_sweep_override()]
+        check_changed_keys(overrides)  # a misspelled key: Hydra's refusal would suggest `+key`
         base = compose("config", overrides=fixed, return_hydra_config=True)
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
         task_overrides = [o.input_line for o in given if not o.is_hydra_override()]
