@@ -1,9 +1,11 @@
 """What a selection method is: score every pool example, then keep k of them.
 
 Methods see the pool (ids, prompts, responses), the task's query examples and the selector
-model; never the embedded task's `is_clean` labels, which the select stage reads to report
-selection precision. The one exception is a reference method (oracle_clean), which reads them to
-bound what a perfect noise filter could gain.
+model; never the `is_clean` labels (the embedded task's, or planted noise's), which the select
+stage reads to report selection precision. A method gets them only when its class declares
+`reads_labels = True` (a reference, such as oracle_clean, bounding what a perfect noise filter
+could gain); every other method's context has no flags and a task config without what made them
+(the generator's and the noise's settings, from which the flags could be drawn again).
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ class ScoringContext:
     # LoRA fine-tunes through the train stage's cache: fine_tune(examples, model_cfg=None
     # (the selector), finetune_overrides=None) -> ScorerFineTune; None where no store exists
     fine_tune: Callable[..., Any] | None = None
-    # the embedded task's id -> is_clean (None for other tasks); only reference methods
-    # (oracle_clean) may read it, a competing method never does
+    # id -> is_clean, for a method whose class declares `reads_labels = True` (a reference such
+    # as oracle_clean); None for every other method, and for tasks without labels
     clean_flags: dict[str, bool] | None = None
 
     @classmethod
@@ -64,16 +66,19 @@ class ScoringContext:
         device: str | None = None,
         cache_dir: Path | None = None,
         fine_tune: Callable[..., Any] | None = None,
+        reads_labels: bool = False,
     ) -> ScoringContext:
         """The one way to build a method's context: its method, task, selector and seed from the
-        composed `cfg`, its queries and clean flags (read by reference methods only) from `data`
-        (a cell's prepared data, or `GivenData` for a benchmark's own). Device and cache folder
-        default to the config's (`device`, `cache_dir`)."""
+        composed `cfg`, its queries from `data` (a cell's prepared data, or `GivenData` for a
+        benchmark's own), and the clean flags only where `reads_labels` (the method's class
+        declares it: `reads_labels(method_class)`). Device and cache folder default to the
+        config's (`device`, `cache_dir`)."""
         from dwbench.models import resolve_device
 
+        task_cfg = cfg["task"] if reads_labels else without_label_sources(cfg["task"])
         return cls(
             method_cfg=cfg["method"],
-            task_cfg=cfg["task"],
+            task_cfg=task_cfg,
             selector_cfg=cfg["selector_model"],
             queries=data.queries,
             seed=int(cfg["seed"]),
@@ -81,7 +86,7 @@ class ScoringContext:
             cache_dir=Path(cache_dir or Path(str(cfg["cache_dir"])).expanduser()),
             work_dir=Path(work_dir),
             fine_tune=fine_tune,
-            clean_flags=data.clean_flags,
+            clean_flags=data.clean_flags if reads_labels else None,
         )
 
     def require_fine_tune(self, method: str) -> Callable[..., Any]:
@@ -91,6 +96,22 @@ class ScoringContext:
                 "store; run it through `python -m dwbench method=" + method + "`"
             )
         return self.fine_tune
+
+
+LABEL_SOURCES = ("generator", "noise")  # task settings that draw the is_clean flags
+
+
+def without_label_sources(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The task config a method that reads no labels sees: without the generator's and the
+    planted noise's settings, whose seeds would let it draw the flags again."""
+    from dwbench.content_hash import to_plain
+
+    return {k: v for k, v in to_plain(task_cfg).items() if k not in LABEL_SOURCES}
+
+
+def reads_labels(method: type | object) -> bool:
+    """Whether a method (class or instance) declares that it reads the is_clean flags."""
+    return getattr(method, "reads_labels", False) is True
 
 
 class SelectionMethod(Protocol):

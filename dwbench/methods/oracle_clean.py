@@ -33,6 +33,7 @@ class OracleClean:
     """
 
     needs_selector = False  # no model is loaded, so none needs to be available
+    reads_labels = True  # a reference: its context carries the is_clean flags (methods.base)
 
     @staticmethod
     def check_options(

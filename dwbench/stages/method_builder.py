@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dwbench.context import RunContext
-from dwbench.methods.base import ScoringContext, SelectionMethod
+from dwbench.methods.base import ScoringContext, SelectionMethod, reads_labels
 from dwbench.methods.registry import method_class
 from dwbench.stages.outputs import Prepared
 from dwbench.stages.train import ScorerTrainer
@@ -19,6 +19,7 @@ def build_method(
     scorer_trainer: ScorerTrainer | None = None,
     work_dir: Path | None = None,
 ) -> SelectionMethod:
+    method = method_class(ctx.cfg.method)
     scoring = ScoringContext.for_cell(
         ctx.cfg,
         prepared,
@@ -26,5 +27,6 @@ def build_method(
         device=ctx.device,
         cache_dir=ctx.cache_dir,
         fine_tune=scorer_trainer,
+        reads_labels=reads_labels(method),
     )
-    return method_class(ctx.cfg.method)(scoring)
+    return method(scoring)
