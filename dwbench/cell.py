@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from dwbench.content_hash import result_identity, stable_hash, task_identity
+from dwbench.content_hash import method_identity, result_identity, stable_hash, task_identity
 from dwbench.models import model_identity
 
 
@@ -13,7 +13,7 @@ def cell_key(cfg: DictConfig, last_stage: str) -> str:
     return stable_hash(
         {
             "task": task_identity(cfg.task),
-            "method": result_identity(cfg.method),
+            "method": method_identity(cfg.method),
             "selector": result_identity(model_identity(cfg.selector_model)),
             "target": result_identity(model_identity(cfg.target_model)),
             "finetune": result_identity(cfg.finetune),

@@ -46,6 +46,23 @@ def result_identity(node: Any) -> Any:
     return plain
 
 
+# Methods renamed after their results were logged: new name -> the name inside their keys, so a
+# rename neither orphans committed cells nor makes them computed again (CHANGELOG, 0.x: the
+# one-shot Data Whisperer presets became one_shot_gain).
+LOGGED_AS: Mapping[str, str] = {
+    "one_shot_gain": "data_whisperer_one_shot",
+    "one_shot_gain_16q": "data_whisperer_one_shot_16q",
+}
+
+
+def method_identity(method_cfg: Any) -> Any:
+    """A method config's result identity, under the name its results were first logged as."""
+    method = result_identity(method_cfg)
+    if isinstance(method, Mapping) and method.get("name") in LOGGED_AS:
+        method["name"] = LOGGED_AS[method["name"]]
+    return method
+
+
 def task_identity(task_cfg: Any) -> Any:
     """A task config's result identity. `task.noise` enters only while it plants noise (share >
     0): switched off it changes nothing, so keys and cells made before the option existed still

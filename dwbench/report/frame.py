@@ -19,8 +19,11 @@ METHOD_LABELS = {
     "data_whisperer": "Data Whisperer",
     "data_whisperer_likelihood": "Data Whisperer (likelihood)",
     "data_whisperer_separate": "Data Whisperer (separate)",
-    "data_whisperer_one_shot": "Data Whisperer (one-shot)",
-    "data_whisperer_one_shot_16q": "Data Whisperer (one-shot, 16 queries)",
+    "one_shot_gain": "One-shot gain",
+    "one_shot_gain_16q": "One-shot gain (16 queries)",
+    # their names before the rename, in snapshots committed then
+    "data_whisperer_one_shot": "One-shot gain",
+    "data_whisperer_one_shot_16q": "One-shot gain (16 queries)",
     "perplexity_low": "Perplexity (low)",
     "perplexity_middle": "Perplexity (middle)",
     "perplexity_high": "Perplexity (high)",
@@ -28,8 +31,13 @@ METHOD_LABELS = {
     "s2l": "S2L",
     "rds_plus": "RDS+",
     "ifd": "IFD",
+    "length_longest": "Longest response",
+    "length_shortest": "Shortest response",
+    "format_rules": "Format rules",
 }
-REFERENCE_METHODS = ("oracle_clean",)  # rows that bound the task, listed with Whole dataset
+# rows that bound the task, listed with Whole dataset: the oracle reads the labels, format rules
+# show what the answers' form alone gives away
+REFERENCE_METHODS = ("oracle_clean", "format_rules")
 DATA_WHISPERERS = ("data_whisperer", "data_whisperer_likelihood")  # ablated in Tables 4 and 5
 METHOD_ORDER = list(METHOD_LABELS)  # the paper's row order, then the baselines it did not run
 TASK_ORDER = ["gsm8k", "dialogsum", "bioinstruct", "dialogsum_synthetic", "embedded_gsm"]

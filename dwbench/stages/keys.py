@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dwbench.content_hash import stage_key, task_identity
+from dwbench.content_hash import method_identity, stage_key, task_identity
 from dwbench.context import zero_shot
 from dwbench.models import model_identity
 
@@ -28,7 +28,7 @@ def score_key(cfg: DictConfig, prepare_key: str) -> str:
     return stage_key(
         "score",
         prepare=prepare_key,
-        method=cfg.method,
+        method=method_identity(cfg.method),
         selector=model_identity(cfg.selector_model),
         seed=cfg.seed,
     )
