@@ -21,6 +21,9 @@ from dwbench.errors import DwbenchError
 
 FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 LOCKED = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+# A write the disk failed: SQLite says so of a write-ahead log or shared memory file it cannot
+# grow on a full disk (SQLITE_IOERR), where it says "database or disk is full" of the database.
+FAILED = {errno.EIO: "disk I/O error"}
 # What libraries that wrap the OS error keep of it, only its text: SQLite (through SQLAlchemy and
 # MLflow) and safetensors' Rust errors.
 TEXTS = {
@@ -29,8 +32,9 @@ TEXTS = {
     "disk quota exceeded": errno.EDQUOT,
     "read-only file system": errno.EROFS,
     "attempt to write a readonly database": errno.EROFS,
+    "disk i/o error": errno.EIO,
 }
-SQLITE = ("database or disk is full", "attempt to write a readonly database")
+SQLITE = ("database or disk is full", "attempt to write a readonly database", "disk i/o error")
 
 
 class StorageError(DwbenchError):
@@ -57,16 +61,20 @@ def storage_problem(
         path = database
     setting, root = _setting_of(path, folders or {})
     where = str(path) if path is not None else f"under {setting}={root}" if root else "a file"
-    if code in FULL:
+    if code in FULL | FAILED:
         again = (
             ": finished stages and complete checkpoints are kept, so it goes on where it stopped."
             if resumes
             else "."
         )
+        what = (
+            f"the disk is full, writing {where} ({FULL[code]})"
+            if code in FULL
+            else f"the disk failed writing {where} ({FAILED[code]}: most often, it is full)"
+        )
         return StorageError(
-            f"the disk is full, writing {where} ({FULL[code]}). Free space on it "
-            f"(df -h {root or path or '.'}) or point {setting} at a larger disk, and run the same "
-            f"command again{again}"
+            f"{what}. Free space on it (df -h {root or path or '.'}) or point "
+            f"{setting} at a larger disk, and run the same command again{again}"
         )
     return StorageError(
         f"cannot write {where} ({LOCKED[code]}). Point {setting} at a folder you can write, "
@@ -78,7 +86,7 @@ def is_storage_error(error: BaseException) -> bool:
     return _disk_error(error)[0] is not None
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
     """`error` and every exception it was raised from or while handling, each once."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [error]
@@ -93,11 +101,16 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 def _disk_error(error: BaseException) -> tuple[int | None, Path | None, str | None]:
     """(errno, path, text found) of the disk error in the chain: an OSError naming its file
-    first, then one that does not, then a wrapped error's text; Nones when there is none."""
-    chain = list(_chain(error))
-    oserrors = [e for e in chain if isinstance(e, OSError) and e.errno in FULL | LOCKED]
+    first, then one that does not, then a wrapped error's text; Nones when there is none.
+
+    An OSError of a copy or a rename names two files, the source first: a full or read-only
+    disk is the one written, the second."""
+    chain = list(exception_chain(error))
+    oserrors = [e for e in chain if isinstance(e, OSError) and e.errno in FULL | LOCKED | FAILED]
     for found in sorted(oserrors, key=lambda e: e.filename is None):
-        return found.errno, None if found.filename is None else Path(str(found.filename)), None
+        written = found.filename2 if found.errno != errno.EACCES else None
+        named = written if written is not None else found.filename
+        return found.errno, None if named is None else Path(str(named)), None
     for found in chain:
         text = str(found).lower()
         for said, code in TEXTS.items():

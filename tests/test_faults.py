@@ -360,7 +360,8 @@ def test_a_full_disk_during_training_resumes_once_space_is_back(
         assert len(said) == 1 and "Traceback" not in failed, failed[-3000:]
         # whichever file met the full disk first (a checkpoint, the store, a log): named, or
         # its setting named, on the full disk
-        written = re.search(r"dwbench: the disk is full, writing (?:under \w+=)?(.+?) \(", said[0])
+        disk_line = r"dwbench: the disk (?:is full, writing|failed writing) (?:under \w+=)?(.+?) \("
+        written = re.search(disk_line, said[0])
         assert written and Path(written.group(1)).resolve().is_relative_to(disk.resolve()), said
         assert "finished stages and complete checkpoints are kept" in said[0]
         assert not finished_keys(results, "train")
