@@ -35,7 +35,8 @@ ROWS = [
     ([DW, "++method.n_demo=3"], "Did you mean: n_demos?"),
     (
         ["buget=0.1"],
-        "buget: no config defines the key 'buget', so there is nothing to set. Did you mean: budget?",
+        "buget: no config defines the key 'buget', so there is nothing to set. "
+        "Did you mean: budget?",
     ),
     ([DW, "method.n_demo=3"], "method.n_demo: no config defines the key 'method.n_demo'"),
     (["task.eval_limit=999"], "task.eval_limit=999 is above the 5 examples"),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from sklearn.metrics import roc_auc_score
-from test_baselines import _model_overrides
+from test_baselines import _config
 
 from dwbench import pipeline
 from dwbench.config_files import CONF_DIR
@@ -49,21 +49,8 @@ def test_the_embedded_tasks_corruptions_are_all_visible_to_the_rules(difficulty:
     assert roc_auc_score(clean, passed) == 1.0
 
 
-def _run(method: str, results: Path, tiny_llama_dir: Path, *extra: str) -> pd.DataFrame:
-    overrides = [
-        f"method={method}",
-        f"results_dir={results}",
-        "stages=[score,select]",
-        "task.generator.pool_size=12",
-        "task.generator.eval_size=2",
-        "budget=0.25",
-        *_model_overrides("selector_model", tiny_llama_dir),
-        *_model_overrides("target_model", tiny_llama_dir),
-        *extra,
-    ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    pipeline.run(cfg)
+def _run(method: str, results: Path, tiny_llama_dir: Path) -> pd.DataFrame:
+    pipeline.run(_config(method, results, tiny_llama_dir))
     (scores,) = (results / "artifacts" / "score").glob("*/scores.csv")
     return pd.read_csv(scores, dtype={"id": str})
 

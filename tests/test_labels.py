@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from test_baselines import METHOD_OVERRIDES, _model_overrides
+from test_baselines import _config
 
 from dwbench import pipeline
 from dwbench.config_files import CONF_DIR
@@ -48,20 +48,17 @@ def _aliases() -> set[str]:
 
 ALIASES = _aliases()
 DECLARED = {"oracle_clean"}  # the references whose class declares reads_labels
-# Data Whisperer's episodes sized to the 12-example pool
-EPISODES = {"data_whisperer": ["method.n_demos=3", "method.n_queries=2"]}
-ONE_SHOT = ["method.n_queries=4"]
+DW_EPISODES = ["method.n_demos=3", "method.n_queries=2"]
 
 
-def _method_overrides(method: str) -> list[str]:
+def _episodes(method: str) -> list[str]:
+    """Data Whisperer's engine sized to the 12-example pool (test_baselines sizes the others)."""
     if method == "data_whisperer_released":  # the released prompts closest to the embedded task,
         # decoding to a cap that a random tiny model reaches in seconds, not 8192 tokens
-        return [*EPISODES["data_whisperer"], "method.prompt_dataset=gsm8k", "method.max_token=640"]
+        return [*DW_EPISODES, "method.prompt_dataset=gsm8k", "method.max_token=640"]
     if "one_shot" in method:
-        return ONE_SHOT
-    if method.startswith("data_whisperer"):
-        return EPISODES["data_whisperer"]
-    return METHOD_OVERRIDES.get(method, [])
+        return ["method.n_queries=4"]
+    return DW_EPISODES if method.startswith("data_whisperer") else []
 
 
 class PeeksAtLabels:
@@ -104,29 +101,7 @@ def _flags_changed(how: str) -> Callable[[Any], Any]:
 
 def _scores(method: str, results: Path, tiny_llama_dir: Path, *extra: str) -> pd.DataFrame:
     """The method's scores in `results`, computed afresh (scorer fine-tunes are reused)."""
-    overrides = [
-        f"method={method}",
-        f"results_dir={results}",
-        "stages=[score]",
-        "task.generator.pool_size=12",
-        "task.generator.eval_size=2",
-        "budget=0.25",
-        "finetune.epochs=2",
-        "finetune.batch_size=4",
-        "finetune.runtime.micro_batch_size=4",
-        *_model_overrides("selector_model", tiny_llama_dir),
-        *_model_overrides("target_model", tiny_llama_dir),
-        *_method_overrides(method),
-        *extra,
-    ]
-    if method in ("staff", "s2l"):  # the tiny model cut to its first layer is the proxy
-        overrides.append(
-            f"method.proxy_model={{name:tiny_llama_1l,id:tiny/llama,revision:null,"
-            f"path:'{tiny_llama_dir}',embedded:null,dtype:float32,attention_layer:0,num_layers:1,"
-            "keep_layers:1,trust_remote_code:false,requires_gpu:false,gpu_memory_gb:1}"
-        )
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = _config(method, results, tiny_llama_dir, "stages=[score]", *_episodes(method), *extra)
     shutil.rmtree(results / "artifacts" / "score", ignore_errors=True)
     pipeline.run(cfg)
     (scores,) = (results / "artifacts" / "score").glob("*/scores.csv")
