@@ -133,13 +133,17 @@ def _file_list_problem(listed: Any) -> str | None:
 
 def aside_path(folder: Path) -> Path:
     """A free `.damaged-<name>-<time>` beside `folder`, where a damaged folder is kept."""
+    return free_path(lambda stamp: folder.with_name(f".damaged-{folder.name}-{stamp}"))
+
+
+def free_path(named: Callable[[str], Path]) -> Path:
+    """`named(stamp)` for the current time, with `-2`, `-3`, ... added until no file has it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = folder.with_name(f".damaged-{folder.name}-{stamp}")
-    count = 1
-    while aside.exists():
+    path, count = named(stamp), 1
+    while path.exists():
         count += 1
-        aside = folder.with_name(f".damaged-{folder.name}-{stamp}-{count}")
-    return aside
+        path = named(f"{stamp}-{count}")
+    return path
 
 
 def seal(folder: Path, marker: dict[str, Any]) -> None:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from dwbench import timing
+from dwbench.artifacts import free_path
 from dwbench.errors import DwbenchError
 from dwbench.storage import exception_chain
 
@@ -275,12 +276,7 @@ def _damage(error: BaseException) -> str | None:
 def _set_aside(db: Path) -> Path:
     """Move the damaged store at `db` (and its write-ahead log, which holds its latest runs) to
     `mlflow.damaged-<time>.db` beside it, where `mlflow ui` can still read what is readable."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = db.with_name(f"{db.stem}.damaged-{stamp}{db.suffix}")
-    number = 1
-    while aside.exists():
-        number += 1
-        aside = db.with_name(f"{db.stem}.damaged-{stamp}-{number}{db.suffix}")
+    aside = free_path(lambda stamp: db.with_name(f"{db.stem}.damaged-{stamp}{db.suffix}"))
     for suffix in ("-wal", "-shm"):
         part = Path(f"{db}{suffix}")
         if part.exists():

@@ -63,9 +63,17 @@ FOLDER = (
     "working directory)",
 )
 TEXT = (lambda v: isinstance(v, str) and bool(v.strip())), "a non-empty text"
-# A name that becomes one folder name (a model's under the cache): no separator, no `..`.
+# A name that becomes one folder name (a model's under the cache, a sweep's under results_dir):
+# no separator, no `..`, nothing hidden.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def is_folder_name(value: Any) -> bool:
+    return isinstance(value, str) and FOLDER_NAME.fullmatch(value) is not None
+
+
 PATH_COMPONENT = (
-    (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", v) is not None),
+    is_folder_name,
     "one folder name (letters, digits, '.', '_', '-', not starting with '.')",
 )
 DEVICE = (

@@ -162,7 +162,7 @@ def test_a_sweep_name_that_is_not_one_folder_name_is_refused(
     message = refusal(capsys)
     assert message == (
         f"dwbench: --name {name!r} is not a sweep name: use one folder name of letters, "
-        "digits, '.', '_' and '-' (not '.' or '..')"
+        "digits, '.', '_' and '-' (not starting with '.')"
     )
     assert list(tmp_path.iterdir()) == []
 

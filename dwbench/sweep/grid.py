@@ -28,8 +28,7 @@ from dwbench.config_files import CONF_DIR
 from dwbench.errors import ConfigError, DwbenchError
 from dwbench.methods.registry import check_method_name
 from dwbench.pipeline import validate
-from dwbench.sweep.slurm import check_sweep_name
-from dwbench.validate import check_changed_keys
+from dwbench.validate import check_changed_keys, is_folder_name
 
 
 @dataclass
@@ -80,6 +79,18 @@ def _methods_named(overrides: list[Override]) -> list[str]:
         else:
             names = [override.get_value_element_as_str()]
     return names
+
+
+def check_sweep_name(name: str, origin: str) -> str:
+    """`name`, if it is one safe folder name: it names the sweep's folder under results_dir and
+    its SLURM jobs, where a `/` or `..` would write elsewhere and a line break would end the
+    script's `#SBATCH` block and run the rest as shell."""
+    if is_folder_name(name):
+        return name
+    raise ConfigError(
+        f"{origin} {name!r} is not a sweep name: use one folder name of letters, digits, "
+        "'.', '_' and '-' (not starting with '.')"
+    )
 
 
 def load_sweep(overrides: list[str], name: str | None = None, progress: bool = True) -> Sweep:

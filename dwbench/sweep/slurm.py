@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -32,7 +31,8 @@ from typing import Any
 
 import jinja2
 
-from dwbench.errors import ConfigError, DwbenchError
+from dwbench.errors import DwbenchError
+from dwbench.validate import is_folder_name
 
 logger = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
@@ -43,7 +43,6 @@ STEPS = ("shared", "shards", "merge", "cells")
 # What a plan.json must hold for `submit` to render its scripts.
 META_KEYS = ("name", "workdir", "slurm", "cells")
 SLURM_KEYS = ("parallel", "time_min", "cpus_per_task", "mem_gb")
-SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -54,18 +53,6 @@ class PlannedCell:
     requires_gpu: bool
     gpu_memory_gb: int
     step: str = "cells"
-
-
-def check_sweep_name(name: str, origin: str) -> str:
-    """`name`, if it is one safe folder name: it names the sweep's folder under results_dir and
-    its SLURM jobs, where a `/` or `..` would write elsewhere and a line break would end the
-    script's `#SBATCH` block and run the rest as shell."""
-    if SAFE_NAME.fullmatch(name) and name not in (".", ".."):
-        return name
-    raise ConfigError(
-        f"{origin} {name!r} is not a sweep name: use one folder name of letters, digits, "
-        "'.', '_' and '-' (not '.' or '..')"
-    )
 
 
 def plan_line(cell: PlannedCell) -> str:
@@ -89,7 +76,7 @@ def replan_command(meta: Any) -> str:
     overrides = meta.get("overrides") if isinstance(meta, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
     known = isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
-    if not known or not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+    if not known or not is_folder_name(name):
         return f"{command} <the sweep's overrides>"
     return f"{command} {shlex.join([*overrides, '--name', name])}"
 
