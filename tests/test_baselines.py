@@ -201,9 +201,13 @@ def test_nuggets_ranks_first_the_candidate_that_raises_every_anchor(
 
 # Data Whisperer has its own tests; random and the oracle_clean reference score without a model.
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-NOT_BASELINES = {"random", "oracle_clean"} | {m for m in METHODS if m.startswith("data_whisperer")}
+# one_shot_gain runs on Data Whisperer's engine, tested with it (test_data_whisperer, test_labels)
+NOT_BASELINES = {"random", "oracle_clean"} | {
+    m for m in METHODS if m.startswith(("data_whisperer", "one_shot_gain"))
+}
 BASELINES = sorted(set(METHODS) - NOT_BASELINES)
-NO_SCORER_FINE_TUNE = {"rds_plus", "ifd"}  # one forward pass per example, untuned selector
+# one forward pass per example with the untuned selector, or no model at all
+NO_SCORER_FINE_TUNE = {"rds_plus", "ifd", "length_longest", "length_shortest", "format_rules"}
 METHOD_OVERRIDES = {
     "ccs": ["method.n_strata=4"],
     "el2n": ["method.checkpoint_epochs=[1,2]"],
