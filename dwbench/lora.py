@@ -146,6 +146,7 @@ def fine_tune(
     examples_seen = len(records) * float(ft.epochs)
     if ft.max_steps is not None:
         examples_seen = min(examples_seen, int(ft.max_steps) * int(ft.batch_size))
+    train_loss = mean_training_loss(trainer.state.log_history, result.training_loss)
     return {
         "train_s": train_s,
         "load_s": load_s,
@@ -153,9 +154,14 @@ def fine_tune(
         "epochs": float(ft.epochs),
         "steps": int(trainer.state.global_step),
         "examples_per_s": examples_seen / train_s,
-        "train_loss": mean_training_loss(trainer.state.log_history, result.training_loss),
+        "train_loss": train_loss,
         "resumed": resume_from is not None,
-        "log_history": trainer.state.log_history,
+        # the trainer's closing entry states the loss of this attempt's steps alone: a resumed
+        # run's train_log.json states, as an uninterrupted one's does, that of every step
+        "log_history": [
+            {**entry, "train_loss": train_loss} if "train_loss" in entry else entry
+            for entry in trainer.state.log_history
+        ],
     }
 
 

@@ -40,6 +40,7 @@ LONGEST_FILES_FIRST = (
     "test_baselines.py",
     "test_data_whisperer.py",
     "test_faults.py",
+    "test_probe_faults.py",
     "test_report.py",
     "test_install.py",
     "test_own_method.py",

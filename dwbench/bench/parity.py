@@ -37,6 +37,19 @@ from dwbench.data.records import Example
 from dwbench.errors import ConfigError, DataError
 
 REFERENCE_FILES = ("settings.json", "pool.json", "episodes.jsonl", "scores.csv")
+SETTINGS = ("dataset", "model_type", "batch_train", "batch_test", "attn_layer", "max_token")
+EPISODE_FIELDS = (
+    "episode",
+    "demo_indices",
+    "query_indices",
+    "prompt_token_ids",
+    "generated_token_ids",
+    "parsed_predictions",
+    "attention_weights_raw",
+    "attention_weights_normalised",
+)
+SCORE_COLUMNS = ("pool_index", "score", "released_rank")
+RECOPY = "copy it again from the traced run (a copy cut short?)"
 
 
 def add_parser(commands: Any) -> None:
@@ -65,28 +78,104 @@ def add_parser(commands: Any) -> None:
 
 
 def read_reference(folder: Path) -> dict[str, Any]:
+    """The reference run's files, each checked for what the comparison reads: a damaged or
+    incomplete one is a DataError naming the file, before any model is loaded."""
     missing = [name for name in REFERENCE_FILES if not (folder / name).is_file()]
     if missing:
         raise DataError(
             f"{folder} is not a reference run: {', '.join(missing)} missing (it needs "
             f"{', '.join(REFERENCE_FILES)}, and queries.json for a validation-split run)."
         )
-    settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+    settings = _json_file(folder / "settings.json", dict)
+    absent = [name for name in SETTINGS if name not in settings]
+    if absent:
+        raise DataError(f"{folder / 'settings.json'} has no {', '.join(absent)}; {RECOPY}.")
+    for name in SETTINGS[2:]:
+        if not _whole(settings[name]):
+            raise DataError(
+                f"{folder / 'settings.json'}: {name}={settings[name]!r} is not a whole number; "
+                f"{RECOPY}."
+            )
     queries_path = folder / "queries.json"
     validation = settings.get("query_source") == "validation"
     if validation and not queries_path.is_file():
         raise DataError(f"{folder}/settings.json says query_source=validation: add queries.json")
+    pool = _records(folder / "pool.json")
     return {
         "settings": settings,
-        "pool": json.loads((folder / "pool.json").read_text(encoding="utf-8")),
-        "queries": json.loads(queries_path.read_text(encoding="utf-8")) if validation else None,
-        "episodes": [
-            json.loads(line)
-            for line in (folder / "episodes.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ],
-        "scores": pd.read_csv(folder / "scores.csv"),
+        "pool": pool,
+        "queries": _records(queries_path) if validation else None,
+        "episodes": _episodes(folder / "episodes.jsonl"),
+        "scores": _scores(folder / "scores.csv", len(pool)),
     }
+
+
+def _whole(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and int(value) == float(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _json_file(path: Path, kind: type) -> Any:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise DataError(f"{path} cannot be read as JSON ({error}); {RECOPY}.") from None
+    if not isinstance(value, kind):
+        raise DataError(
+            f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} the traced run "
+            f"writes; {RECOPY}."
+        )
+    return value
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    records = _json_file(path, list)
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: record {bad} is not a JSON object; {RECOPY}.")
+    return records
+
+
+def _episodes(path: Path) -> list[dict[str, Any]]:
+    episodes = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            episode = json.loads(line)
+        except ValueError as error:
+            raise DataError(f"{path}, line {lineno}: not JSON ({error}); {RECOPY}.") from None
+        absent = [f for f in EPISODE_FIELDS if not isinstance(episode, dict) or f not in episode]
+        if absent:
+            raise DataError(f"{path}, line {lineno}: no {', '.join(absent)}; {RECOPY}.")
+        if not _whole(episode["episode"]):
+            raise DataError(f"{path}, line {lineno}: episode is not a whole number; {RECOPY}.")
+        episodes.append(episode)
+    return episodes
+
+
+def _scores(path: Path, n_pool: int) -> pd.DataFrame:
+    """The released final scores and order: every pool index once, finite."""
+    try:
+        scores = pd.read_csv(path)
+    except ValueError as error:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise DataError(f"{path} cannot be read as CSV ({error}); {RECOPY}.") from None
+    absent = [c for c in SCORE_COLUMNS if c not in scores.columns]
+    if absent:
+        raise DataError(
+            f"{path} has no column {', '.join(absent)} (it needs {', '.join(SCORE_COLUMNS)}); "
+            f"{RECOPY}."
+        )
+    numbers = scores[list(SCORE_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    indices = sorted(numbers["pool_index"].dropna().tolist())
+    if indices != list(range(n_pool)) or not numbers.map(math.isfinite).all().all():
+        raise DataError(
+            f"{path} holds {len(scores)} rows, not one finite score and rank for each of the "
+            f"{n_pool} records of pool.json (pool_index 0-{n_pool - 1}); {RECOPY}."
+        )
+    return scores
 
 
 def overrides_for(settings: dict[str, Any]) -> list[str]:
@@ -205,18 +294,24 @@ def parity(args: argparse.Namespace) -> None:
     method = DataWhisperer(context)
     plan, _, plan_id = method._plan(pool)
     n_episodes = len(plan) if args.episodes is None else min(args.episodes, len(plan))
+    theirs = {int(e["episode"]): e for e in reference["episodes"]}
+    traced = next((i for i, e in enumerate(plan) if e.index not in theirs), len(plan))
+    if traced < n_episodes:  # before any episode is scored: that takes minutes each
+        shorter = f"compare the {traced} traced with --episodes {traced}, or " if traced else ""
+        raise DataError(
+            f"{args.reference / 'episodes.jsonl'} has no episode {plan[traced].index} of the "
+            f"{n_episodes} to compare ({len(theirs)} traced: a run stopped early?); {shorter}"
+            "trace the released run again."
+        )
     per_call = method.settings.episodes_per_call("cpu")
     method.score_units(pool, range(0, -(-n_episodes // per_call)), work_dir)
     from dwbench.methods.data_whisperer.episodes import read_episode_log
 
     records = read_episode_log(work_dir / CHECKPOINT_FILE, plan_id)
-    theirs = {int(e["episode"]): e for e in reference["episodes"]}
     rows = []
     for episode in plan[:n_episodes]:
         ours = records[episode.index]
-        ref = theirs.get(episode.index)
-        if ref is None:
-            raise DataError(f"the reference has no episode {episode.index}")
+        ref = theirs[episode.index]
         row = compare_episode(ours, ref)
         row["plan equal"] = list(episode.demos) == list(ref["demo_indices"]) and list(
             episode.queries

@@ -10,6 +10,11 @@ Decisions worth knowing:
   (GSM8K 6,725/748, BioInstruct 9:1).
 - Records without an id field get `<split>-<index>` ids (`pool-00000`), numbered in file order
   before shuffling, so an id names the same record whatever the shuffle seed or limit.
+- A UTF-8 byte order mark (what Windows editors and Excel write) is skipped, at the start of the
+  file and of each JSON Lines line (files joined with `cat`).
+- A record field the task reads that is NaN or Infinity (how pandas writes a missing value), an id
+  that is null, and a record longer than `MAX_RECORD_CHARS` (no model reads it; tokenizing it
+  alone takes gigabytes) are refused with the file, the record and the field, before any work.
 - Eval rows with identical prompts become one example with all their responses as references
   (DialogSum's test split has three summaries per dialogue).
 - With several prompt fields, an empty later field (BioInstruct's `input`) makes the prompt the
@@ -26,6 +31,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +78,10 @@ _SOURCES = ("hub", "local", "embedded")
 _QUERY_SOURCES = ("pool_kfold", "validation")
 _GENERATOR_KEYS = ("pool_size", "eval_size", "corrupt_share", "seed", "difficulty")
 _GENERATOR_DEFAULTS = {"difficulty": "multi_step"}  # configs written before the key still load
+# A record's prompt and response together: about 250,000 tokens of English, twice the longest
+# context of any model in conf/model (128k). A 50 MB line was read, then tokenized to 10 million
+# tokens in evaluation, and the machine ran out of memory with no message.
+MAX_RECORD_CHARS = 1_000_000
 
 
 @dataclass
@@ -233,7 +243,7 @@ def _find_file(folder: Path, stem: str) -> Path:
 def _read_records(path: Path) -> _Rows:
     """A JSON array (the authors' format) or JSON Lines, detected from the first character."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not content
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 "
@@ -254,7 +264,7 @@ def _read_records(path: Path) -> _Rows:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line.removeprefix("\ufeff")))
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{path}: malformed JSON on line {lineno}, column {exc.colno}: {exc.msg}. "
@@ -408,16 +418,35 @@ def _examples(rows: _Rows, split: str, cfg: dict[str, Any]) -> list[Example]:
                     f"{rows.origin}: record {index} has no field {field!r}; it has: "
                     f"{', '.join(row) or 'no fields'}. Set task.fields to this data's field names."
                 )
+            value = row[field]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DataError(
+                    f"{rows.origin}: record {index} field {field!r} is {value} (JSON NaN or "
+                    "Infinity, how pandas writes a missing value); fill it in or drop the record."
+                )
+        if id_field and row[id_field] is None:
+            raise DataError(
+                f"{rows.origin}: record {index} field {id_field!r} (task.fields.id) is null; give "
+                "every record an id, or set task.fields.id=null to number the records instead."
+            )
         response = row[response_field]
         if not isinstance(response, str):
             raise DataError(
                 f"{rows.origin}: record {index} field {response_field!r} is "
                 f"{type(response).__name__}, expected text (task.fields.response)."
             )
+        prompt = _prompt(row, fields["prompt"], cfg["prompt_template"], rows.origin, index)
+        size = len(prompt) + len(response)
+        if size > MAX_RECORD_CHARS:
+            raise DataError(
+                f"{rows.origin}: record {index} is {size:,} characters long (prompt and "
+                f"response), above the {MAX_RECORD_CHARS:,} any model here can read (the "
+                "longest context in conf/model is 128k tokens); cut it or drop the record."
+            )
         examples.append(
             Example(
                 id=str(row[id_field]) if id_field else f"{split}-{index:05d}",
-                prompt=_prompt(row, fields["prompt"], cfg["prompt_template"], rows.origin, index),
+                prompt=prompt,
                 response=response,
                 references=(response,),
             )

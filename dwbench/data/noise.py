@@ -21,7 +21,8 @@ cannot change an example, the next one that can is used, and recorded):
 
 Which examples are corrupted depends only on `seed`, `share` and the pool (a seeded permutation,
 its first `round(share * n)` entries that some kind can change), so a smaller share corrupts a
-subset of a larger one's examples. The share is of the pool after `task.pool_limit`.
+subset of a larger one's examples. The share is of the pool after `task.pool_limit`; one that
+corrupts none of it or all of it (rounded: 0.01 of 24 examples is 0, 0.99 is 24) is refused.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ def plant_noise(pool: list[Example], noise: Mapping[str, Any]) -> NoisyPool:
     args = check_noise(noise)
     kinds: list[str] = args["kinds"]
     wanted = round(args["share"] * len(pool))
+    if args["share"] > 0 and not 0 < wanted < len(pool):
+        # none corrupted: flags saying noise was planted where none was; all: no clean example
+        raise DataError(
+            f"task.noise.share={args['share']} of the {len(pool)}-example pool corrupts "
+            f"{'none' if wanted == 0 else 'all'} of it (round({args['share']} x {len(pool)}) = "
+            f"{wanted}); pass a share from {1 / len(pool):.3g} to {1 - 1 / len(pool):.3g}, or "
+            "task.noise.share=0 to turn planted noise off."
+        )
     order = np.random.default_rng([args["seed"], _ORDER_STREAM]).permutation(len(pool))
     rng = np.random.default_rng([args["seed"], _TEXT_STREAM])
     changed: dict[int, tuple[str, str]] = {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
+from typing import Any
 
 from dwbench.context import RunContext
 from dwbench.data.records import read_jsonl
@@ -18,6 +20,7 @@ from dwbench.errors import DwbenchError
 from dwbench.memory import PeakMemory
 from dwbench.models import LoadingArgs, loading_args
 from dwbench.stages.keys import evaluate_key, zero_shot_key
+from dwbench.stages.left_open import finish_logging
 from dwbench.stages.outputs import Evaluated, Prepared, Trained
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
     key = evaluate_key(cfg, trained.key) if trained else zero_shot_key(cfg, prepared.key)
     if ctx.store.reusable("evaluate", key):
         logger.info("evaluate: cached %s", key)
+        finish_logging(ctx, "evaluate", key, partial(log_evaluation, ctx, key))
         return Evaluated(key, ctx.store.marker("evaluate", key))
     cfg = ctx.cfg
     target = cfg.target_model
@@ -87,10 +91,16 @@ def run(ctx: RunContext, prepared: Prepared, trained: Trained | None) -> Evaluat
                 eval_s=eval_s,
                 **memory.as_metrics("eval"),
             )
-        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
-        mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "lm_eval_results.json")
-        mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "samples.jsonl")
+        log_evaluation(ctx, key, mlflow_run)
     return Evaluated(key, ctx.store.marker("evaluate", key))
+
+
+def log_evaluation(ctx: RunContext, key: str, mlflow_run: Any) -> None:
+    """A finished evaluation's numbers, results and samples on its run, from its output folder."""
+    marker = ctx.store.marker("evaluate", key)
+    mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+    mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "lm_eval_results.json")
+    mlflow_run.log_artifact(ctx.store.stage_dir("evaluate", key) / "samples.jsonl")
 
 
 def check_adapter(

@@ -17,7 +17,9 @@ import logging
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -36,6 +38,7 @@ from dwbench.methods.base import (
 from dwbench.methods.registry import method_class
 from dwbench.models import resolved_dtype
 from dwbench.stages.keys import score_key
+from dwbench.stages.left_open import finish_logging
 from dwbench.stages.method_builder import build_method
 from dwbench.stages.outputs import Prepared, Scored
 from dwbench.stages.train import ScorerTrainer
@@ -93,6 +96,7 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
     key = score_key(ctx.cfg, prepared.key)
     if ctx.store.reusable("score", key, lambda folder, _: cached_scores_problem(folder, prepared)):
         logger.info("score: cached %s", key)
+        finish_logging(ctx, "score", key, partial(log_scoring, ctx, key))
         return load(ctx, key, prepared)
     count = shard_count(ctx.cfg)
     if count == 1 and ctx.cfg.score.shards > 1:
@@ -138,19 +142,29 @@ def run(ctx: RunContext, prepared: Prepared) -> Scored:
                 scorer_train_keys=[run.key for run in scorer_trainer.runs],
                 # what selector_model.dtype (auto: per hardware) computed in
                 selector_dtype=resolved_dtype(ctx.cfg.selector_model, ctx.device),
+                peak_gpu_mb=memory.peak_gpu_mb,
             )
-        mlflow_run.set_tags({"selector_dtype": marker["selector_dtype"]})
-        mlflow_run.log_metrics(
-            {
-                "selection_s": selection_s,
-                "scorer_train_s": scorer_train_s,
-                **memory.as_metrics("score"),
-                **stats,
-            }
-        )
-        mlflow_run.set_tags(flatten(resolved, "resolved."))
-        mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
+        log_scoring(ctx, key, mlflow_run)
     return Scored(key, scores, selection_s, memory.peak_rss_mb)
+
+
+def log_scoring(ctx: RunContext, key: str, mlflow_run: Any) -> None:
+    """Finished scores' numbers, the method's resolved options and scores.csv on their run,
+    from the output folder (whole or merged from shards)."""
+    marker = ctx.store.marker("score", key)
+    if "selector_dtype" in marker:
+        mlflow_run.set_tags({"selector_dtype": marker["selector_dtype"]})
+    mlflow_run.log_metrics(
+        {
+            "selection_s": marker["selection_s"],
+            "scorer_train_s": marker["scorer_train_s"],
+            "score_peak_rss_mb": marker["peak_rss_mb"],
+            "score_peak_gpu_mb": marker.get("peak_gpu_mb"),
+            **marker["method_stats"],
+        }
+    )
+    mlflow_run.set_tags(flatten(marker["method_params"], "resolved."))
+    mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
 
 
 def run_part(ctx: RunContext, prepared: Prepared) -> tuple[str, str]:
@@ -181,6 +195,7 @@ def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> st
     skey = shard_key(key, shard)
     if ctx.store.reusable("score_shard", skey):
         logger.info("score shard %d/%d: cached %s", shard.index + 1, shard.count, skey)
+        finish_logging(ctx, "score_shard", skey, partial(log_shard, ctx, skey))
         return skey
     work_dir = ctx.store.scratch_dir("score_shard", skey, create=False)
     scorer_trainer = ScorerTrainer(ctx, prepared)
@@ -216,8 +231,21 @@ def run_shard(ctx: RunContext, prepared: Prepared, key: str, shard: Shard) -> st
                 peak_gpu_mb=memory.peak_gpu_mb,
                 stats=stats,
             )
-        mlflow_run.log_metrics({"shard_s": seconds, **memory.as_metrics("score"), **stats})
+        log_shard(ctx, skey, mlflow_run)
     return skey
+
+
+def log_shard(ctx: RunContext, skey: str, mlflow_run: Any) -> None:
+    """A finished shard's numbers on its run, from its output folder."""
+    marker = ctx.store.marker("score_shard", skey)
+    mlflow_run.log_metrics(
+        {
+            "shard_s": marker["seconds"],
+            "score_peak_rss_mb": marker["peak_rss_mb"],
+            "score_peak_gpu_mb": marker["peak_gpu_mb"],
+            **marker["stats"],
+        }
+    )
 
 
 def merge(ctx: RunContext, prepared: Prepared, key: str, count: int, shared_s: float) -> Scored:
@@ -267,18 +295,9 @@ def merge(ctx: RunContext, prepared: Prepared, key: str, count: int, shared_s: f
                 scorer_train_keys=[run.key for run in scorer_trainer.runs],
                 shard_keys=keys,
                 shared_work_s=shared_s,
+                peak_gpu_mb=peak_gpu_mb,
             )
-        mlflow_run.log_metrics(
-            {
-                "selection_s": selection_s,
-                "scorer_train_s": scorer_train_s,
-                "score_peak_rss_mb": peak_rss_mb,
-                "score_peak_gpu_mb": peak_gpu_mb,
-                **stats,
-            }
-        )
-        mlflow_run.set_tags(flatten(resolved, "resolved."))
-        mlflow_run.log_artifact(ctx.store.stage_dir("score", key) / "scores.csv")
+        log_scoring(ctx, key, mlflow_run)
     return Scored(key, scores, selection_s, peak_rss_mb)
 
 

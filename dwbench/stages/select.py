@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from dwbench.artifacts import SUCCESS_MARKER
 from dwbench.context import RunContext
 from dwbench.errors import ConfigError, DwbenchError
 from dwbench.stages.keys import select_key
+from dwbench.stages.left_open import finish_logging
 from dwbench.stages.method_builder import build_method
 from dwbench.stages.outputs import Prepared, Scored, Selected
 
@@ -84,6 +86,7 @@ def run(ctx: RunContext, prepared: Prepared, scored: Scored) -> Selected:
         "select", key, lambda folder, marker: not_a_selection(folder, marker, pool_ids, k)
     ):
         logger.info("select: cached %s", key)
+        finish_logging(ctx, "select", key, partial(log_selection, ctx, key, scored))
         return load(ctx, key)
     method = build_method(ctx, prepared, scored.key)
     params = {"budget": ctx.cfg.budget, "k": k, "score_key": scored.key}
@@ -105,13 +108,19 @@ def run(ctx: RunContext, prepared: Prepared, scored: Scored) -> Selected:
                 select_s=select_s,
                 selection_precision=selection_precision,
             )
-        mlflow_run.log_metrics(
-            {
-                "select_s": select_s,
-                "k": k,
-                "selection_precision": selection_precision,
-                "distinct_scores": scored.scores["score"].nunique(),
-            }
-        )
-        mlflow_run.log_artifact(ctx.store.stage_dir("select", key) / "selected_ids.json")
+        log_selection(ctx, key, scored, mlflow_run)
     return Selected(key, ids, select_s, selection_precision)
+
+
+def log_selection(ctx: RunContext, key: str, scored: Scored, mlflow_run: Any) -> None:
+    """A finished selection's numbers and ids on its run, from its output folder."""
+    marker = ctx.store.marker("select", key)
+    mlflow_run.log_metrics(
+        {
+            "select_s": marker["select_s"],
+            "k": marker["k"],
+            "selection_precision": marker["selection_precision"],
+            "distinct_scores": scored.scores["score"].nunique(),
+        }
+    )
+    mlflow_run.log_artifact(ctx.store.stage_dir("select", key) / "selected_ids.json")

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from dwbench.content_hash import result_identity, stable_hash, stage_key
@@ -20,6 +21,7 @@ from dwbench.lora import MOMENTS_FILE, SNAPSHOT_LRS, Recipe, ScorerFineTune, Sna
 from dwbench.memory import PeakMemory
 from dwbench.models import model_identity
 from dwbench.stages.keys import train_key
+from dwbench.stages.left_open import finish_logging
 from dwbench.stages.outputs import Prepared, Selected, Trained
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,24 @@ def load(ctx: RunContext, key: str) -> Trained:
     return Trained(key, folder / "adapter", ctx.store.marker("train", key))
 
 
+def log_training(ctx: RunContext, key: str, mlflow_run: Any) -> None:
+    """A finished fine-tune's numbers and loss curve on its run, from its output folder."""
+    marker = ctx.store.marker("train", key)
+    history = json.loads((ctx.store.stage_dir("train", key) / "train_log.json").read_text())
+    mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
+    mlflow_run.log_history(history, PER_STEP)
+
+
+def reuse(ctx: RunContext, key: str) -> None:
+    """Log a reused fine-tune's run to the end where a kill left it open (stages.left_open)."""
+    finish_logging(ctx, "train", key, partial(log_training, ctx, key))
+
+
 def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
     key = train_key(ctx.cfg, selected.key)
     if ctx.store.reusable("train", key):
         logger.info("train: cached %s", key)
+        reuse(ctx, key)
         return load(ctx, key)
     chosen = set(selected.ids)
     subset = [ex for ex in prepared.pool if ex.id in chosen]
@@ -69,8 +85,7 @@ def run(ctx: RunContext, prepared: Prepared, selected: Selected) -> Trained:
                 budget=float(ctx.cfg.budget),
                 **memory.as_metrics("train"),
             )
-        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
-        mlflow_run.log_history(history, PER_STEP)
+        log_training(ctx, key, mlflow_run)
     return load(ctx, key)
 
 
@@ -99,8 +114,7 @@ def _whole_pool(ctx: RunContext, prepared: Prepared, pool: list[Example], key: s
                 scorer_key=run.key,
                 budget=float(ctx.cfg.budget),
             )
-        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
-        mlflow_run.log_history(json.loads((source / "train_log.json").read_text()), PER_STEP)
+        log_training(ctx, key, mlflow_run)
     return load(ctx, key)
 
 
@@ -198,6 +212,7 @@ def _scorer_fine_tune(
 ) -> ScorerFineTune:
     if ctx.store.reusable("train", key):
         logger.info("train: cached scorer fine-tune %s", key)
+        reuse(ctx, key)
         return load_scorer(ctx, key, cached=True)
     logger.info(
         "train: scorer fine-tune of %s on %d examples (%s)",
@@ -231,6 +246,5 @@ def _scorer_fine_tune(
                 budget=len(subset) / len(prepared.pool),
                 **memory.as_metrics("train"),
             )
-        mlflow_run.log_metrics({k: v for k, v in marker.items() if isinstance(v, int | float)})
-        mlflow_run.log_history(history, PER_STEP)
+        log_training(ctx, key, mlflow_run)
     return load_scorer(ctx, key, cached=False)
