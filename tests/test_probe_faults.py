@@ -360,3 +360,14 @@ def test_parity_on_an_incomplete_reference_is_one_line(
     err = capsys.readouterr().err
     assert expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_reading_an_empty_store_file_leaves_it_empty(tmp_path: Path) -> None:
+    """A 0-byte mlflow.db (a copy cut short, a `touch`): readers (status, plan, the report) see
+    no runs and leave it as it was; MLflow would have written its tables into it."""
+    from dwbench.sweep.progress import store_runs
+
+    db = tmp_path / "mlflow.db"
+    db.touch()
+    assert store_runs(f"sqlite:///{db}").empty
+    assert db.stat().st_size == 0 and sorted(tmp_path.iterdir()) == [db]

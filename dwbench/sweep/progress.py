@@ -63,12 +63,15 @@ def prepared_keys(cfg: DictConfig) -> list[str]:
 
 
 def store_runs(uri: str) -> pd.DataFrame:
-    """Every run in an MLflow store, all experiments (empty when the store does not exist), in
+    """Every run in an MLflow store, all experiments (empty when the store does not exist or is
+    an empty file, which reading must not turn into a store), in
     `mlflow.search_runs`'s columns. Read through a client of this store alone: the fluent API's
     `set_tracking_uri` would also point every later MLflow call and child process
     (MLFLOW_TRACKING_URI) at it."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return pd.DataFrame()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file() or db.stat().st_size == 0:  # reading would create MLflow's tables
+            return pd.DataFrame()
     from mlflow import MlflowClient
 
     try:
