@@ -15,6 +15,26 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 N_EXAMPLES = 60
 
 
+def _cell(name: str, method: str, budget: float, seed: int, **row: object) -> dict:
+    return {
+        "cell": name,
+        "role": "grid",
+        "task": "t",
+        "metric": "exact_match_number",
+        "target": "m",
+        "selector": "m",
+        "method": method,
+        "ablation": "",
+        "budget": budget,
+        "seed": seed,
+        "pool_clean_share": 0.7,
+        "evaluate_key": f"key-{name}",
+        "run_id": f"run-{name}",
+        "finished": "2026-12-01T00:00:00+00:00",
+        **row,
+    }
+
+
 def _synthetic() -> tuple[pd.DataFrame, pd.DataFrame]:
     """Two budgets x 3 seeds. "good" answers every example right (Random half of them): a win at
     both budgets; "bad" answers none: a loss; "same" answers what Random answers: a tie."""
@@ -23,18 +43,7 @@ def _synthetic() -> tuple[pd.DataFrame, pd.DataFrame]:
         for seed in range(3):
             for method in ("random", "good", "bad", "same"):
                 cell = f"{method}-{budget}-{seed}"
-                runs.append(
-                    {
-                        "cell": cell,
-                        "task": "t",
-                        "target": "m",
-                        "selector": "m",
-                        "method": method,
-                        "ablation": "",
-                        "budget": budget,
-                        "seed": seed,
-                    }
-                )
+                runs.append(_cell(cell, method, budget, seed))
                 right = {
                     "good": np.ones(N_EXAMPLES),
                     "bad": np.zeros(N_EXAMPLES),
@@ -150,26 +159,6 @@ def _right(method: str, seed: int, n: int) -> np.ndarray:
         "oracle_clean": np.ones(n, dtype=bool),
         "data_whisperer": (i + seed) % 5 < 3,
     }.get(method, (i + seed) % 2 == 0)
-
-
-def _cell(name: str, method: str, budget: float, seed: int, **row: object) -> dict:
-    return {
-        "cell": name,
-        "role": "grid",
-        "task": "t",
-        "metric": "exact_match_number",
-        "target": "m",
-        "selector": "m",
-        "method": method,
-        "ablation": "",
-        "budget": budget,
-        "seed": seed,
-        "pool_clean_share": 0.7,
-        "evaluate_key": f"key-{name}",
-        "run_id": f"run-{name}",
-        "finished": "2026-12-01T00:00:00+00:00",
-        **row,
-    }
 
 
 def _grid(prefix: str = "", methods: tuple[str, ...] = ("random", "oracle_clean")) -> list[dict]:
